@@ -1,0 +1,239 @@
+//! The command line: argument parsing, dispatch to subsystems, exit codes.
+//!
+//! Exit codes: 0 success; 1 a check failed (e.g. `audit verify` found tampering) or an operation was
+//! refused; 64 invalid configuration or policy (`check`, and `run` before binding anything); 69 the daemon
+//! is not reachable; 70 an internal error; 77 not permitted (run as root).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_INVALID: u8 = 64;
+pub const EXIT_UNAVAILABLE: u8 = 69;
+pub const EXIT_INTERNAL: u8 = 70;
+pub const EXIT_NOPERM: u8 = 77;
+
+pub const DEFAULT_CONFIG: &str = "/etc/warden/warden.toml";
+
+#[derive(Debug, Parser)]
+#[command(name = "warden", version, about = "Forces an AI agent's TCP through a verifying, recording proxy")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArg {
+    /// The daemon's configuration file.
+    #[arg(long, short = 'c', env = "WARDEN_CONFIG", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct JsonArg {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground.
+    Run(ConfigArg),
+    /// Validate the config and every policy file; print each error as file:line:col: message.
+    Check(ConfigArg),
+    /// Bind a cgroup to an identity at run time.
+    Tag {
+        /// A cgroup path, relative to the cgroup2 root or absolute.
+        cgroup: String,
+        #[arg(long)]
+        identity: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Remove a run-time binding.
+    Untag {
+        cgroup: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Run a command in a fresh cgroup bound to an identity; the cgroup is removed when it exits.
+    Exec {
+        #[arg(long)]
+        identity: String,
+        /// A task id, recorded with the binding and its grants.
+        #[arg(long)]
+        task: Option<String>,
+        /// Drop to this user (name or uid) before exec.
+        #[arg(long)]
+        user: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List live grants.
+    Grants {
+        #[command(flatten)]
+        json: JsonArg,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Issue, approve or revoke a grant.
+    Grant {
+        #[command(subcommand)]
+        action: GrantAction,
+    },
+    /// List live sessions, or kill one.
+    Sessions {
+        #[command(subcommand)]
+        action: Option<SessionAction>,
+        #[command(flatten)]
+        json: JsonArg,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Read and verify the audit record.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
+    /// Show what the daemon and the kernel programs are doing.
+    Status {
+        #[command(flatten)]
+        json: JsonArg,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Detach and unpin every kernel program and map: the one command that lifts enforcement.
+    Uninstall(ConfigArg),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GrantAction {
+    /// Issue a grant ahead of the first connection.
+    Issue {
+        #[arg(long)]
+        identity: String,
+        #[arg(long)]
+        target: String,
+        /// The cgroup the grant is for (relative to the cgroup2 root or absolute).
+        #[arg(long)]
+        cgroup: String,
+        /// Access to grant; defaults to what the matching rule grants.
+        #[arg(long)]
+        access: Option<String>,
+        #[command(flatten)]
+        json: JsonArg,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Approve a grant waiting for approval.
+    Approve {
+        id: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// End a grant and every session under it now.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionAction {
+    /// End a live session now.
+    Kill {
+        id: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditAction {
+    /// Check every file, hash, link, sequence number and checkpoint signature.
+    Verify {
+        /// The audit directory; defaults to the config's audit.dir.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The host's public key (as printed by `warden audit pubkey`); defaults to the one in state_dir.
+        #[arg(long)]
+        pubkey: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Stream records for auditors.
+    Export {
+        /// A sequence number or an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// A sequence number or an RFC 3339 time.
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// A readable account of one session.
+    Show {
+        session: String,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        json: JsonArg,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Print the last records; with -f, follow.
+    Tail {
+        #[arg(short = 'f', long)]
+        follow: bool,
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Print the host's audit signing public key.
+    Pubkey {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let code = match cli.command {
+        Command::Run(c) => crate::daemon::run_cli(&c.config),
+        Command::Check(c) => crate::daemon::check_cli(&c.config),
+        Command::Audit { action } => crate::audit::cli::run(action),
+        Command::Exec { identity, task, user, config, command } => {
+            crate::cgroup::exec_cli(&config.config, &identity, task.as_deref(), user.as_deref(), &command)
+        }
+        Command::Uninstall(c) => crate::bpf::uninstall_cli(&c.config),
+        other => crate::control::client_cli(other),
+    };
+    ExitCode::from(code)
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("WARDEN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Prints an error for the operator and returns the exit code.
+pub fn fail(code: u8, err: &dyn std::fmt::Display) -> u8 {
+    eprintln!("warden: {err}");
+    code
+}

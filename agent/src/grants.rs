@@ -1,0 +1,1 @@
+//! Grants: identity + cgroup + target + access bound to an expiry. (Stub: lands with issue 6.)

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Installs everything Warden's build, demo and tests need on a fresh Debian 12 machine, as root.
+# Idempotent: safe to run again. Pins the nightly used for the eBPF programs (see ebpf/README in
+# ARCHITECTURE.md) and builds bpf-linker against that nightly's own LLVM.
+set -euo pipefail
+
+NIGHTLY="${WARDEN_NIGHTLY:-nightly-2026-05-20}"
+BPF_LINKER_VERSION="0.13.0"
+PREFIX="${WARDEN_TOOLS:-/opt/warden-tools}"
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup.sh must run as root (it installs Debian packages)" >&2
+  exit 1
+fi
+
+# Debian packages: real peers for the tests (PostgreSQL, OpenSSH, haproxy), tools (iproute2, bpftool).
+PKGS=(postgresql postgresql-client openssh-server openssh-client haproxy iproute2 bpftool
+      ca-certificates curl procps psmisc util-linux)
+# Node.js (for the OpenID provider the tests run) ships with these machines; Debian's is the fallback.
+command -v node >/dev/null 2>&1 || PKGS+=(nodejs npm)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# The postgresql package starts a cluster via systemd where there is one; the tests run their own.
+
+# The pinned nightly with rust-src, for the eBPF programs.
+if ! rustup toolchain list | grep -q "^${NIGHTLY}"; then
+  log "installing ${NIGHTLY}"
+  rustup toolchain install "${NIGHTLY}" --profile minimal --component rust-src
+else
+  rustup component add rust-src --toolchain "${NIGHTLY}" >/dev/null 2>&1 || true
+fi
+
+# bpf-linker built against that nightly's LLVM (no system LLVM needed).
+if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null | grep -q "${BPF_LINKER_VERSION}"; then
+  major=$(rustc +"${NIGHTLY}" -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+  sysroot=$(rustc +"${NIGHTLY}" --print sysroot)
+  lib=$(ls "${sysroot}"/lib/libLLVM.so."${major}".*-rust-* 2>/dev/null | head -n1 || true)
+  if [ -z "${lib}" ]; then
+    lib=$(ls "${sysroot}"/lib/libLLVM*.so* | head -n1)
+  fi
+  log "building bpf-linker ${BPF_LINKER_VERSION} against ${lib} (LLVM ${major})"
+  mkdir -p "${PREFIX}/lib"
+  ln -sf "${lib}" "${PREFIX}/lib/libLLVM.so"
+  ln -sf "${lib}" "${PREFIX}/lib/$(basename "${lib}")"
+  LLVM_PREFIX="${PREFIX}" cargo +stable install "bpf-linker@${BPF_LINKER_VERSION}" --locked \
+    --no-default-features --features "llvm-${major}"
+fi
+log "toolchain ready: $(rustc +"${NIGHTLY}" --version), $(bpf-linker --version)"
