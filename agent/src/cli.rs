@@ -177,6 +177,9 @@ pub enum AuditAction {
         until: Option<String>,
         #[arg(long, default_value = "jsonl")]
         format: String,
+        /// After a complete export, record its last seq as exported (lets retention delete it).
+        #[arg(long)]
+        mark: bool,
         #[arg(long)]
         dir: Option<PathBuf>,
         #[command(flatten)]

@@ -1,10 +1,79 @@
 //! The audit record: one writer task owns the hash-chained JSON-lines files; everyone else hands it
-//! records through a bounded queue. (Stub: the full writer lands with issue 5.)
+//! records through a bounded queue.
+//!
+//! # Record format
+//!
+//! Each record is one line: a JSON object serialised compactly (no whitespace, `serde_json`'s escaping:
+//! only `"`, `\` and control characters are escaped, other text is raw UTF-8), terminated by `\n`. Keys
+//! come in this order: `seq`, `ts`, `host`, `event`, the record's own fields (in the order they were added),
+//! `prev`, `hash`. No key appears twice; the reserved keys never appear among a record's own fields.
+//!
+//! - `seq`: unsigned integer, 0 for the first record ever written, then +1 per record with no gap, across
+//!   files and restarts.
+//! - `ts`: the time the writer serialised the record, RFC 3339 UTC with exactly nine fractional digits,
+//!   `2026-11-23T08:58:37.123456789Z`.
+//! - `prev`: the `hash` of the previous record (the record with `seq - 1`); for `seq` 0 it is the SHA-256 of
+//!   the empty string, `e3b0c442…b855`. So `prev` is the SHA-256 of the previous record's line as it was
+//!   hashed, i.e. without its own `hash` key.
+//! - `hash`: 64 lowercase hex digits, the SHA-256 of the line's bytes with the final `,"hash":"<hex>"` removed:
+//!   every line ends in exactly `,"hash":"<64 hex>"}`, and the hashed bytes are the line without its last
+//!   75 bytes, followed by `}` (and without the newline).
+//!
+//! A line is *canonical* when parsing it and serialising the parsed object again gives the same bytes.
+//! `verify` requires every line to be canonical (this refuses repeated keys, added whitespace and changed
+//! escapes, so the parsed fields it reasons about are exactly the bytes that were hashed), recomputes each
+//! hash from the bytes on disk, and checks `seq` and `prev` against the line before.
+//!
+//! # Files
+//!
+//! `audit.dir/audit-<first seq, 20 digits>.jsonl`, root-owned, mode 0600, in a 0700 directory. The writer
+//! starts a new file when the current one reaches `max_file_bytes` or the UTC day changes. The chain runs
+//! across files: the first record of a file has as `prev` the `hash` of the last record of the file before.
+//!
+//! # Events written by the writer itself
+//!
+//! - `audit.started` (`version`, `pid`) on every start; `audit.stopped` on clean shutdown.
+//! - `recovered` (`unclean`, and when a torn or invalid tail was cut: `file`, `cut_bytes`, `saved_to`,
+//!   `reason`, `last_good_seq`). The cut bytes are kept beside the file as `<file>.torn-<unix ns>`.
+//! - `checkpoint` (`covers_seq`, `covers_hash`, `time`, `key`, `sig`): every `checkpoint_records` records,
+//!   every `checkpoint_seconds` when anything is unsigned, and at shutdown. `covers_seq`/`covers_hash` are
+//!   the `seq`/`hash` of the record just before it, `time` equals its `ts`, `key` is the first 16 hex digits
+//!   of the SHA-256 of the public key, and `sig` is the hex Ed25519 signature of the bytes
+//!   `warden-audit-checkpoint-v1\n<host as a JSON string>\n<covers_seq>\n<covers_hash>\n<time>`.
+//!   A signature over `covers_hash` commits to every record before it through the chain.
+//! - `retention.deleted` (`files`, `through_seq`, `through_hash`, `retain_days`): old files removed by
+//!   retention; `through_hash` is the hash of the last deleted record, which the oldest kept file's first
+//!   `prev` must equal. `verify` accepts a chain that starts after seq 0 only when such a record explains it.
+//!
+//! # Export mark
+//!
+//! `audit.dir/exported` holds the highest seq an auditor has confirmed receiving. The HTTPS endpoint raises
+//! it to `since - 1` when an auditor asks for `since` (asking for more confirms what came before), and
+//! `warden audit export --mark` raises it to the last record it wrote. With `retain_until_exported`,
+//! retention deletes only files whose every record is at or below the mark.
 
 pub mod cli;
+mod files;
+pub mod format;
+pub mod serve;
+pub mod sign;
+pub mod verify;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AuditConfig;
+
+pub use files::{Bound, export_lines, mark_exported, read_exported};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -12,6 +81,47 @@ pub enum AuditError {
     QueueFull,
     #[error("audit writer has stopped: {reason}")]
     Stopped { reason: String },
+    #[error("record field {field:?} is reserved for the writer; rename the field")]
+    ReservedField { field: String },
+    #[error("cannot serialise the record: {reason}")]
+    Encode { reason: String },
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("audit signing key {}: {reason}", path.display())]
+    Key { path: PathBuf, reason: String },
+    #[error("{}: {reason}", path.display())]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("audit endpoint: {reason}")]
+    Serve { reason: String },
+}
+
+impl AuditError {
+    pub(crate) fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
+        AuditError::Io { action, path: path.to_path_buf(), source }
+    }
+}
+
+/// Wall-clock time for `ts` and day rotation; tests pass their own.
+pub type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
+
+/// `ts` format: RFC 3339, UTC, nine fractional digits.
+pub fn format_ts(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:09}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.nanosecond()
+    )
 }
 
 /// One record before the writer gives it `seq`, `ts`, `host`, `prev` and `hash`.
@@ -26,27 +136,295 @@ impl Record {
         Self { event: event.to_owned(), fields: Map::new() }
     }
 
+    /// Adds a field. A value that cannot be serialised is recorded as a string saying so.
     #[must_use]
     pub fn field(mut self, key: &str, value: impl Serialize) -> Self {
-        self.fields.insert(key.to_owned(), serde_json::to_value(value).unwrap_or(Value::Null));
+        let value =
+            serde_json::to_value(value).unwrap_or_else(|e| Value::String(format!("<unserialisable: {e}>")));
+        self.fields.insert(key.to_owned(), value);
         self
     }
 }
 
+struct Msg {
+    record: Record,
+    ack: Option<oneshot::Sender<Result<u64, AuditError>>>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// Why appends are refused (writer failed or stopped); `None` while healthy.
+    stopped: Mutex<Option<String>>,
+}
+
 /// A handle to the writer; cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Audit {}
+#[derive(Clone)]
+pub struct Audit {
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+    failed: CancellationToken,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+/// Everything [`Audit::start_with`] needs; [`AuditOptions::in_dir`] builds one for tests and tools.
+#[derive(Clone)]
+pub struct AuditOptions {
+    pub config: AuditConfig,
+    pub state_dir: PathBuf,
+    pub host: String,
+    pub clock: Clock,
+}
+
+impl AuditOptions {
+    pub fn new(config: &AuditConfig, state_dir: &Path, host: String) -> Self {
+        Self {
+            config: config.clone(),
+            state_dir: state_dir.to_path_buf(),
+            host,
+            clock: Arc::new(OffsetDateTime::now_utc),
+        }
+    }
+
+    /// Audit files in `root/audit`, the signing key in `root`, host `test-host`, default settings.
+    pub fn in_dir(root: &Path) -> Self {
+        let config = AuditConfig { dir: root.join("audit"), ..AuditConfig::default() };
+        Self::new(&config, root, "test-host".into())
+    }
+}
+
+const MAX_BATCH: usize = 4096;
 
 impl Audit {
-    /// Appends a record and waits until it is durable (fsync'd). Returns its `seq`.
+    /// Opens (and recovers) the audit directory, loads or creates the signing key, writes `audit.started`
+    /// (and `recovered` when the last run did not stop cleanly) durably, and spawns the writer task.
+    /// On `shutdown` the writer writes everything queued, `audit.stopped` and a final checkpoint, then exits.
+    pub fn start(
+        config: &AuditConfig,
+        state_dir: &Path,
+        host: String,
+        shutdown: CancellationToken,
+    ) -> Result<(Audit, JoinHandle<()>), AuditError> {
+        Self::start_with(&AuditOptions::new(config, state_dir, host), shutdown)
+    }
+
+    pub fn start_with(
+        opts: &AuditOptions,
+        shutdown: CancellationToken,
+    ) -> Result<(Audit, JoinHandle<()>), AuditError> {
+        let key = sign::load_or_create(&opts.state_dir)?;
+        let settings = writer::Settings {
+            dir: opts.config.dir.clone(),
+            host: opts.host.clone(),
+            max_file_bytes: opts.config.max_file_bytes,
+            retain_days: opts.config.retain_days,
+            retain_until_exported: opts.config.retain_until_exported,
+            checkpoint_records: opts.config.checkpoint_records,
+            clock: opts.clock.clone(),
+        };
+        let (mut w, recovery) = writer::Writer::open(settings, key)?;
+        let mut first = vec![
+            Record::new("audit.started")
+                .field("version", env!("CARGO_PKG_VERSION"))
+                .field("pid", std::process::id()),
+        ];
+        if recovery.unclean || recovery.cut.is_some() {
+            let mut r = Record::new("recovered").field("unclean", recovery.unclean);
+            if let Some(cut) = &recovery.cut {
+                r = r
+                    .field("file", cut.file.display().to_string())
+                    .field("cut_bytes", cut.bytes)
+                    .field("saved_to", cut.saved_to.display().to_string())
+                    .field("reason", &cut.reason)
+                    .field("last_good_seq", cut.last_good_seq);
+            }
+            first.push(r);
+        }
+        let outcome = w.write_batch(first, false);
+        if let Some(reason) = outcome.fatal {
+            return Err(AuditError::Stopped { reason });
+        }
+        w.retain_now().map_err(|reason| AuditError::Stopped { reason })?;
+        let (tx, rx) = mpsc::channel(opts.config.queue.max(1));
+        let shared = Arc::new(Shared::default());
+        let failed = CancellationToken::new();
+        let audit =
+            Audit { tx, shared: shared.clone(), failed: failed.clone(), dir: opts.config.dir.clone() };
+        let period =
+            (opts.config.checkpoint_seconds > 0).then(|| Duration::from_secs(opts.config.checkpoint_seconds));
+        let handle = tokio::spawn(run(w, rx, shutdown, shared, failed, period));
+        Ok((audit, handle))
+    }
+
+    /// Fires when the writer can no longer write (disk full, I/O error): end live sessions with
+    /// [`Audit::stopped_reason`] as the reason. After that every append is refused.
+    pub fn failed(&self) -> CancellationToken {
+        self.failed.clone()
+    }
+
+    /// Why appends are refused, if they are.
+    pub fn stopped_reason(&self) -> Option<String> {
+        self.shared.stopped.lock().ok().and_then(|g| g.clone())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn send(&self, msg: Msg) -> Result<(), AuditError> {
+        if let Some(reason) = self.stopped_reason() {
+            return Err(AuditError::Stopped { reason });
+        }
+        self.tx.try_send(msg).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => AuditError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => AuditError::Stopped {
+                reason: self.stopped_reason().unwrap_or_else(|| "the audit writer has shut down".into()),
+            },
+        })
+    }
+
+    /// Appends a record and waits until it is durable (fsync'd). Returns its `seq`. Fails at once with
+    /// `QueueFull` when the queue is full, and with `Stopped` once the writer has failed or shut down.
     pub async fn append_durable(&self, record: Record) -> Result<u64, AuditError> {
-        let _ = record;
-        Ok(0)
+        let (ack, done) = oneshot::channel();
+        self.send(Msg { record, ack: Some(ack) })?;
+        done.await.unwrap_or_else(|_| {
+            Err(AuditError::Stopped {
+                reason: self.stopped_reason().unwrap_or_else(|| "the audit writer has shut down".into()),
+            })
+        })
     }
 
     /// Queues a record without waiting for the disk; fails at once when the queue is full.
     pub fn append(&self, record: Record) -> Result<(), AuditError> {
-        let _ = record;
-        Ok(())
+        self.send(Msg { record, ack: None })
+    }
+}
+
+fn set_stopped(shared: &Shared, reason: &str) {
+    if let Ok(mut g) = shared.stopped.lock()
+        && g.is_none()
+    {
+        *g = Some(reason.to_owned());
+    }
+}
+
+/// Runs one batch on the blocking pool (write + fdatasync), then answers every waiter.
+async fn commit(
+    w: writer::Writer,
+    batch: Vec<Msg>,
+    force_checkpoint: bool,
+) -> (Option<writer::Writer>, Option<String>) {
+    let (records, acks): (Vec<Record>, Vec<_>) = batch.into_iter().map(|m| (m.record, m.ack)).unzip();
+    let joined = tokio::task::spawn_blocking(move || {
+        let mut w = w;
+        let outcome = w.write_batch(records, force_checkpoint);
+        (w, outcome)
+    })
+    .await;
+    let (w, outcome) = match joined {
+        Ok((w, outcome)) => (Some(w), outcome),
+        Err(e) => (
+            None,
+            writer::BatchOutcome { results: Vec::new(), fatal: Some(format!("writer task failed: {e}")) },
+        ),
+    };
+    let mut results = outcome.results.into_iter();
+    for ack in acks {
+        let result = results.next().unwrap_or_else(|| {
+            Err(AuditError::Stopped { reason: outcome.fatal.clone().unwrap_or_else(|| "not written".into()) })
+        });
+        if let Err(e) = &result
+            && !matches!(e, AuditError::Stopped { .. })
+        {
+            tracing::warn!(error = %e, "audit record refused");
+        }
+        if let Some(ack) = ack {
+            let _ = ack.send(result);
+        }
+    }
+    (w, outcome.fatal)
+}
+
+async fn run(
+    w: writer::Writer,
+    mut rx: mpsc::Receiver<Msg>,
+    shutdown: CancellationToken,
+    shared: Arc<Shared>,
+    failed: CancellationToken,
+    period: Option<Duration>,
+) {
+    let mut w = Some(w);
+    let mut tick = period.map(|p| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + p, p);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
+    loop {
+        let mut batch = Vec::new();
+        let mut force = false;
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            msg = rx.recv() => match msg {
+                Some(m) => batch.push(m),
+                None => break,
+            },
+            _ = async { match tick.as_mut() { Some(t) => t.tick().await, None => std::future::pending().await } } => {
+                force = true;
+            }
+        }
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let Some(writer) = w.take() else { break };
+        let (back, fatal) = commit(writer, batch, force).await;
+        w = back;
+        if let Some(reason) = fatal {
+            tracing::error!(%reason, "audit writer failed; refusing new sessions and ending live ones");
+            set_stopped(&shared, &reason);
+            failed.cancel();
+            rx.close();
+            while let Some(m) = rx.recv().await {
+                if let Some(ack) = m.ack {
+                    let _ = ack.send(Err(AuditError::Stopped { reason: reason.clone() }));
+                }
+            }
+            return;
+        }
+    }
+    // Shutdown: refuse new work, write what is queued, then `audit.stopped` and a final checkpoint.
+    set_stopped(&shared, "the audit writer has shut down");
+    rx.close();
+    let mut rest = Vec::new();
+    while let Ok(m) = rx.try_recv() {
+        rest.push(m);
+    }
+    rest.push(Msg { record: Record::new("audit.stopped"), ack: None });
+    if let Some(writer) = w.take() {
+        let (_, fatal) = commit(writer, rest, true).await;
+        if let Some(reason) = fatal {
+            tracing::error!(%reason, "audit writer failed while shutting down");
+            failed.cancel();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ts_has_nine_fraction_digits_in_utc() {
+        let t = OffsetDateTime::from_unix_timestamp_nanos(1_795_000_000_000_000_123).unwrap();
+        assert_eq!(format_ts(t), "2026-11-18T11:06:40.000000123Z");
     }
 }

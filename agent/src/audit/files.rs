@@ -1,0 +1,181 @@
+//! The audit directory: file names, listing in chain order, the export mark, and streaming lines out.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::AuditError;
+use super::format::{peek_seq, peek_ts};
+
+/// The name of the file whose first record has `seq`: `audit-<seq, 20 digits>.jsonl`.
+pub fn file_name(seq: u64) -> String {
+    format!("audit-{seq:020}.jsonl")
+}
+
+/// The writer's files (`audit-<seq>.jsonl`), ordered by the seq in their name.
+pub fn list_writer_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, AuditError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|source| AuditError::io("list", dir, source))? {
+        let entry = entry.map_err(|source| AuditError::io("list", dir, source))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(digits) = name.strip_prefix("audit-").and_then(|n| n.strip_suffix(".jsonl")) else {
+            continue;
+        };
+        if digits.len() == 20
+            && let Ok(seq) = digits.parse::<u64>()
+        {
+            out.push((seq, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Every `*.jsonl` file in `dir` (the writer's, or an auditor's saved pulls), ordered by the `seq` of its
+/// first line, then by name. Files whose first line has no readable seq sort last, so verify reports them.
+pub fn list_any(dir: &Path) -> Result<Vec<PathBuf>, AuditError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|source| AuditError::io("list", dir, source))? {
+        let entry = entry.map_err(|source| AuditError::io("list", dir, source))?;
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "jsonl") && path.is_file() {
+            let mut first = Vec::new();
+            let file = File::open(&path).map_err(|source| AuditError::io("open", &path, source))?;
+            BufReader::new(file)
+                .read_until(b'\n', &mut first)
+                .map_err(|source| AuditError::io("read", &path, source))?;
+            out.push((peek_seq(&first).unwrap_or(u64::MAX), path));
+        }
+    }
+    out.sort();
+    Ok(out.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Where the export mark lives: the highest seq an auditor has confirmed, as decimal text.
+pub const EXPORTED_FILE: &str = "exported";
+
+/// The highest seq confirmed exported, if any.
+pub fn read_exported(dir: &Path) -> Result<Option<u64>, AuditError> {
+    let path = dir.join(EXPORTED_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map(Some).map_err(|_| AuditError::Corrupt {
+            path,
+            reason: "expected a decimal sequence number; delete the file to forget what was exported".into(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(AuditError::io("read", &path, source)),
+    }
+}
+
+/// Raises the export mark to `seq` (never lowers it); written atomically.
+pub fn mark_exported(dir: &Path, seq: u64) -> Result<(), AuditError> {
+    if read_exported(dir)?.is_some_and(|old| old >= seq) {
+        return Ok(());
+    }
+    let path = dir.join(EXPORTED_FILE);
+    let tmp = dir.join(format!(".{EXPORTED_FILE}.{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        writeln!(f, "{seq}")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(|source| AuditError::io("write", &path, source))
+}
+
+/// One end of an export range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bound {
+    Seq(u64),
+    Time(OffsetDateTime),
+}
+
+impl std::str::FromStr for Bound {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(seq) = s.parse() {
+            return Ok(Bound::Seq(seq));
+        }
+        OffsetDateTime::parse(s, &Rfc3339)
+            .map(Bound::Time)
+            .map_err(|_| format!("{s:?} is neither a sequence number nor an RFC 3339 time"))
+    }
+}
+
+fn line_after(line: &[u8], bound: &Bound) -> bool {
+    match bound {
+        Bound::Seq(s) => peek_seq(line).is_some_and(|seq| seq >= *s),
+        Bound::Time(t) => {
+            peek_ts(line).and_then(|ts| OffsetDateTime::parse(ts, &Rfc3339).ok()).is_some_and(|ts| ts >= *t)
+        }
+    }
+}
+
+fn line_before(line: &[u8], bound: &Bound) -> bool {
+    match bound {
+        Bound::Seq(s) => peek_seq(line).is_some_and(|seq| seq <= *s),
+        Bound::Time(t) => {
+            peek_ts(line).and_then(|ts| OffsetDateTime::parse(ts, &Rfc3339).ok()).is_some_and(|ts| ts <= *t)
+        }
+    }
+}
+
+/// Calls `out` with every complete line (newline included, the exact bytes on disk) of the writer's files
+/// in `dir` within `since..=until`. A trailing line still being written (no newline yet) is left out.
+/// Returns the seq of the last line passed to `out`.
+pub fn export_lines(
+    dir: &Path,
+    since: Option<&Bound>,
+    until: Option<&Bound>,
+    mut out: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> Result<Option<u64>, AuditError> {
+    let files = list_writer_files(dir)?;
+    let mut last = None;
+    for (i, (_, path)) in files.iter().enumerate() {
+        // A file is wholly before `since` when the next one starts at or before it.
+        if let (Some(Bound::Seq(s)), Some((next, _))) = (since, files.get(i + 1))
+            && *next <= *s
+        {
+            continue;
+        }
+        if let (Some(Bound::Seq(u)), Some((first, _))) = (until, files.get(i))
+            && *first > *u
+        {
+            break;
+        }
+        let file = match File::open(path) {
+            Ok(f) => f,
+            // Retention may delete a file between listing and opening.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(AuditError::io("open", path, source)),
+        };
+        let mut reader = BufReader::with_capacity(256 * 1024, file);
+        let mut line = Vec::with_capacity(512);
+        loop {
+            line.clear();
+            let n =
+                reader.read_until(b'\n', &mut line).map_err(|source| AuditError::io("read", path, source))?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                break;
+            }
+            if since.is_some_and(|b| !line_after(&line, b)) {
+                continue;
+            }
+            if until.is_some_and(|b| !line_before(&line, b)) {
+                if matches!(until, Some(Bound::Seq(_))) {
+                    return Ok(last);
+                }
+                continue;
+            }
+            out(&line).map_err(|source| AuditError::io("write", Path::new("the output"), source))?;
+            last = peek_seq(&line).or(last);
+        }
+    }
+    Ok(last)
+}

@@ -1,0 +1,438 @@
+//! The single writer: owns the current file, the chain state and the signing key; recovers on start,
+//! group-commits batches with one fdatasync, rotates, signs checkpoints and applies retention.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use serde_json::{Map, Value};
+use time::{Date, OffsetDateTime};
+
+use super::files::{self, file_name};
+use super::format::{self, GENESIS_PREV, RESERVED};
+use super::{AuditError, Clock, Record, format_ts, sign};
+
+/// What `Writer::open` found and repaired, reported in a `recovered` record.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// The last record before this start was not `audit.stopped`: the previous run did not shut down cleanly.
+    pub unclean: bool,
+    /// Bytes cut from the end of the newest file (a torn or invalid tail) and where they were saved.
+    pub cut: Option<Cut>,
+}
+
+#[derive(Debug)]
+pub struct Cut {
+    pub file: PathBuf,
+    pub bytes: u64,
+    pub saved_to: PathBuf,
+    pub reason: String,
+    pub last_good_seq: Option<u64>,
+}
+
+pub struct Settings {
+    pub dir: PathBuf,
+    pub host: String,
+    pub max_file_bytes: u64,
+    pub retain_days: u32,
+    pub retain_until_exported: bool,
+    pub checkpoint_records: u64,
+    pub clock: Clock,
+}
+
+pub struct Writer {
+    s: Settings,
+    key: SigningKey,
+    key_id: String,
+    file: File,
+    path: PathBuf,
+    file_len: u64,
+    file_day: Date,
+    next_seq: u64,
+    prev: String,
+    /// Records written since the last checkpoint (checkpoints themselves not counted).
+    unsigned: u64,
+    buf: Vec<u8>,
+}
+
+/// The outcome of one batch: a result per record, in order, and the reason the writer must stop, if any.
+pub struct BatchOutcome {
+    pub results: Vec<Result<u64, AuditError>>,
+    pub fatal: Option<String>,
+}
+
+impl Writer {
+    /// Opens the directory, recovers the newest file and positions the chain after its last good record.
+    pub fn open(s: Settings, key: SigningKey) -> Result<(Self, Recovery), AuditError> {
+        create_dir(&s.dir)?;
+        let mut recovery = Recovery::default();
+        let mut listed = files::list_writer_files(&s.dir)?;
+        let mut tail: Option<Tail> = None;
+        while let Some((_, path)) = listed.last().cloned() {
+            let scan = scan_file(&path)?;
+            if scan.good_len < scan.total_len && recovery.cut.is_none() {
+                recovery.cut = Some(cut_tail(&path, &scan, &s.clock)?);
+            }
+            if scan.last.is_some() {
+                tail = Some(Tail { path, len: scan.good_len, scan });
+                break;
+            }
+            // Nothing valid in the newest file: drop it and continue from its predecessor.
+            std::fs::remove_file(&path).map_err(|source| AuditError::io("remove", &path, source))?;
+            listed.pop();
+        }
+        let now = (s.clock)();
+        let key_id = sign::key_id(&key.verifying_key());
+        let (file, path, file_len, next_seq, prev, unsigned) = if let Some(t) = tail {
+            let last = t.scan.last.as_ref().map(|l| (l.seq, l.hash.clone()));
+            let (seq, hash) = last.unwrap_or((0, GENESIS_PREV.to_owned()));
+            recovery.unclean = t.scan.last_event.as_deref() != Some("audit.stopped");
+            let file = OpenOptions::new()
+                .append(true)
+                .open(&t.path)
+                .map_err(|source| AuditError::io("open", &t.path, source))?;
+            (file, t.path, t.len, seq + 1, hash, t.scan.unsigned)
+        } else {
+            let path = s.dir.join(file_name(0));
+            let file = create_file(&path)?;
+            sync_dir(&s.dir)?;
+            (file, path, 0, 0, GENESIS_PREV.to_owned(), 0)
+        };
+        let file_day = file_day(&path, now);
+        let w = Writer {
+            s,
+            key,
+            key_id,
+            file,
+            path,
+            file_len,
+            file_day,
+            next_seq,
+            prev,
+            unsigned,
+            buf: Vec::with_capacity(64 * 1024),
+        };
+        Ok((w, recovery))
+    }
+
+    /// Writes a batch, rotating and checkpointing as needed; one fdatasync per file touched.
+    pub fn write_batch(&mut self, records: Vec<Record>, force_checkpoint: bool) -> BatchOutcome {
+        let mut results: Vec<Result<u64, AuditError>> = Vec::with_capacity(records.len());
+        let mut pending: Vec<usize> = Vec::new();
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let fail = |results: &mut Vec<Result<u64, AuditError>>, pending: &[usize], reason: &str| {
+            for &i in pending {
+                results[i] = Err(AuditError::Stopped { reason: reason.to_owned() });
+            }
+        };
+        for record in records {
+            if let Some(key) = record.fields.keys().find(|k| RESERVED.contains(&k.as_str())) {
+                results.push(Err(AuditError::ReservedField { field: key.clone() }));
+                continue;
+            }
+            let now = (self.s.clock)();
+            if self.needs_rotation(now, buf.len()) {
+                if let Err(reason) = self.flush(&mut buf) {
+                    fail(&mut results, &pending, &reason);
+                    return BatchOutcome { results, fatal: Some(reason) };
+                }
+                pending.clear();
+                if let Err(reason) = self.rotate(now, &mut buf) {
+                    results.push(Err(AuditError::Stopped { reason: reason.clone() }));
+                    return BatchOutcome { results, fatal: Some(reason) };
+                }
+            }
+            match self.encode(&mut buf, now, &record.event, &record.fields) {
+                Ok(seq) => {
+                    pending.push(results.len());
+                    results.push(Ok(seq));
+                    self.unsigned += 1;
+                }
+                Err(e) => results.push(Err(AuditError::Encode { reason: e.to_string() })),
+            }
+            if self.s.checkpoint_records > 0 && self.unsigned >= self.s.checkpoint_records {
+                self.checkpoint(&mut buf, now);
+            }
+        }
+        if force_checkpoint && self.unsigned > 0 {
+            let now = (self.s.clock)();
+            self.checkpoint(&mut buf, now);
+        }
+        let fatal = self.flush(&mut buf).err();
+        if let Some(reason) = &fatal {
+            fail(&mut results, &pending, reason);
+        }
+        self.buf = buf;
+        BatchOutcome { results, fatal }
+    }
+
+    fn needs_rotation(&self, now: OffsetDateTime, pending: usize) -> bool {
+        let len = self.file_len + pending as u64;
+        len > 0
+            && (now.date() != self.file_day || (self.s.max_file_bytes > 0 && len >= self.s.max_file_bytes))
+    }
+
+    /// Serialises one record into `buf` and advances the chain. The chain only moves when encoding succeeded.
+    fn encode(
+        &mut self,
+        buf: &mut Vec<u8>,
+        now: OffsetDateTime,
+        event: &str,
+        fields: &Map<String, Value>,
+    ) -> Result<u64, serde_json::Error> {
+        let ts = format_ts(now);
+        let (line, hash) = format::encode(self.next_seq, &ts, &self.s.host, event, fields, &self.prev)?;
+        buf.extend_from_slice(&line);
+        buf.push(b'\n');
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.prev = hash;
+        Ok(seq)
+    }
+
+    /// Appends a signed checkpoint covering the record just before it.
+    fn checkpoint(&mut self, buf: &mut Vec<u8>, now: OffsetDateTime) {
+        if self.next_seq == 0 {
+            return;
+        }
+        let covers_seq = self.next_seq - 1;
+        let time = format_ts(now);
+        let message = sign::checkpoint_message(&self.s.host, covers_seq, &self.prev, &time);
+        let mut fields = Map::new();
+        fields.insert("covers_seq".into(), Value::from(covers_seq));
+        fields.insert("covers_hash".into(), Value::from(self.prev.clone()));
+        fields.insert("time".into(), Value::from(time));
+        fields.insert("key".into(), Value::from(self.key_id.clone()));
+        fields.insert("sig".into(), Value::from(sign::sign(&self.key, &message)));
+        if self.encode(buf, now, "checkpoint", &fields).is_ok() {
+            self.unsigned = 0;
+        }
+    }
+
+    /// Writes `buf` to the current file and makes it durable. On failure the file is cut back to its last
+    /// durable length so no half batch stays behind, and the reason is returned.
+    fn flush(&mut self, buf: &mut Vec<u8>) -> Result<(), String> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let result = self.file.write_all(buf).and_then(|()| self.file.sync_data());
+        match result {
+            Ok(()) => {
+                self.file_len += buf.len() as u64;
+                buf.clear();
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.file.set_len(self.file_len).and_then(|()| self.file.sync_data());
+                buf.clear();
+                Err(format!("cannot write {}: {e}", self.path.display()))
+            }
+        }
+    }
+
+    /// Starts a new file named after the next seq, then applies retention (which may add a record to `buf`).
+    fn rotate(&mut self, now: OffsetDateTime, buf: &mut Vec<u8>) -> Result<(), String> {
+        let path = self.s.dir.join(file_name(self.next_seq));
+        let file = create_file(&path).map_err(|e| e.to_string())?;
+        sync_dir(&self.s.dir).map_err(|e| e.to_string())?;
+        self.file = file;
+        self.path = path;
+        self.file_len = 0;
+        self.file_day = now.date();
+        self.retention(now, buf);
+        Ok(())
+    }
+
+    /// Deletes the oldest rotated files that are past `retain_days` (and, with `retain_until_exported`,
+    /// wholly exported), oldest first and never leaving a hole, and records what it deleted.
+    /// Applies retention now (at start) and writes its record, if any.
+    pub fn retain_now(&mut self) -> Result<(), String> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let now = (self.s.clock)();
+        self.retention(now, &mut buf);
+        let result = self.flush(&mut buf);
+        self.buf = buf;
+        result
+    }
+
+    fn retention(&mut self, now: OffsetDateTime, buf: &mut Vec<u8>) {
+        if self.s.retain_days == 0 {
+            return;
+        }
+        let Ok(listed) = files::list_writer_files(&self.s.dir) else { return };
+        let exported = match files::read_exported(&self.s.dir) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "audit retention skipped");
+                return;
+            }
+        };
+        let cutoff = now - Duration::from_secs(u64::from(self.s.retain_days) * 86_400);
+        let mut deleted = Vec::new();
+        let mut through: Option<(u64, PathBuf)> = None;
+        for pair in listed.windows(2) {
+            let ((_, path), (next_first, next_path)) = (&pair[0], &pair[1]);
+            if *path == self.path {
+                break;
+            }
+            let old_enough = std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| OffsetDateTime::from(m) < cutoff);
+            let last_seq = next_first.saturating_sub(1);
+            let exported_ok = !self.s.retain_until_exported || exported.is_some_and(|e| e >= last_seq);
+            if !old_enough || !exported_ok {
+                break;
+            }
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), error = %e, "audit retention cannot delete a file");
+                break;
+            }
+            deleted.push(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+            through = Some((last_seq, next_path.clone()));
+        }
+        let Some((through_seq, next_path)) = through else { return };
+        let _ = sync_dir(&self.s.dir);
+        // The first record of the oldest kept file links to the last deleted record.
+        let through_hash = first_prev(&next_path).unwrap_or_default();
+        let mut fields = Map::new();
+        fields.insert("files".into(), Value::from(deleted));
+        fields.insert("through_seq".into(), Value::from(through_seq));
+        fields.insert("through_hash".into(), Value::from(through_hash));
+        fields.insert("retain_days".into(), Value::from(self.s.retain_days));
+        if self.encode(buf, now, "retention.deleted", &fields).is_ok() {
+            self.unsigned += 1;
+        }
+    }
+}
+
+struct Tail {
+    path: PathBuf,
+    len: u64,
+    scan: Scan,
+}
+
+struct Scan {
+    total_len: u64,
+    good_len: u64,
+    last: Option<format::Line>,
+    last_event: Option<String>,
+    unsigned: u64,
+    bad_reason: Option<String>,
+}
+
+/// Reads a file and finds the longest prefix of whole, valid, chained lines.
+fn scan_file(path: &Path) -> Result<Scan, AuditError> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|source| AuditError::io("read", path, source))?;
+    let mut scan = Scan {
+        total_len: bytes.len() as u64,
+        good_len: 0,
+        last: None,
+        last_event: None,
+        unsigned: 0,
+        bad_reason: None,
+    };
+    let mut offset = 0usize;
+    while offset < bytes.len() {
+        let Some(end) = bytes[offset..].iter().position(|&b| b == b'\n') else {
+            scan.bad_reason = Some("the last line is incomplete (torn write)".into());
+            break;
+        };
+        let line = &bytes[offset..offset + end];
+        let parsed = match format::check_line(line) {
+            Ok(l) => l,
+            Err(e) => {
+                scan.bad_reason = Some(format!("invalid line: {e}"));
+                break;
+            }
+        };
+        if let Some(prev) = &scan.last
+            && (parsed.seq != prev.seq + 1 || parsed.prev != prev.hash)
+        {
+            scan.bad_reason = Some(format!("line does not continue the chain after seq {}", prev.seq));
+            break;
+        }
+        if parsed.event == "checkpoint" {
+            scan.unsigned = 0;
+        } else {
+            scan.unsigned += 1;
+            scan.last_event = Some(parsed.event.clone());
+        }
+        scan.last = Some(parsed);
+        offset += end + 1;
+        scan.good_len = offset as u64;
+    }
+    Ok(scan)
+}
+
+/// Saves the bytes after the good prefix beside the file (`<file>.torn-<unix time>`) and truncates.
+fn cut_tail(path: &Path, scan: &Scan, clock: &Clock) -> Result<Cut, AuditError> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|source| AuditError::io("read", path, source))?;
+    let good = usize::try_from(scan.good_len).unwrap_or(bytes.len()).min(bytes.len());
+    let saved_to = PathBuf::from(format!("{}.torn-{}", path.display(), clock().unix_timestamp_nanos()));
+    let mut saved = create_file(&saved_to)?;
+    saved
+        .write_all(&bytes[good..])
+        .and_then(|()| saved.sync_all())
+        .map_err(|source| AuditError::io("write", &saved_to, source))?;
+    let file =
+        OpenOptions::new().write(true).open(path).map_err(|source| AuditError::io("open", path, source))?;
+    file.set_len(scan.good_len)
+        .and_then(|()| file.sync_all())
+        .map_err(|source| AuditError::io("truncate", path, source))?;
+    let reason = scan.bad_reason.clone().unwrap_or_else(|| "unknown".into());
+    tracing::warn!(file = %path.display(), bytes = bytes.len() - good, saved_to = %saved_to.display(), %reason,
+        "audit recovery cut the end of the newest file");
+    Ok(Cut {
+        file: path.to_path_buf(),
+        bytes: (bytes.len() - good) as u64,
+        saved_to,
+        reason,
+        last_good_seq: scan.last.as_ref().map(|l| l.seq),
+    })
+}
+
+fn first_prev(path: &Path) -> Option<String> {
+    let mut first = Vec::new();
+    let file = File::open(path).ok()?;
+    std::io::BufRead::read_until(&mut std::io::BufReader::new(file), b'\n', &mut first).ok()?;
+    let object: Map<String, Value> = serde_json::from_slice(first.trim_ascii_end()).ok()?;
+    object.get("prev").and_then(Value::as_str).map(str::to_owned)
+}
+
+fn file_day(path: &Path, now: OffsetDateTime) -> Date {
+    std::fs::metadata(path)
+        .and_then(|m| m.created().or_else(|_| m.modified()))
+        .map_or(now.date(), |t| OffsetDateTime::from(t).date())
+}
+
+pub fn create_dir(dir: &Path) -> Result<(), AuditError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| AuditError::io("create", dir, source))
+}
+
+fn create_file(path: &Path) -> Result<File, AuditError> {
+    OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| AuditError::io("create", path, source))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), AuditError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|source| AuditError::io("sync", dir, source))
+}
