@@ -124,6 +124,8 @@ pub struct IdentityConfig {
     pub private_key_file: Option<PathBuf>,
     /// `RS256` (default) or `ES256`, for `private_key_jwt`.
     pub private_key_alg: Option<String>,
+    /// `kid` put in the client assertion's header (Okta needs it when the app has several keys).
+    pub private_key_id: Option<String>,
     pub client_secret_file: Option<PathBuf>,
     /// `client_secret_basic` (default with a secret) or `client_secret_post`.
     pub token_endpoint_auth_method: Option<String>,

@@ -1,8 +1,411 @@
-//! Loads, attaches and pins the kernel programs; fills their maps; reads their events. Only this module calls aya.
+//! Loads, attaches and pins the kernel programs; fills their maps; hands out their events.
+//!
+//! **Only this module calls aya.** Programs are attached once, at the cgroup2 root, through BPF links
+//! pinned under `<bpffs_dir>/links`; maps are pinned under `<bpffs_dir>/maps`. On start the daemon
+//! re-opens what is pinned and attaches only what is missing, so a restart (even after `kill -9`) never
+//! has a window without enforcement. Only [`uninstall`] unpins.
 
-use std::path::Path;
+use std::collections::HashSet;
+use std::fs::File;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aya::Ebpf;
+use aya::EbpfLoader;
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, MapError, RingBuf};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, ProgramError, SockOps};
+use warden_common::{AllowKey, Binding, Endpoint, Origin, ProxyConfig, TargetRef, names};
+
+/// The kernel programs, built by build.rs from ebpf/programs (empty when built without the toolchain).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/warden-ebpf.o"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error(
+        "this warden binary was built without its kernel programs; run `sudo scripts/setup.sh` (installs the \
+         pinned nightly and bpf-linker) and rebuild"
+    )]
+    NoPrograms,
+    #[error(
+        "bpffs is not mounted at {path} and mounting it failed: {source}; mount it (`mount -t bpf bpf {path}`) or set agent.bpffs_dir"
+    )]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot prepare {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the kernel programs failed (are you root, with BTF?): {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("program {name} is missing from the kernel object")]
+    MissingProgram { name: &'static str },
+    #[error("map {name} is missing from the kernel object")]
+    MissingMap { name: &'static str },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("pinning the link of {name} at {path}: {detail}")]
+    Pin { name: &'static str, path: PathBuf, detail: String },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> BpfError {
+    move |source| BpfError::Map { name, source: Box::new(source) }
+}
+
+/// Where the programs attach and pin.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub bpffs_dir: PathBuf,
+    pub cgroup_root: PathBuf,
+}
+
+/// What `install` found and did.
+#[derive(Debug, Clone, Default)]
+pub struct InstallReport {
+    /// Programs whose pinned links were already there and were adopted.
+    pub adopted: Vec<&'static str>,
+    /// Programs attached (and pinned) by this start.
+    pub attached: Vec<&'static str>,
+}
+
+/// The loaded maps. Cheap lookups take `&self`; updates go through short, synchronous locks that are
+/// never held across an await.
+pub struct Kernel {
+    tags: Mutex<HashMap<MapData, u64, Binding>>,
+    targets: Mutex<HashMap<MapData, Endpoint, TargetRef>>,
+    allow: Mutex<LpmTrie<MapData, AllowKey, u32>>,
+    proxy: Mutex<Array<MapData, ProxyConfig>>,
+    by_addr: HashMap<MapData, Endpoint, Origin>,
+    events: Mutex<Option<RingBuf<MapData>>>,
+    pub report: InstallReport,
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernel").field("report", &self.report).finish_non_exhaustive()
+    }
+}
+
+/// An endpoint in the kernel's form: IPv6 words in network order (IPv4 mapped), port in host order.
+pub fn endpoint(addr: SocketAddr) -> Endpoint {
+    let v6 = match addr.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let o = v6.octets();
+    let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    Endpoint::new([word(0), word(4), word(8), word(12)], addr.port())
+}
+
+/// The socket address an endpoint stands for (IPv4-mapped addresses come back as IPv4).
+pub fn socket_addr(e: &Endpoint) -> SocketAddr {
+    let mut o = [0u8; 16];
+    for (i, w) in e.ip.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = std::net::Ipv6Addr::from(o);
+    let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+    SocketAddr::new(ip, e.port)
+}
+
+fn allow_key(net: ipnet::IpNet, port: u16) -> Key<AllowKey> {
+    let (ip, bits) = match net {
+        ipnet::IpNet::V4(n) => (n.network().to_ipv6_mapped(), 96 + u32::from(n.prefix_len())),
+        ipnet::IpNet::V6(n) => (n.network(), u32::from(n.prefix_len())),
+    };
+    Key::new(16 + bits, AllowKey { port: port.to_be_bytes(), ip: ip.octets() })
+}
+
+/// Mounts bpffs at the directory holding `dir` if nothing is mounted there yet, then creates `dir`.
+fn prepare_bpffs(dir: &Path) -> Result<(), BpfError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BpfError::Io { path, source }
+    };
+    let mount_point = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let on_bpffs = nix::sys::statfs::statfs(mount_point).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
+    if !on_bpffs {
+        let target = Path::new("/sys/fs/bpf");
+        if !dir.starts_with(target) {
+            return Err(BpfError::Mount { path: dir.to_path_buf(), source: nix::Error::ENOTDIR });
+        }
+        std::fs::create_dir_all(target).map_err(io(target))?;
+        nix::mount::mount(Some("bpf"), target, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .map_err(|source| BpfError::Mount { path: target.to_path_buf(), source })?;
+    }
+    for sub in ["maps", "links"] {
+        let p = dir.join(sub);
+        std::fs::create_dir_all(&p).map_err(io(&p))?;
+    }
+    Ok(())
+}
+
+/// Loads the object (re-using pinned maps), attaches every program that has no pinned link yet, and
+/// returns the maps. Attach order: bookkeeping first (sock_ops, getpeername), refusals next, the connect
+/// rewrites last, so no redirected socket can exist before its origin can be indexed.
+pub fn install(settings: &Settings) -> Result<Kernel, BpfError> {
+    if EBPF_OBJECT.is_empty() {
+        return Err(BpfError::NoPrograms);
+    }
+    prepare_bpffs(&settings.bpffs_dir)?;
+    let maps_dir = settings.bpffs_dir.join("maps");
+    let links_dir = settings.bpffs_dir.join("links");
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&maps_dir)
+        .load(EBPF_OBJECT)
+        .map_err(|e| BpfError::Load(Box::new(e)))?;
+    let cgroup = File::open(&settings.cgroup_root)
+        .map_err(|source| BpfError::Io { path: settings.cgroup_root.clone(), source })?;
+    let mut report = InstallReport::default();
+    for &name in names::PROGRAMS {
+        let pin = links_dir.join(name);
+        if pin.exists() && PinnedLink::from_pin(&pin).is_ok() {
+            report.adopted.push(name);
+            continue;
+        }
+        let _ = std::fs::remove_file(&pin);
+        attach(&mut ebpf, name, &cgroup, &pin)?;
+        report.attached.push(name);
+    }
+    Kernel::from_ebpf(&mut ebpf, report)
+}
+
+fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin: &Path) -> Result<(), BpfError> {
+    let perr = |source: ProgramError| BpfError::Program { name, source: Box::new(source) };
+    let program = ebpf.program_mut(name).ok_or(BpfError::MissingProgram { name })?;
+    let link: FdLink = match program {
+        Program::CgroupSockAddr(p) => {
+            p.load().map_err(perr)?;
+            let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
+            let link = p.take_link(id).map_err(perr)?;
+            FdLink::try_from(link).map_err(|e| BpfError::Pin {
+                name,
+                path: pin.into(),
+                detail: e.to_string(),
+            })?
+        }
+        Program::CgroupSock(p) => {
+            p.load().map_err(perr)?;
+            let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
+            let link = p.take_link(id).map_err(perr)?;
+            FdLink::try_from(link).map_err(|e| BpfError::Pin {
+                name,
+                path: pin.into(),
+                detail: e.to_string(),
+            })?
+        }
+        Program::SockOps(p) => {
+            p.load().map_err(perr)?;
+            let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
+            let link = p.take_link(id).map_err(perr)?;
+            FdLink::try_from(link).map_err(|e| BpfError::Pin {
+                name,
+                path: pin.into(),
+                detail: e.to_string(),
+            })?
+        }
+        _ => return Err(BpfError::MissingProgram { name }),
+    };
+    link.pin(pin).map_err(|e| BpfError::Pin { name, path: pin.into(), detail: e.to_string() })?;
+    Ok(())
+}
+
+// Keep the program types referenced so a renamed aya type fails to compile here, not at run time.
+const _: fn(&CgroupSock, &CgroupSockAddr, &SockOps) = |_, _, _| {};
+
+impl Kernel {
+    fn from_ebpf(ebpf: &mut Ebpf, report: InstallReport) -> Result<Self, BpfError> {
+        fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+        ) -> Result<T, BpfError> {
+            let map = ebpf.take_map(name).ok_or(BpfError::MissingMap { name })?;
+            T::try_from(map).map_err(map_err(name))
+        }
+        Ok(Self {
+            tags: Mutex::new(take(ebpf, names::TAGS)?),
+            targets: Mutex::new(take(ebpf, names::TARGETS)?),
+            allow: Mutex::new(take(ebpf, names::ALLOW)?),
+            proxy: Mutex::new(take(ebpf, names::PROXY)?),
+            by_addr: take(ebpf, names::BY_ADDR)?,
+            events: Mutex::new(Some(take(ebpf, names::EVENTS)?)),
+            report,
+        })
+    }
+
+    /// The origin of a connection the proxy accepted, by its peer address.
+    pub fn origin(&self, peer: SocketAddr) -> Option<Origin> {
+        self.by_addr.get(&endpoint(peer), 0).ok()
+    }
+
+    /// Forgets an origin the proxy has consumed (sock_ops also forgets it when the socket closes).
+    pub fn forget_origin(&self, _peer: SocketAddr) {
+        // The LRU map is written by the kernel only; userspace deletion would need `&mut`. Entries go
+        // at close (sock_ops) or under LRU pressure.
+    }
+
+    /// Where the kernel rewrites target connections to. An unspecified listen address is reached
+    /// through loopback.
+    pub fn set_proxy(&self, listeners: &[SocketAddr]) -> Result<(), BpfError> {
+        let norm = |a: SocketAddr| {
+            let ip = match a.ip() {
+                IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+                ip => ip,
+            };
+            endpoint(SocketAddr::new(ip, a.port()))
+        };
+        let config = ProxyConfig {
+            v4: listeners.iter().find(|a| a.is_ipv4()).map(|a| norm(*a)).unwrap_or_default(),
+            v6: listeners.iter().find(|a| a.is_ipv6()).map(|a| norm(*a)).unwrap_or_default(),
+        };
+        self.proxy.lock().expect("proxy map lock").set(0, config, 0).map_err(map_err(names::PROXY))
+    }
+
+    pub fn set_tag(&self, cgroup_id: u64, binding: u32) -> Result<(), BpfError> {
+        let value = Binding { id: binding, pad: 0 };
+        self.tags.lock().expect("tag map lock").insert(cgroup_id, value, 0).map_err(map_err(names::TAGS))
+    }
+
+    pub fn remove_tag(&self, cgroup_id: u64) -> Result<(), BpfError> {
+        match self.tags.lock().expect("tag map lock").remove(&cgroup_id) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::TAGS)(e)),
+        }
+    }
+
+    /// Tagged cgroup ids and their binding numbers, as the kernel sees them.
+    pub fn tags(&self) -> Vec<(u64, u32)> {
+        let tags = self.tags.lock().expect("tag map lock");
+        tags.iter().filter_map(Result::ok).map(|(k, v)| (k, v.id)).collect()
+    }
+
+    /// Makes the target map exactly `targets` (endpoint → target number).
+    pub fn sync_targets(&self, targets: &[(SocketAddr, u32)]) -> Result<(), BpfError> {
+        let mut map = self.targets.lock().expect("target map lock");
+        let want: std::collections::HashMap<Endpoint, u32> =
+            targets.iter().map(|(a, id)| (endpoint(*a), *id)).collect();
+        let stale: Vec<Endpoint> =
+            map.keys().filter_map(Result::ok).filter(|k| !want.contains_key(k)).collect();
+        for (k, id) in &want {
+            map.insert(k, TargetRef { id: *id, pad: 0 }, 0).map_err(map_err(names::TARGETS))?;
+        }
+        for k in stale {
+            let _ = map.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Makes the allow list exactly `entries` (network, port; port 0 = any).
+    pub fn sync_allow(&self, entries: &[(ipnet::IpNet, u16)]) -> Result<(), BpfError> {
+        let mut map = self.allow.lock().expect("allow map lock");
+        let want: Vec<Key<AllowKey>> = entries.iter().map(|(n, p)| allow_key(*n, *p)).collect();
+        let want_set: HashSet<(u32, [u8; 2], [u8; 16])> =
+            want.iter().map(|k| (k.prefix_len(), k.data().port, k.data().ip)).collect();
+        let stale: Vec<Key<AllowKey>> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want_set.contains(&(k.prefix_len(), k.data().port, k.data().ip)))
+            .collect();
+        for k in &want {
+            map.insert(k, 1, 0).map_err(map_err(names::ALLOW))?;
+        }
+        for k in stale {
+            let _ = map.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// The ring buffer of kernel events; `None` once taken.
+    pub fn take_events(&self) -> Option<RingBuf<MapData>> {
+        self.events.lock().expect("events lock").take()
+    }
+}
+
+/// True when every program's link is pinned under `bpffs_dir`.
+pub fn pinned_links(bpffs_dir: &Path) -> Vec<&'static str> {
+    names::PROGRAMS.iter().copied().filter(|n| bpffs_dir.join("links").join(n).exists()).collect()
+}
+
+/// Detaches and unpins every program and map. Unpinning a link with no other open descriptor detaches it.
+pub fn uninstall(bpffs_dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
+    let mut removed = Vec::new();
+    for sub in ["links", "maps"] {
+        let dir = bpffs_dir.join(sub);
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|source| BpfError::Io { path: path.clone(), source })?;
+            removed.push(path);
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    let _ = std::fs::remove_dir(bpffs_dir);
+    Ok(removed)
+}
 
 pub fn uninstall_cli(config: &Path) -> u8 {
-    let _ = config;
-    crate::cli::fail(crate::cli::EXIT_INTERNAL, &"uninstall: not implemented yet")
+    let config = match crate::config::Config::load(config) {
+        Ok(c) => c,
+        Err(e) => return crate::cli::fail(crate::cli::EXIT_INVALID, &e),
+    };
+    // A running daemon would keep enforcing through the descriptors it holds: stop it first.
+    crate::control::stop_daemon(&config.agent.control_socket);
+    match uninstall(&config.agent.bpffs_dir) {
+        Ok(removed) => {
+            println!(
+                "warden: removed {} pinned links and maps under {}",
+                removed.len(),
+                config.agent.bpffs_dir.display()
+            );
+            0
+        }
+        Err(e) => crate::cli::fail(crate::cli::EXIT_FAILED, &e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_round_trip_and_map_ipv4() {
+        for s in ["127.0.0.5:5432", "[::1]:22", "[2001:db8::1]:443"] {
+            let a: SocketAddr = s.parse().unwrap();
+            assert_eq!(socket_addr(&endpoint(a)), a);
+        }
+        let v4 = endpoint("127.0.0.5:5432".parse().unwrap());
+        let mapped = endpoint("[::ffff:127.0.0.5]:5432".parse().unwrap());
+        assert_eq!(v4, mapped);
+        assert!(v4.is_v4_mapped());
+        assert_eq!(v4.ip[3], u32::from_ne_bytes([127, 0, 0, 5]));
+    }
+
+    #[test]
+    fn allow_keys_cover_port_then_prefix() {
+        let k = allow_key("10.0.0.0/8".parse().unwrap(), 53);
+        assert_eq!(k.prefix_len(), 16 + 96 + 8);
+        assert_eq!(k.data().port, 53u16.to_be_bytes());
+        let k = allow_key("::/0".parse().unwrap(), 0);
+        assert_eq!(k.prefix_len(), 16);
+    }
 }

@@ -1,1 +1,4 @@
-//! stub
+//! Protocol handlers a session runs once admitted. Opaque TCP today; PostgreSQL and SSH handlers plug
+//! in here, chosen by the target's protocol.
+
+pub mod tcp;

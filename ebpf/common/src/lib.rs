@@ -1,2 +1,181 @@
-//! stub
+//! The `#[repr(C)]` types Warden's kernel programs and its daemon share: map keys and values, and the
+//! events the kernel sends through the ring buffer. Every address is kept in IPv6 form (IPv4 as
+//! `::ffff:a.b.c.d`), as the kernel's network-order 32-bit words, so one key type serves both families
+//! and an IPv4-mapped destination can never be classified differently from its IPv4 form.
 #![no_std]
+
+/// Deepest cgroup level whose tag is honoured. `warden tag` refuses deeper cgroups, and the kernel
+/// programs check every ancestor level from this one up to the root.
+pub const MAX_CGROUP_DEPTH: i32 = 16;
+
+pub const AF_UNIX: u16 = 1;
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const AF_NETLINK: u16 = 16;
+
+/// Names of the pinned maps (under `<bpffs_dir>/maps`) and programs (links under `<bpffs_dir>/links`).
+pub mod names {
+    pub const TAGS: &str = "WARDEN_TAGS";
+    pub const TARGETS: &str = "WARDEN_TARGETS";
+    pub const ALLOW: &str = "WARDEN_ALLOW";
+    pub const PROXY: &str = "WARDEN_PROXY";
+    pub const ORIGINS: &str = "WARDEN_ORIGINS";
+    pub const BY_ADDR: &str = "WARDEN_BY_ADDR";
+    pub const EVENTS: &str = "WARDEN_EVENTS";
+    /// Every program, with its section's attach type, in attach order.
+    pub const PROGRAMS: &[&str] = &[
+        "warden_sock_ops",
+        "warden_getpeername4",
+        "warden_getpeername6",
+        "warden_sock_create",
+        "warden_bind4",
+        "warden_bind6",
+        "warden_sendmsg4",
+        "warden_sendmsg6",
+        "warden_connect4",
+        "warden_connect6",
+    ];
+}
+
+/// An endpoint: an address in IPv6 form (network-order words) and a port in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub ip: [u32; 4],
+    pub port: u16,
+    pub pad: u16,
+}
+
+impl Endpoint {
+    pub const fn new(ip: [u32; 4], port: u16) -> Self {
+        Self { ip, port, pad: 0 }
+    }
+
+    /// `::ffff:a.b.c.d` from an IPv4 address in network order.
+    pub const fn mapped(ip4_be: u32, port: u16) -> Self {
+        Self::new([0, 0, 0xffff_u32.to_be(), ip4_be], port)
+    }
+
+    pub const fn is_v4_mapped(&self) -> bool {
+        self.ip[0] == 0 && self.ip[1] == 0 && self.ip[2] == 0xffff_u32.to_be()
+    }
+}
+
+/// What the tag map holds for a tagged cgroup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Binding {
+    /// The daemon's number for this binding (cgroup → identity).
+    pub id: u32,
+    pub pad: u32,
+}
+
+/// What the target map holds for a protected `ip:port`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TargetRef {
+    /// The daemon's number for the policy target.
+    pub id: u32,
+    pub pad: u32,
+}
+
+/// The proxy's listeners, in slot 0 of the proxy array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// IPv4 listener as a mapped address (port 0: none).
+    pub v4: Endpoint,
+    /// IPv6 listener (port 0: none).
+    pub v6: Endpoint,
+}
+
+/// Key of the allow list (an LPM trie): the port (network order, 0 = any port) then the address.
+/// A prefix covers the port's 16 bits plus the address bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllowKey {
+    pub port: [u8; 2],
+    pub ip: [u8; 16],
+}
+
+/// Who opened a redirected connection and where it was going: stored by socket cookie at connect,
+/// indexed by the connecting socket's local endpoint once established.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// The process's own cgroup (not necessarily the tagged ancestor).
+    pub cgroup: u64,
+    /// The tagged cgroup whose binding applies.
+    pub tagged_cgroup: u64,
+    /// CLOCK_MONOTONIC nanoseconds at connect().
+    pub ktime_ns: u64,
+    pub cookie: u64,
+    /// The original destination.
+    pub dst: Endpoint,
+    /// `AF_INET` or `AF_INET6`: the connecting socket's family.
+    pub family: u16,
+    pub pad0: u16,
+    pub target: u32,
+    /// Thread id and process id (tgid) in the initial pid namespace.
+    pub pid: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub binding: u32,
+}
+
+/// Kinds of [`Event`].
+pub mod event {
+    /// connect() to a destination that is neither a target nor allowed.
+    pub const CONNECT_REFUSED: u32 = 1;
+    /// UDP sendmsg() to a destination that is not allowed.
+    pub const SENDMSG_REFUSED: u32 = 2;
+    /// socket() of a family, type or protocol tagged processes may not open.
+    pub const SOCKET_REFUSED: u32 = 3;
+    /// bind() to the proxy's port.
+    pub const BIND_REFUSED: u32 = 4;
+    /// connect() straight to the proxy's listener.
+    pub const PROXY_REFUSED: u32 = 5;
+    /// A target connect() refused because its origin could not be stored (map full): fail closed.
+    pub const ORIGIN_FULL: u32 = 6;
+}
+
+/// One event from the kernel, through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub cgroup: u64,
+    pub tagged_cgroup: u64,
+    pub ktime_ns: u64,
+    pub dst: Endpoint,
+    pub kind: u32,
+    /// Socket type (SOCK_STREAM = 1, SOCK_DGRAM = 2, ...).
+    pub sock_type: u32,
+    pub protocol: u32,
+    pub family: u32,
+    pub pid: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub binding: u32,
+}
+
+// No implicit padding anywhere: the kernel and the daemon must agree byte for byte.
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
+const _: () = assert!(core::mem::size_of::<Origin>() == 80);
+const _: () = assert!(core::mem::size_of::<Event>() == 80);
+const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 40);
+const _: () = assert!(core::mem::size_of::<AllowKey>() == 18);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is #[repr(C)], Copy, made only of integers with explicit padding fields, so any
+    // bit pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::Binding {}
+    unsafe impl aya::Pod for super::TargetRef {}
+    unsafe impl aya::Pod for super::ProxyConfig {}
+    unsafe impl aya::Pod for super::AllowKey {}
+    unsafe impl aya::Pod for super::Origin {}
+    unsafe impl aya::Pod for super::Event {}
+}

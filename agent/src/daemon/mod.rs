@@ -1,0 +1,592 @@
+//! `warden run` and `warden check`: validates everything, installs (or adopts) the kernel programs,
+//! fills their maps from config and policy, starts the audit writer, the proxy listeners, the kernel
+//! event reader and the control socket, and keeps the kernel's view in step with bindings and policy.
+
+mod bindings;
+mod gate;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use warden_common::event;
+
+use crate::audit::{Audit, Record};
+use crate::bpf::{self, Kernel};
+use crate::cli::{EXIT_FAILED, EXIT_INTERNAL, EXIT_INVALID, EXIT_NOPERM, fail};
+use crate::config::{AllowEntry, Config};
+use crate::control::{self, Refused, Request};
+use crate::policy::{self, Policy};
+use crate::proxy::{Proxy, Sessions};
+pub use bindings::{Binding, Bindings};
+
+/// Sessions beyond this are refused (and recorded) rather than queued.
+const MAX_SESSIONS: usize = 16_384;
+/// How often target host names are re-resolved.
+const RESOLVE_EVERY: Duration = Duration::from_secs(30);
+
+/// RFC 3339 UTC with nanoseconds, as in the audit record.
+pub fn rfc3339(t: SystemTime) -> String {
+    crate::audit::format_ts(time::OffsetDateTime::from(t))
+}
+
+pub fn check_cli(config: &Path) -> u8 {
+    let config = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_INVALID, &e),
+    };
+    let files = match config.policy_files() {
+        Ok(f) => f,
+        Err(e) => return fail(EXIT_INVALID, &format!("{}: {e}", config.agent.policies.display())),
+    };
+    match policy::load(&files) {
+        Ok(p) => {
+            println!(
+                "{}: ok ({} policy files, {} targets, {} rules)",
+                config.path.display(),
+                files.len(),
+                p.targets().count(),
+                p.rules().len()
+            );
+            0
+        }
+        Err(diags) => {
+            for d in &diags {
+                eprintln!("{d}");
+            }
+            EXIT_INVALID
+        }
+    }
+}
+
+pub fn run_cli(config_path: &Path) -> u8 {
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_INVALID, &e),
+    };
+    // Every policy error before anything is bound or attached.
+    match config.policy_files().map(|f| policy::load(&f)) {
+        Ok(Ok(_)) => {}
+        Ok(Err(diags)) => {
+            for d in &diags {
+                eprintln!("{d}");
+            }
+            return EXIT_INVALID;
+        }
+        Err(e) => return fail(EXIT_INVALID, &format!("{}: {e}", config.agent.policies.display())),
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return fail(EXIT_NOPERM, &"warden run must run as root (it attaches kernel programs)");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_INTERNAL, &e),
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => 0,
+        Err(e) => fail(EXIT_FAILED, &format!("{e:#}")),
+    }
+}
+
+/// The daemon's shared state.
+pub struct State {
+    pub config: Config,
+    pub cgroup_root: PathBuf,
+    pub kernel: Arc<Kernel>,
+    pub audit: Audit,
+    pub bindings: Bindings,
+    pub targets: Targets,
+    pub sessions: Arc<Sessions>,
+    pub policy: Arc<policy::Store>,
+    pub identities: crate::identity::Identities,
+    pub grants: crate::grants::Grants,
+    pub shutdown: CancellationToken,
+}
+
+/// Policy targets by the number the kernel knows them by.
+#[derive(Debug, Default)]
+pub struct Targets {
+    inner: Mutex<TargetIds>,
+}
+
+#[derive(Debug, Default)]
+struct TargetIds {
+    by_name: HashMap<String, u32>,
+    by_id: HashMap<u32, String>,
+    next: u32,
+}
+
+impl Targets {
+    fn id(&self, name: &str) -> u32 {
+        let mut t = self.inner.lock().expect("targets lock");
+        if let Some(id) = t.by_name.get(name) {
+            return *id;
+        }
+        t.next += 1;
+        let id = t.next;
+        t.by_name.insert(name.to_owned(), id);
+        t.by_id.insert(id, name.to_owned());
+        id
+    }
+
+    pub fn name(&self, id: u32) -> Option<String> {
+        self.inner.lock().expect("targets lock").by_id.get(&id).cloned()
+    }
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let host = config.agent.host.clone().unwrap_or_else(|| {
+        nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
+    });
+    let cgroup_root = crate::cgroup::root(&config.agent.cgroup_root)?;
+    std::fs::create_dir_all(&config.agent.state_dir)?;
+    tracing::info!(
+        state_dir = %config.agent.state_dir.display(),
+        bpffs_dir = %config.agent.bpffs_dir.display(),
+        cgroup_root = %cgroup_root.display(),
+        proxy_listen = ?config.proxy_listen(),
+        policies = %config.agent.policies.display(),
+        identities = ?config.identity.keys().collect::<Vec<_>>(),
+        "starting warden"
+    );
+
+    let writer_stop = CancellationToken::new();
+    let (audit, writer) = Audit::start(&config.audit, &config.agent.state_dir, host, writer_stop.clone())?;
+
+    let kernel = Arc::new(bpf::install(&bpf::Settings {
+        bpffs_dir: config.agent.bpffs_dir.clone(),
+        cgroup_root: cgroup_root.clone(),
+    })?);
+    tracing::info!(adopted = ?kernel.report.adopted, attached = ?kernel.report.attached, "kernel programs in place");
+    let _ = audit.append(
+        Record::new("bpf.installed")
+            .field("adopted", &kernel.report.adopted)
+            .field("attached", &kernel.report.attached),
+    );
+
+    // Listeners first, so the proxy address the kernel rewrites to is served as soon as it is set.
+    let mut listeners = Vec::new();
+    for addr in config.proxy_listen() {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding proxy listener {addr}: {e}"))?;
+        listeners.push(l);
+    }
+    kernel.set_proxy(&config.proxy_listen())?;
+    kernel.sync_allow(&allow_list(&config.allow_entries()))?;
+
+    let policy = Arc::new(policy::Store::open(&config, audit.clone()).map_err(|d| {
+        anyhow::anyhow!("{}", d.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))
+    })?);
+    let identities = crate::identity::Identities::new(&identity_configs(&config), audit.clone())?;
+    let grants = crate::grants::Grants::open(
+        &config.agent.state_dir,
+        audit.clone(),
+        Arc::new(crate::grants::SystemClock),
+    )?;
+    let bindings = Bindings::open(&config.agent.state_dir)?;
+    let state = Arc::new(State {
+        cgroup_root: cgroup_root.clone(),
+        kernel: kernel.clone(),
+        audit: audit.clone(),
+        bindings,
+        targets: Targets::default(),
+        sessions: Arc::new(Sessions::default()),
+        policy: policy.clone(),
+        identities,
+        grants,
+        shutdown: shutdown.clone(),
+        config,
+    });
+    state.apply_static_bindings();
+    state.sync_targets(&policy.current()).await;
+
+    let proxy = Arc::new(Proxy {
+        kernel: kernel.clone(),
+        cgroup_root,
+        audit: audit.clone(),
+        sessions: state.sessions.clone(),
+        gate: Arc::new(gate::DaemonGate { state: state.clone() }),
+        audit_failed: audit.failed(),
+        shutdown: shutdown.clone(),
+        limit: Arc::new(Semaphore::new(MAX_SESSIONS)),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in listeners {
+        tasks.spawn(proxy.clone().serve(l));
+    }
+    if let Some(ring) = kernel.take_events() {
+        tasks.spawn(events(state.clone(), ring));
+    }
+    tasks.spawn(policy.clone().watch_files(shutdown.clone().cancelled_owned()));
+    tasks.spawn(follow_policy(state.clone()));
+    tasks.spawn(resolve_periodically(state.clone()));
+    if !state.config.audit.serve.listen.is_empty() {
+        let serve = state.config.audit.serve.clone();
+        let dir = state.config.audit.dir.clone();
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = crate::audit::serve::run(&serve, dir, stop).await {
+                tracing::error!(error = %e, "audit endpoint stopped");
+            }
+        });
+    }
+    {
+        let socket = state.config.agent.control_socket.clone();
+        let handler = state.clone();
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = control::serve(&socket, handler, stop).await {
+                tracing::error!(error = %e, "control socket stopped");
+            }
+        });
+    }
+    sd_notify("READY=1");
+    tracing::info!("warden is running");
+
+    signals(&state).await;
+    tracing::info!("stopping: sessions end, kernel programs stay attached (fail closed)");
+    shutdown.cancel();
+    // Give sessions a moment to write their end records, then stop the writer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !state.sessions.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ =
+        tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} })
+            .await;
+    writer_stop.cancel();
+    let _ = writer.await;
+    Ok(())
+}
+
+fn identity_configs(config: &Config) -> std::collections::BTreeMap<String, crate::config::IdentityConfig> {
+    config.identity.iter().map(|(k, v)| (k.clone(), v.get_ref().clone())).collect()
+}
+
+/// Waits for SIGTERM/SIGINT (stop) or a `stop` request; SIGHUP reloads the policy.
+async fn signals(state: &State) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
+        state.shutdown.cancelled().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            () = state.shutdown.cancelled() => return,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading policy");
+                if let Err(diags) = state.policy.reload() {
+                    for d in diags {
+                        tracing::error!("{d}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Tells systemd (Type=notify) we are ready, when run under it.
+fn sd_notify(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let path = path.to_string_lossy().into_owned();
+    let _ = if let Some(abstract_name) = path.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt as _;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
+            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+    } else {
+        sock.send_to(msg.as_bytes(), &path)
+    };
+}
+
+/// The allow list in kernel terms; `dns` becomes the resolvers of /etc/resolv.conf on port 53.
+fn allow_list(entries: &[AllowEntry]) -> Vec<(ipnet::IpNet, u16)> {
+    let mut out = Vec::new();
+    for e in entries {
+        match e {
+            AllowEntry::Net { net, port } => out.push((*net, *port)),
+            AllowEntry::Dns => {
+                let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+                for ns in text.lines().filter_map(|l| l.trim().strip_prefix("nameserver")) {
+                    if let Ok(ip) =
+                        ns.trim().split('%').next().unwrap_or_default().parse::<std::net::IpAddr>()
+                    {
+                        out.push((ipnet::IpNet::from(ip), 53));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Keeps the kernel's target map and live sessions in step with each applied policy.
+async fn follow_policy(state: Arc<State>) {
+    let mut rx = state.policy.subscribe();
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => return,
+            changed = rx.changed() => if changed.is_err() { return },
+        }
+        let policy = rx.borrow_and_update().clone();
+        state.sync_targets(&policy).await;
+        state.end_disallowed_sessions(&policy);
+    }
+}
+
+async fn resolve_periodically(state: Arc<State>) {
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => return,
+            () = tokio::time::sleep(RESOLVE_EVERY) => {}
+        }
+        let policy = state.policy.current();
+        state.sync_targets(&policy).await;
+    }
+}
+
+impl State {
+    /// Resolves every target and makes the kernel's target map exactly those endpoints.
+    async fn sync_targets(&self, policy: &Policy) {
+        let mut entries: Vec<(SocketAddr, u32)> = Vec::new();
+        for t in policy.targets() {
+            let id = self.targets.id(&t.name);
+            match tokio::net::lookup_host((t.host.as_str(), t.port)).await {
+                Ok(addrs) => entries.extend(addrs.map(|a| (a, id))),
+                Err(e) => {
+                    tracing::warn!(target = %t.name, host = %t.host, error = %e, "cannot resolve target; it is unreachable until it resolves")
+                }
+            }
+        }
+        if let Err(e) = self.kernel.sync_targets(&entries) {
+            tracing::error!(error = %e, "updating the kernel target map failed");
+        }
+    }
+
+    /// Ends live sessions whose target is gone (the gate re-checks the rest at their next connection;
+    /// grants re-check policy on their own).
+    fn end_disallowed_sessions(&self, policy: &Policy) {
+        let n = self.sessions.kill_where(|s| policy.target(&s.target).is_none());
+        if n > 0 {
+            tracing::info!(sessions = n, "ended sessions whose target the new policy removed");
+        }
+    }
+
+    /// Re-applies bindings from the config (creating their cgroups) and every runtime binding to the
+    /// kernel's tag map.
+    fn apply_static_bindings(&self) {
+        for b in &self.config.binding {
+            let b = b.get_ref();
+            let path = match crate::cgroup::resolve(&self.cgroup_root, &b.cgroup) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(cgroup = %b.cgroup, error = %e, "static binding skipped");
+                    continue;
+                }
+            };
+            if let Err(e) = crate::cgroup::create(&path) {
+                tracing::error!(cgroup = %b.cgroup, error = %e, "static binding skipped");
+                continue;
+            }
+            if let Err(e) = self.tag(&path, b.identity.get_ref(), None, true) {
+                tracing::error!(cgroup = %b.cgroup, error = %e.0, "static binding skipped");
+            }
+        }
+        for b in self.bindings.all() {
+            let path = self.cgroup_root.join(b.cgroup.trim_start_matches('/'));
+            match crate::cgroup::id(&path) {
+                Ok(id) => {
+                    if let Err(e) = self.kernel.set_tag(id, b.id) {
+                        tracing::error!(cgroup = %b.cgroup, error = %e, "restoring a tag failed");
+                    }
+                }
+                Err(_) => {
+                    // The cgroup is gone (e.g. a `warden exec` that ended while we were down).
+                    let _ = self.bindings.remove(&b.cgroup);
+                }
+            }
+        }
+    }
+
+    fn tag(
+        &self,
+        path: &Path,
+        identity: &str,
+        task: Option<String>,
+        from_config: bool,
+    ) -> Result<Binding, Refused> {
+        if !self.config.identity.contains_key(identity) {
+            return Err(Refused(format!(
+                "unknown identity `{identity}`; add an [identity.{identity}] section to the config"
+            )));
+        }
+        let cgroup_id =
+            crate::cgroup::check_taggable(&self.cgroup_root, path).map_err(|e| Refused(e.to_string()))?;
+        let rel = crate::cgroup::relative(&self.cgroup_root, path);
+        let binding = self
+            .bindings
+            .add(&rel, cgroup_id, identity, task, from_config)
+            .map_err(|e| Refused(format!("saving the binding: {e}")))?;
+        self.kernel.set_tag(cgroup_id, binding.id).map_err(|e| Refused(e.to_string()))?;
+        let _ = self.audit.append(
+            Record::new("binding.added")
+                .field("cgroup", &rel)
+                .field("cgroup_id", cgroup_id)
+                .field("identity", identity)
+                .field("task", &binding.task)
+                .field("source", if from_config { "config" } else { "control" }),
+        );
+        Ok(binding)
+    }
+
+    fn untag(&self, cgroup: &str) -> Result<Value, Refused> {
+        let path = crate::cgroup::resolve(&self.cgroup_root, cgroup).map_err(|e| Refused(e.to_string()))?;
+        let rel = crate::cgroup::relative(&self.cgroup_root, &path);
+        let removed = self.bindings.remove(&rel).map_err(|e| Refused(format!("saving bindings: {e}")))?;
+        let Some(b) = removed else { return Err(Refused(format!("cgroup {rel} is not tagged"))) };
+        self.kernel.remove_tag(b.cgroup_id).map_err(|e| Refused(e.to_string()))?;
+        let _ = self
+            .audit
+            .append(Record::new("binding.removed").field("cgroup", &rel).field("identity", &b.identity));
+        Ok(json!({ "cgroup": rel, "identity": b.identity }))
+    }
+
+    fn status(&self) -> Value {
+        json!({
+            "pid": std::process::id(),
+            "links": bpf::pinned_links(&self.config.agent.bpffs_dir),
+            "adopted": self.kernel.report.adopted,
+            "attached": self.kernel.report.attached,
+            "bindings": self.bindings.all(),
+            "kernel_tags": self.kernel.tags().len(),
+            "sessions": self.sessions.len(),
+            "targets": self.policy.current().targets().map(|t| t.name.clone()).collect::<Vec<_>>(),
+            "proxy_listen": self.config.proxy_listen().iter().map(ToString::to_string).collect::<Vec<_>>(),
+        })
+    }
+}
+
+impl control::Handler for State {
+    async fn handle(&self, request: Request) -> Result<Value, Refused> {
+        match request {
+            Request::Status => Ok(self.status()),
+            Request::Tag { cgroup, identity, task } => {
+                let path =
+                    crate::cgroup::resolve(&self.cgroup_root, &cgroup).map_err(|e| Refused(e.to_string()))?;
+                let b = self.tag(&path, &identity, task, false)?;
+                Ok(serde_json::to_value(b).unwrap_or_default())
+            }
+            Request::Untag { cgroup } => self.untag(&cgroup),
+            Request::Sessions => Ok(serde_json::to_value(self.sessions.views()).unwrap_or_default()),
+            Request::KillSession { id } => {
+                if self.sessions.kill(&id) {
+                    let _ = self
+                        .audit
+                        .append(Record::new("session.killed").field("session", &id).field("by", "operator"));
+                    Ok(json!({ "session": id, "killed": true }))
+                } else {
+                    Err(Refused(format!("no live session `{id}`")))
+                }
+            }
+            Request::Grants
+            | Request::GrantIssue { .. }
+            | Request::GrantApprove { .. }
+            | Request::GrantRevoke { .. } => gate::grant_request(self, request).await,
+            Request::Stop => {
+                self.shutdown.cancel();
+                Ok(json!({ "stopping": true }))
+            }
+        }
+    }
+}
+
+/// Reads the kernel's refusal events and records them.
+async fn events(state: Arc<State>, ring: aya::maps::RingBuf<aya::maps::MapData>) {
+    // SAFETY: the ring buffer owns its map fd, which stays open and the same for as long as the AsyncFd
+    // (which owns the ring buffer) lives, and as_raw_fd always returns it.
+    let Ok(mut afd) = (unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) })
+    else {
+        tracing::error!("cannot poll the kernel event ring; refusals will not be recorded");
+        return;
+    };
+    loop {
+        let mut guard = tokio::select! {
+            () = state.shutdown.cancelled() => return,
+            g = afd.readable_mut() => match g { Ok(g) => g, Err(_) => return },
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() < std::mem::size_of::<warden_common::Event>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote a whole `Event` (checked length); read_unaligned copes with any
+            // alignment of the ring's bytes, and every bit pattern is a valid `Event`.
+            let ev: warden_common::Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            drop(item);
+            state.record_event(&ev);
+        }
+        guard.clear_ready();
+    }
+}
+
+impl State {
+    fn record_event(&self, ev: &warden_common::Event) {
+        let (name, via, reason) = match ev.kind {
+            event::CONNECT_REFUSED => {
+                ("connect.refused", "connect", "destination is neither a target nor allowed")
+            }
+            event::SENDMSG_REFUSED => ("connect.refused", "sendmsg", "UDP destination is not allowed"),
+            event::PROXY_REFUSED => ("connect.refused", "connect", "direct connection to the proxy port"),
+            event::ORIGIN_FULL => ("connect.refused", "connect", "origin map full; refused to fail closed"),
+            event::SOCKET_REFUSED => {
+                ("socket.refused", "socket", "socket family, type or protocol not allowed")
+            }
+            event::BIND_REFUSED => ("bind.refused", "bind", "binding the proxy's port"),
+            _ => ("kernel.event", "unknown", "unknown kernel event"),
+        };
+        let binding = self.bindings.by_id(ev.binding);
+        let cgroup = crate::cgroup::process_cgroup(&self.cgroup_root, ev.tgid).map_or_else(
+            || binding.as_ref().map(|b| b.cgroup.clone()).unwrap_or_default(),
+            |p| crate::cgroup::relative(&self.cgroup_root, &p),
+        );
+        let mut rec = Record::new(name)
+            .field("pid", ev.tgid)
+            .field("tid", ev.pid)
+            .field("uid", ev.uid)
+            .field("gid", ev.gid)
+            .field("cgroup", cgroup)
+            .field("cgroup_id", ev.cgroup)
+            .field("identity", binding.as_ref().map(|b| b.identity.clone()))
+            .field("via", via);
+        if ev.kind == event::SOCKET_REFUSED {
+            rec = rec.field("family", ev.family).field("type", ev.sock_type).field("protocol", ev.protocol);
+        } else {
+            let proto = match ev.sock_type {
+                1 => "tcp",
+                2 => "udp",
+                _ => "other",
+            };
+            rec = rec.field("dst", bpf::socket_addr(&ev.dst).to_string()).field("proto", proto);
+        }
+        rec = rec
+            .field("decision", "deny")
+            .field("reason", reason)
+            .field("at", rfc3339(crate::origin::monotonic_to_wall(ev.ktime_ns)));
+        if let Err(e) = self.audit.append(rec) {
+            tracing::error!(error = %e, "could not record a kernel refusal");
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Opaque TCP: relays bytes both ways, counting them, honouring half-close.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+/// Per-direction buffer. One allocation per direction per session, none per packet.
+pub const BUFFER: usize = 32 * 1024;
+
+/// Byte counters a session shares with `warden sessions`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Client → upstream.
+    pub up: AtomicU64,
+    /// Upstream → client.
+    pub down: AtomicU64,
+}
+
+/// How a relay finished on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// The client closed first (then the upstream finished too).
+    ClientClosed,
+    UpstreamClosed,
+    ClientError,
+    UpstreamError,
+}
+
+impl Finished {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::ClientClosed => "client_closed",
+            Self::UpstreamClosed => "upstream_closed",
+            Self::ClientError => "client_error",
+            Self::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Read,
+    Write,
+}
+
+/// Copies until EOF, then shuts the writer down (half-close). Errors say which side failed.
+async fn pump<R, W>(r: &mut R, w: &mut W, count: &AtomicU64) -> Result<(), Side>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let mut buf = vec![0u8; BUFFER].into_boxed_slice();
+    loop {
+        let n = r.read(&mut buf).await.map_err(|_| Side::Read)?;
+        if n == 0 {
+            let _ = w.shutdown().await;
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await.map_err(|_| Side::Write)?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Relays until both directions are done or one fails.
+pub async fn relay<C, U>(client: &mut C, upstream: &mut U, counters: &Counters) -> Finished
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let up = pump(&mut cr, &mut uw, &counters.up);
+    let down = pump(&mut ur, &mut cw, &counters.down);
+    tokio::pin!(up, down);
+    let mut first_closed = None;
+    let mut up_done = false;
+    let mut down_done = false;
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut up, if !up_done => {
+                up_done = true;
+                match r {
+                    Ok(()) => { first_closed.get_or_insert(Finished::ClientClosed); }
+                    Err(Side::Read) => return Finished::ClientError,
+                    Err(Side::Write) => return Finished::UpstreamError,
+                }
+            }
+            r = &mut down, if !down_done => {
+                down_done = true;
+                match r {
+                    Ok(()) => { first_closed.get_or_insert(Finished::UpstreamClosed); }
+                    Err(Side::Read) => return Finished::UpstreamError,
+                    Err(Side::Write) => return Finished::ClientError,
+                }
+            }
+        }
+    }
+    first_closed.unwrap_or(Finished::ClientClosed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn relays_both_ways_with_half_close_and_counts() {
+        let (mut client, mut client_peer) = tokio::io::duplex(1024);
+        let (mut upstream, mut upstream_peer) = tokio::io::duplex(1024);
+        let counters = Counters::default();
+        let relay = relay(&mut client_peer, &mut upstream_peer, &counters);
+        let ends = async {
+            client.write_all(b"hello upstream").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            upstream.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"hello upstream");
+            upstream.write_all(b"reply after half-close").await.unwrap();
+            upstream.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            assert_eq!(back, b"reply after half-close");
+        };
+        let (finished, ()) = tokio::join!(relay, ends);
+        assert_eq!(finished, Finished::ClientClosed);
+        assert_eq!(counters.up.load(Ordering::Relaxed), 14);
+        assert_eq!(counters.down.load(Ordering::Relaxed), 22);
+    }
+}
