@@ -1,1 +1,0 @@
-//! Grants: identity + cgroup + target + access bound to an expiry. (Stub: lands with issue 6.)
