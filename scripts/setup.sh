@@ -31,6 +31,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 # The postgresql package starts a cluster via systemd where there is one; the tests run their own.
+# The OpenID provider the identity tests run (npm oidc-provider, pinned by tests/idp/package-lock.json).
+(cd "$(dirname "$0")/../tests/idp" && npm ci --no-audit --no-fund)
 
 # The pinned nightly with rust-src, for the eBPF programs.
 if ! rustup toolchain list | grep -q "^${NIGHTLY}"; then

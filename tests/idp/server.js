@@ -122,6 +122,7 @@ function buildProvider() {
     jwks: { keys: signingKeys },
     routes: { token: '/v1/token', jwks: '/v1/keys' },
     scopes: SCOPES.split(' '),
+    ttl: { ClientCredentials: (ctx, token, client) => byId.get(client.clientId)?.ttl ?? 3600 },
     clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'private_key_jwt'],
     enabledJWA: {
       clientAuthSigningAlgValues: ['RS256', 'ES256'],
