@@ -2,8 +2,9 @@
 //! it against the issuer's JWKS, and hands the proxy the verified claims, never the token.
 //!
 //! The daemon builds one [`Identities`] from the `[identity.*]` sections and asks it, per session, for
-//! [`Identities::verified`]. Tokens are cached per identity and refreshed before they expire; concurrent
-//! sessions share one token request (single flight), and a failed attempt is shared by the sessions that
+//! [`Identities::verified`]. Tokens are cached per identity and refreshed in the background before they
+//! expire, so no session waits on the provider while a valid token exists; concurrent sessions without one
+//! share one token request (single flight), and a failed attempt is shared by the sessions that
 //! waited on it, so it is recorded once (`token.rejected` or `idp.unreachable`). Nothing unverified is
 //! ever returned, and the token itself never leaves this module: not in a return value, an error, a log
 //! line or an audit record.
@@ -18,7 +19,7 @@ mod idp;
 mod verify;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -124,6 +125,8 @@ struct Slot {
     current: Mutex<Option<Cached>>,
     /// Attempts completed so far; a waiter compares it to tell "failed while I waited" from "failed long ago".
     completed: AtomicU64,
+    /// A background refresh is running.
+    refreshing: AtomicBool,
     flight: tokio::sync::Mutex<Flight>,
 }
 
@@ -243,6 +246,7 @@ impl Builder {
                 local_groups: config.groups,
                 current: Mutex::new(None),
                 completed: AtomicU64::new(0),
+                refreshing: AtomicBool::new(false),
                 flight: tokio::sync::Mutex::new(Flight::default()),
             };
             slots.insert(name, slot);
@@ -342,16 +346,9 @@ impl Identities {
                 return Ok(cached.identity);
             }
             if now < cached.identity.expires_at {
-                // Due for refresh but still valid: one caller refreshes, the others go on with it.
-                if let Ok(mut flight) = slot.flight.try_lock()
-                    && flight.failure.as_ref().is_none_or(|f| Instant::now() >= f.until)
-                    && let Ok(fresh) = self.attempt(slot, &mut flight).await
-                {
-                    return Ok(fresh);
-                }
-                if clock.now() < cached.identity.expires_at {
-                    return Ok(cached.identity);
-                }
+                // Due for refresh but still valid: refresh in the background; no session waits for it.
+                self.refresh_in_background(slot);
+                return Ok(cached.identity);
             }
         }
         let mut flight = slot.flight.lock().await;
@@ -366,6 +363,29 @@ impl Identities {
             return Err(failure.error.clone());
         }
         self.attempt(slot, &mut flight).await
+    }
+
+    /// Starts one background refresh for `slot` unless one is running. It takes the flight lock, so a
+    /// session whose identity has expired meanwhile waits for it rather than starting another request.
+    fn refresh_in_background(&self, slot: &Slot) {
+        if slot.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        let name = slot.name.clone();
+        tokio::spawn(async move {
+            let Some(slot) = this.inner.slots.get(&name) else { return };
+            {
+                let mut flight = slot.flight.lock().await;
+                let due = slot.cached().is_none_or(|c| this.inner.clock.now() >= c.refresh_at);
+                let held_off = flight.failure.as_ref().is_some_and(|f| Instant::now() < f.until);
+                if due && !held_off {
+                    // The outcome is cached or recorded by `attempt`; sessions read it from there.
+                    let _ = this.attempt(slot, &mut flight).await;
+                }
+            }
+            slot.refreshing.store(false, Ordering::Release);
+        });
     }
 
     /// One attempt (with its tries): obtain, verify, cache, or record why not.

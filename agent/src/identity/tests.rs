@@ -221,6 +221,17 @@ fn harness() -> Harness {
     Harness { idp, identities, records, _dir: dir }
 }
 
+/// Waits (in virtual time, as sessions keep arriving) until `done` holds; fails after a virtual minute.
+async fn until(done: impl Fn() -> bool) {
+    for _ in 0..6000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("not done within a virtual minute");
+}
+
 impl Harness {
     fn records(&self) -> Vec<(String, Value)> {
         self.records
@@ -259,10 +270,14 @@ async fn a_token_is_refreshed_before_it_expires() {
     tokio::time::advance(Duration::from_secs(200)).await;
     assert!(Arc::ptr_eq(&first, &h.identities.verified("bot").await.unwrap()), "cached while fresh");
     assert_eq!(h.idp.with(|s| s.tokens), 1);
-    // A fifth of the lifetime (60 s) before exp, the next call refreshes.
+    // A fifth of the lifetime (60 s) before exp, a call starts a background refresh and gets the
+    // still-valid identity at once.
     tokio::time::advance(Duration::from_secs(45)).await;
+    let started = tokio::time::Instant::now();
+    assert!(Arc::ptr_eq(&first, &h.identities.verified("bot").await.unwrap()));
+    assert_eq!(started.elapsed(), Duration::ZERO, "no session waits for the refresh");
+    until(|| h.idp.with(|s| s.tokens) == 2).await;
     let second = h.identities.verified("bot").await.unwrap();
-    assert_eq!(h.idp.with(|s| s.tokens), 2);
     assert!(second.expires_at > first.expires_at);
     assert_eq!(h.idp.with(|s| s.discovery), 1, "discovery is cached");
 }
@@ -275,6 +290,8 @@ async fn while_the_provider_is_down_a_valid_token_serves_and_an_expired_one_neve
     h.idp.with(|s| s.up = false);
     tokio::time::advance(Duration::from_secs(250)).await;
     // Due for refresh, the refresh fails, the still-valid identity is used.
+    assert!(Arc::ptr_eq(&first, &h.identities.verified("bot").await.unwrap()));
+    until(|| !h.records().is_empty()).await;
     assert!(Arc::ptr_eq(&first, &h.identities.verified("bot").await.unwrap()));
     let records = h.records();
     assert_eq!(records.len(), 1, "{records:?}");
