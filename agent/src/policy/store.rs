@@ -113,24 +113,29 @@ impl Store {
         }
     }
 
-    /// Reloads whenever a policy file (or the directory's list of them) changes, until `shutdown`.
-    /// Polls name, size, mtime and inode every second: no inotify, and editors that replace files
-    /// by rename are seen.
-    pub async fn watch_files(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
+    /// Reloads whenever a policy file (or the directory's list of them) changes after this call,
+    /// until `shutdown`. Polls name, size, mtime, ctime and inode every second: no inotify, and
+    /// editors that replace files by rename are seen.
+    pub fn watch_files(
+        self: Arc<Self>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let mut last = fingerprint(&self.config);
-        let mut tick = tokio::time::interval(POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => return,
-                _ = tick.tick() => {}
-            }
-            let now = fingerprint(&self.config);
-            if now != last {
-                last = now;
-                tracing::info!("a policy file changed; reloading");
-                let _ = self.reload();
+        async move {
+            tokio::pin!(shutdown);
+            let mut tick = tokio::time::interval(POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = &mut shutdown => return,
+                    _ = tick.tick() => {}
+                }
+                let now = fingerprint(&self.config);
+                if now != last {
+                    last = now;
+                    tracing::info!("a policy file changed; reloading");
+                    let _ = self.reload();
+                }
             }
         }
     }
