@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use aya::Btf;
 use aya::Ebpf;
 use aya::EbpfLoader;
 use aya::maps::lpm_trie::{Key, LpmTrie};
@@ -85,6 +86,8 @@ pub struct InstallReport {
     pub adopted: Vec<&'static str>,
     /// Programs attached (and pinned) by this start.
     pub attached: Vec<&'static str>,
+    /// Optional programs this kernel would not take, and why (e.g. BPF LSM not enabled).
+    pub unavailable: Vec<(&'static str, String)>,
 }
 
 /// The loaded maps. Cheap lookups take `&self`; updates go through short, synchronous locks that are
@@ -183,8 +186,11 @@ pub fn install(settings: &Settings) -> Result<Kernel, BpfError> {
             continue;
         }
         let _ = std::fs::remove_file(&pin);
-        attach(&mut ebpf, name, &cgroup, &pin)?;
-        report.attached.push(name);
+        match attach(&mut ebpf, name, &cgroup, &pin) {
+            Ok(()) => report.attached.push(name),
+            Err(e) if names::OPTIONAL.contains(&name) => report.unavailable.push((name, e.to_string())),
+            Err(e) => return Err(e),
+        }
     }
     Kernel::from_ebpf(&mut ebpf, report)
 }
@@ -212,6 +218,17 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin: &Path) -> Res
                 path: pin.into(),
                 detail: e.to_string(),
             })?
+        }
+        Program::Lsm(p) => {
+            let btf = Btf::from_sys_fs().map_err(|e| BpfError::Pin {
+                name,
+                path: "/sys/kernel/btf/vmlinux".into(),
+                detail: format!("kernel BTF unavailable: {e}"),
+            })?;
+            p.load("socket_create", &btf).map_err(perr)?;
+            let id = p.attach().map_err(perr)?;
+            let link = p.take_link(id).map_err(perr)?;
+            FdLink::from(link)
         }
         Program::SockOps(p) => {
             p.load().map_err(perr)?;

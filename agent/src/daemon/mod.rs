@@ -166,10 +166,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         cgroup_root: cgroup_root.clone(),
     })?);
     tracing::info!(adopted = ?kernel.report.adopted, attached = ?kernel.report.attached, "kernel programs in place");
+    for (name, why) in &kernel.report.unavailable {
+        tracing::warn!(
+            program = name,
+            error = %why,
+            "optional kernel program not attached: non-IP sockets (vsock, packet) from tagged processes are not \
+             refused; enable BPF LSM (add `bpf` to the kernel's lsm= list) to close them"
+        );
+    }
+    let unavailable: Vec<&str> = kernel.report.unavailable.iter().map(|(n, _)| *n).collect();
     let _ = audit.append(
         Record::new("bpf.installed")
             .field("adopted", &kernel.report.adopted)
-            .field("attached", &kernel.report.attached),
+            .field("attached", &kernel.report.attached)
+            .field("unavailable", unavailable),
     );
 
     // Listeners first, so the proxy address the kernel rewrites to is served as soon as it is set.
@@ -367,7 +377,7 @@ impl State {
             match tokio::net::lookup_host((t.host.as_str(), t.port)).await {
                 Ok(addrs) => entries.extend(addrs.map(|a| (a, id))),
                 Err(e) => {
-                    tracing::warn!(target = %t.name, host = %t.host, error = %e, "cannot resolve target; it is unreachable until it resolves")
+                    tracing::warn!(target = %t.name, host = %t.host, error = %e, "cannot resolve target; it is unreachable until it resolves");
                 }
             }
         }

@@ -22,12 +22,15 @@ pub mod names {
     pub const ORIGINS: &str = "WARDEN_ORIGINS";
     pub const BY_ADDR: &str = "WARDEN_BY_ADDR";
     pub const EVENTS: &str = "WARDEN_EVENTS";
-    /// Every program, with its section's attach type, in attach order.
+    /// Attached only where BPF LSM is enabled; without it the others still enforce.
+    pub const OPTIONAL: &[&str] = &["warden_socket_create"];
+    /// Every program, in attach order.
     pub const PROGRAMS: &[&str] = &[
         "warden_sock_ops",
         "warden_getpeername4",
         "warden_getpeername6",
         "warden_sock_create",
+        "warden_socket_create",
         "warden_bind4",
         "warden_bind6",
         "warden_sendmsg4",

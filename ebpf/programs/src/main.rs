@@ -22,9 +22,9 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, lsm, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf, lpm_trie::Key},
-    programs::{SockAddrContext, SockContext, SockOpsContext},
+    programs::{LsmContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use warden_common::{
     AF_INET, AF_INET6, AF_NETLINK, AF_UNIX, AllowKey, Binding, Endpoint, Event, MAX_CGROUP_DEPTH, Origin,
@@ -348,27 +348,57 @@ pub fn warden_getpeername6(ctx: SockAddrContext) -> i32 {
     getpeername(&ctx, true)
 }
 
-/// Tagged processes may open TCP and UDP over IPv4/IPv6 (which the hooks above govern), Unix and
-/// netlink sockets; nothing else (raw, packet, ICMP, SCTP, MPTCP, vsock, XDP, ...).
-#[cgroup_sock(sock_create)]
-pub fn warden_sock_create(ctx: SockContext) -> i32 {
-    let Some(tag) = tagged() else { return ALLOW };
-    let sk = ctx.sock;
-    // SAFETY: `sk` is this program's context; family, type and protocol are readable.
-    let (family, sock_type, protocol) = unsafe { ((*sk).family, (*sk).type_, (*sk).protocol) };
-    let ok = match family as u16 {
+/// Which sockets a tagged process may open: TCP and UDP over IPv4/IPv6 (which the hooks above govern),
+/// Unix and netlink sockets; nothing else (raw, packet, ICMP, SCTP, MPTCP, vsock, XDP, ...).
+#[inline(always)]
+fn socket_allowed(family: u32, sock_type: u32, protocol: u32) -> bool {
+    match family as u16 {
         AF_UNIX | AF_NETLINK => true,
         AF_INET | AF_INET6 => {
             (sock_type == SOCK_STREAM && (protocol == 0 || protocol == IPPROTO_TCP))
                 || (sock_type == SOCK_DGRAM && (protocol == 0 || protocol == IPPROTO_UDP))
         }
         _ => false,
-    };
-    if ok {
+    }
+}
+
+/// IPv4/IPv6 sockets (this hook runs only for those families); the LSM hook below covers every family
+/// where BPF LSM is enabled.
+#[cgroup_sock(sock_create)]
+pub fn warden_sock_create(ctx: SockContext) -> i32 {
+    let Some(tag) = tagged() else { return ALLOW };
+    let sk = ctx.sock;
+    // SAFETY: `sk` is this program's context; family, type and protocol are readable.
+    let (family, sock_type, protocol) = unsafe { ((*sk).family, (*sk).type_, (*sk).protocol) };
+    if socket_allowed(family, sock_type, protocol) {
         return ALLOW;
     }
     report(event::SOCKET_REFUSED, tag, &Endpoint::default(), family, sock_type, protocol);
     DENY
+}
+
+const EPERM: i32 = 1;
+
+/// `socket()` of any family: vsock (the hypervisor), packet, XDP, Bluetooth... are refused for tagged
+/// processes here, since cgroup/sock_create never sees them.
+#[lsm(hook = "socket_create")]
+pub fn warden_socket_create(ctx: LsmContext) -> i32 {
+    // socket_create(int family, int type, int protocol, int kern), then the previous program's verdict.
+    let (family, sock_type, protocol, kern, previous): (i32, i32, i32, i32, i32) =
+        (ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3), ctx.arg(4));
+    if previous != 0 {
+        return previous;
+    }
+    if kern != 0 {
+        return 0;
+    }
+    let Some(tag) = tagged() else { return 0 };
+    let (family, sock_type, protocol) = (family as u32, sock_type as u32, protocol as u32);
+    if socket_allowed(family, sock_type, protocol) {
+        return 0;
+    }
+    report(event::SOCKET_REFUSED, tag, &Endpoint::default(), family, sock_type, protocol);
+    -EPERM
 }
 
 #[inline(always)]

@@ -1,0 +1,556 @@
+//! The privileged test harness: a real `warden run` with its own bpffs pins, cgroups, control socket,
+//! audit directory and proxy port; a real OpenID provider (npm `oidc-provider`); loopback servers; and
+//! probes run inside tagged cgroups. Everything a test creates is removed when its guard drops, even
+//! when the test fails.
+
+#![allow(dead_code, reason = "each test file uses a different part of the harness")]
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const WARDEN: &str = env!("CARGO_BIN_EXE_warden");
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+/// True when this test can run. Otherwise prints `skipping: <reason>`; under CI=true that is a failure.
+pub fn can_run(test: &str, needs: &[(&str, bool)]) -> bool {
+    for (what, ok) in needs {
+        if !ok {
+            let msg = format!("skipping: {test}: {what}");
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{msg} (CI=true: a skipped privileged test fails the run)"
+            );
+            println!("{msg}");
+            return false;
+        }
+    }
+    true
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// The standard preconditions of a privileged test.
+pub fn privileged(test: &str) -> bool {
+    can_run(
+        test,
+        &[
+            ("needs root (BPF, cgroups)", is_root()),
+            ("needs the test OpenID provider (run scripts/setup.sh)", Idp::available()),
+        ],
+    )
+}
+
+/// The cgroup2 mount.
+pub fn cgroup_root() -> PathBuf {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    text.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            if post.starts_with("cgroup2 ") { pre.split(' ').nth(4).map(PathBuf::from) } else { None }
+        })
+        .expect("cgroup2 is mounted")
+}
+
+/// Waits for `f` to give a value, up to `deadline`.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A free TCP port on loopback (both families are then bound by the daemon).
+pub fn free_port() -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        drop(l);
+        if TcpListener::bind(("::1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// The real OpenID provider, shaped like an Okta custom authorization server.
+pub struct Idp {
+    child: Child,
+    pub issuer: String,
+    pub port: u16,
+    pub keys: tempfile::TempDir,
+}
+
+impl Idp {
+    pub fn available() -> bool {
+        repo().join("tests/idp/node_modules/oidc-provider").exists()
+            && Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success())
+    }
+
+    pub fn start() -> Self {
+        let keys = tempfile::tempdir().expect("tempdir");
+        let mut child = Command::new("node")
+            .arg(repo().join("tests/idp/server.js"))
+            .arg("--keys-dir")
+            .arg(keys.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start node");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("warden-test-idp ready") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line =
+            rx.recv_timeout(Duration::from_secs(30)).expect("the test IdP did not become ready in 30s");
+        let field =
+            |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).expect("ready line").to_owned();
+        let issuer = field("issuer=");
+        let port = field("port=").parse().expect("port");
+        Self { child, issuer, port, keys }
+    }
+
+    pub fn key_file(&self, client: &str) -> PathBuf {
+        self.keys.path().join(format!("{client}.pem"))
+    }
+
+    pub fn secret_file(&self, client: &str) -> PathBuf {
+        self.keys.path().join(format!("{client}.secret"))
+    }
+
+    pub fn admin(&self, path: &str) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("idp admin");
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 200"), "idp admin {path}: {out}");
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Idp {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One identity in the daemon's config.
+pub struct IdentitySpec {
+    pub name: String,
+    pub client_id: String,
+    /// `private_key_file = ...` or `client_secret_file = ...` plus anything else.
+    pub auth: String,
+    pub audience: String,
+    pub groups: Vec<String>,
+}
+
+impl IdentitySpec {
+    /// An identity using the provider's RS256 private_key_jwt client (groups: agents-research).
+    pub fn pkjwt(idp: &Idp, name: &str) -> Self {
+        Self {
+            name: name.into(),
+            client_id: "agent-pkjwt-rs".into(),
+            auth: format!("private_key_file = {:?}", idp.key_file("agent-pkjwt-rs")),
+            audience: "api://warden".into(),
+            groups: vec![],
+        }
+    }
+
+    pub fn secret(idp: &Idp, name: &str, client: &str) -> Self {
+        Self {
+            name: name.into(),
+            client_id: client.into(),
+            auth: format!("client_secret_file = {:?}", idp.secret_file(client)),
+            audience: "api://warden".into(),
+            groups: vec![],
+        }
+    }
+}
+
+/// A running (or stopped) `warden run` with everything of its own.
+pub struct Warden {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub bpffs: PathBuf,
+    pub proxy_port: u16,
+    pub cgroup_parent: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+pub struct WardenBuilder {
+    name: String,
+    policy: String,
+    allow: Vec<String>,
+    identities: Vec<(IdentitySpec, String)>,
+    extra: String,
+}
+
+impl Warden {
+    pub fn builder(name: &str) -> WardenBuilder {
+        WardenBuilder {
+            name: name.into(),
+            policy: String::new(),
+            allow: vec![],
+            identities: vec![],
+            extra: String::new(),
+        }
+    }
+}
+
+impl WardenBuilder {
+    pub fn policy(mut self, yaml: &str) -> Self {
+        self.policy = yaml.into();
+        self
+    }
+
+    pub fn allow(mut self, entry: &str) -> Self {
+        self.allow.push(entry.into());
+        self
+    }
+
+    pub fn identity(mut self, spec: IdentitySpec, issuer: &str) -> Self {
+        self.identities.push((spec, issuer.into()));
+        self
+    }
+
+    pub fn config_extra(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self
+    }
+
+    /// Writes the config and policy and starts the daemon.
+    pub fn start(self) -> Warden {
+        let dir =
+            tempfile::Builder::new().prefix(&format!("warden-{}-", self.name)).tempdir().expect("tempdir");
+        let port = free_port();
+        let bpffs = PathBuf::from(format!("/sys/fs/bpf/warden-test-{}-{}", self.name, std::process::id()));
+        let cgroup_parent_rel = format!("warden-test/{}-{}", self.name, std::process::id());
+        let cgroup_parent = cgroup_root().join(&cgroup_parent_rel);
+        std::fs::create_dir_all(&cgroup_parent).expect("cgroup parent");
+        std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+        std::fs::write(dir.path().join("policies/policy.yaml"), &self.policy).unwrap();
+        let allow = self.allow.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ");
+        let mut config = format!(
+            "[agent]\nstate_dir = {state:?}\nbpffs_dir = {bpffs:?}\nexec_parent = {exec:?}\nproxy_listen = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]\ncontrol_socket = {sock:?}\npolicies = {pol:?}\nallow = [{allow}]\nhost = \"test-{name}\"\n\n[audit]\ndir = {audit:?}\ncheckpoint_seconds = 1\n\n",
+            state = dir.path().join("state"),
+            bpffs = bpffs,
+            exec = format!("{cgroup_parent_rel}/exec"),
+            sock = dir.path().join("control.sock"),
+            pol = dir.path().join("policies"),
+            audit = dir.path().join("state/audit"),
+            name = self.name,
+        );
+        for (id, issuer) in &self.identities {
+            config.push_str(&format!(
+                "[identity.{}]\nissuer = {issuer:?}\nclient_id = {:?}\n{}\nscopes = [\"warden.connect\"]\naudience = {:?}\ngroups = {:?}\n\n",
+                id.name, id.client_id, id.auth, id.audience, id.groups
+            ));
+        }
+        config.push_str(&self.extra);
+        let config_path = dir.path().join("warden.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = dir.path().join("daemon.log");
+        let mut w = Warden {
+            name: self.name,
+            config: config_path,
+            bpffs,
+            proxy_port: port,
+            cgroup_parent,
+            child: None,
+            log,
+            dir,
+        };
+        w.spawn();
+        w
+    }
+}
+
+impl Warden {
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let child = Command::new(WARDEN)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("WARDEN_LOG", "info,warden=debug")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn warden");
+        self.child = Some(child);
+        let sock = self.dir.path().join("control.sock");
+        wait_for("the daemon's control socket", Duration::from_secs(30), || {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("warden exited early ({status}):\n{}", self.log());
+                }
+            }
+            let ok = std::os::unix::net::UnixStream::connect(&sock).is_ok();
+            ok.then_some(())
+        });
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, no cleanup: what a crash looks like.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs a `warden` CLI command against this daemon's config.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(WARDEN).args(args).arg("--config").arg(&self.config).output().expect("run warden cli")
+    }
+
+    pub fn policy_path(&self) -> PathBuf {
+        self.dir.path().join("policies/policy.yaml")
+    }
+
+    pub fn audit_dir(&self) -> PathBuf {
+        self.dir.path().join("state/audit")
+    }
+
+    /// Every audit record so far, in order.
+    pub fn records(&self) -> Vec<Value> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.audit_dir())
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files
+            .iter()
+            .flat_map(|f| {
+                std::fs::read_to_string(f).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>()
+            })
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    }
+
+    /// Waits for a record matching `pred`.
+    pub fn wait_record(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        wait_for(what, Duration::from_secs(20), || self.records().into_iter().find(|r| pred(r)))
+    }
+
+    /// A fresh cgroup under this test's parent; removed on drop.
+    pub fn cgroup(&self, name: &str) -> TestCgroup {
+        let path = self.cgroup_parent.join(name);
+        std::fs::create_dir_all(&path).expect("create cgroup");
+        TestCgroup { path, root: cgroup_root() }
+    }
+
+    /// `warden tag` for a test cgroup.
+    pub fn tag(&self, cg: &TestCgroup, identity: &str) {
+        let out = self.cli(&["tag", cg.path.to_str().unwrap(), "--identity", identity]);
+        assert!(out.status.success(), "warden tag: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for Warden {
+    fn drop(&mut self) {
+        self.stop();
+        let out = self.cli(&["uninstall"]);
+        if !out.status.success() {
+            eprintln!("warden uninstall: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let _ = kill_tree(&self.cgroup_parent);
+        // The shared parent goes when the last test leaves it.
+        if let Some(parent) = self.cgroup_parent.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+        if std::thread::panicking() {
+            eprintln!("---- daemon log of {} ----\n{}", self.name, self.log());
+        }
+    }
+}
+
+/// Kills every process in a cgroup tree and removes it.
+pub fn kill_tree(path: &Path) -> std::io::Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(path)?.filter_map(Result::ok) {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            kill_tree(&e.path())?;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let procs = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+        if procs.trim().is_empty() || Instant::now() > deadline {
+            break;
+        }
+        let _ = std::fs::write(path.join("cgroup.kill"), "1");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::remove_dir(path)
+}
+
+/// A cgroup a test made; killed and removed on drop.
+pub struct TestCgroup {
+    pub path: PathBuf,
+    root: PathBuf,
+}
+
+impl TestCgroup {
+    /// `/a/b`, as the audit record names it.
+    pub fn rel(&self) -> String {
+        format!("/{}", self.path.strip_prefix(&self.root).unwrap().display())
+    }
+
+    /// Runs a command inside this cgroup (the shell moves itself in, then execs).
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg("echo $$ > \"$0\"/cgroup.procs && exec \"$@\"")
+            .arg(&self.path)
+            .arg(program)
+            .args(args);
+        c
+    }
+
+    /// Runs the probe inside this cgroup and parses its JSON answer.
+    pub fn probe(&self, args: &[&str]) -> Value {
+        let script = repo().join("tests/privileged/probe.py");
+        let mut all = vec![script.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = self.command("python3", &all).output().expect("run probe");
+        parse_probe(&out)
+    }
+}
+
+/// Runs the probe outside any tagged cgroup.
+pub fn probe_untagged(args: &[&str]) -> Value {
+    let script = repo().join("tests/privileged/probe.py");
+    let out = Command::new("python3").arg(script).args(args).output().expect("run probe");
+    parse_probe(&out)
+}
+
+fn parse_probe(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|_| {
+        panic!("probe printed no JSON: stdout={stdout} stderr={}", String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = kill_tree(&self.path);
+    }
+}
+
+/// A loopback TCP server that greets each client with `hello <name>` and then echoes; counts clients.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub accepted: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Server {
+    pub fn start(ip: &str, name: &str) -> Self {
+        let listener = TcpListener::bind((ip, 0)).expect("bind test server");
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (acc, st, greeting) = (accepted.clone(), stop.clone(), format!("hello {name}\n"));
+        std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, peer)) => {
+                        acc.lock().unwrap().push(peer);
+                        let g = greeting.clone();
+                        std::thread::spawn(move || {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.write_all(g.as_bytes());
+                            let mut buf = [0u8; 16384];
+                            while let Ok(n) = s.read(&mut buf) {
+                                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self { addr, accepted, stop }
+    }
+
+    pub fn clients(&self) -> usize {
+        self.accepted.lock().unwrap().len()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A policy with one opaque TCP target reachable by the provider's agents-research group.
+pub fn tcp_policy(target: &str, addr: SocketAddr, ttl: &str) -> String {
+    format!(
+        "targets:\n  {target}:\n    protocol: tcp\n    address: \"{addr}\"\nrules:\n  - name: research reaches {target}\n    match: {{ groups: [agents-research] }}\n    grant:\n      - target: {target}\n        access: connect\n        ttl: {ttl}\n"
+    )
+}

@@ -1,0 +1,7 @@
+//! Privileged end-to-end tests: the real `warden` binary with its kernel programs attached, real cgroups,
+//! a real OpenID provider and real loopback peers. Run as root (CI runs them with CI=true, where a test
+//! that cannot run fails instead of skipping). Each test has its own daemon, bpffs pins, cgroups, proxy
+//! port and audit directory, and removes them when it ends.
+
+mod dataplane;
+mod harness;
