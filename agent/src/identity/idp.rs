@@ -83,14 +83,18 @@ impl Transport for HttpTransport {
             let url = request.url().to_owned();
             let builder = match request {
                 Request::Get { url } => self.client.get(url),
-                Request::PostForm { url, authorization, body } => {
+                Request::PostForm { url: target, authorization, body } => {
                     let mut b = self
                         .client
-                        .post(url)
+                        .post(target)
                         .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
                         .body(body.expose().to_owned());
                     if let Some(auth) = authorization {
-                        b = b.header(reqwest::header::AUTHORIZATION, auth.expose());
+                        let mut value = reqwest::header::HeaderValue::from_str(auth.expose())
+                            .map_err(|_| format!("{url}: the client credentials do not fit in a header"))?;
+                        // Kept out of any debug output of the HTTP stack.
+                        value.set_sensitive(true);
+                        b = b.header(reqwest::header::AUTHORIZATION, value);
                     }
                     b
                 }
