@@ -197,3 +197,15 @@ fn an_unreadable_policy_file_is_reported() {
         diags[0]
     );
 }
+
+#[test]
+fn a_secret_path_that_is_a_directory_is_an_error() {
+    let text = "targets:\n  db:\n    protocol: postgres\n    address: 127.0.0.1:5432\n    databases: [d]\n    credentials: { user: u, password_file: . }\n";
+    let (_dir, diags) = check(&[("p.yaml", text)]);
+    assert_eq!(diags.len(), 1, "{diags:?}");
+    assert!(
+        diags[0].starts_with("p.yaml:6:44: password_file ") && diags[0].ends_with("is not a regular file"),
+        "{}",
+        diags[0]
+    );
+}

@@ -34,6 +34,7 @@ mod store;
 mod view;
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -283,6 +284,13 @@ impl Grants {
         options: GrantsOptions,
     ) -> Result<Self, GrantError> {
         let path = store::path(state_dir);
+        if !state_dir.is_dir() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(state_dir)
+                .map_err(|source| GrantError::Write { path: state_dir.to_path_buf(), source })?;
+        }
         let stored = store::read(&path)?;
         let now = clock.now();
         let mut state = State::default();
@@ -427,9 +435,9 @@ impl Grants {
     pub fn list(&self) -> Vec<GrantView> {
         let state = self.inner.lock();
         let now = self.inner.clock.now();
-        let mut views: Vec<GrantView> = state.grants.values().map(|g| view(g, now)).collect();
-        views.sort_by(|a, b| (&a.requested_at, &a.id).cmp(&(&b.requested_at, &b.id)));
-        views
+        let mut grants: Vec<&Grant> = state.grants.values().collect();
+        grants.sort_by_key(|g| (g.requested_at, &g.id));
+        grants.into_iter().map(|g| view(g, now)).collect()
     }
 
     /// Issues a grant ahead of the first connection (`warden grant issue`), active at once: an

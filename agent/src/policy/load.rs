@@ -613,11 +613,13 @@ impl FileCtx<'_> {
             let (_, n) = fields.get(key)?;
             let raw = self.string(n, key)?;
             let path = self.dir.join(&raw);
-            if let Err(e) = std::fs::File::open(&path) {
-                self.err(
+            match std::fs::File::open(&path).and_then(|f| f.metadata()) {
+                Ok(m) if m.is_file() => {}
+                Ok(_) => self.err(n.pos, format!("{key} {} is not a regular file", path.display())),
+                Err(e) => self.err(
                     n.pos,
                     format!("cannot read {key} {}: {e}; the daemon must be able to read it", path.display()),
-                );
+                ),
             }
             Some(path)
         };

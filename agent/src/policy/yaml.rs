@@ -80,12 +80,25 @@ enum Open {
     Map(Pos, Vec<(Node, Node)>, Option<Node>, usize),
 }
 
+/// The most nodes aliases may copy into one file's tree (a guard against "billion laughs").
+const MAX_ALIASED_NODES: usize = 100_000;
+
 #[derive(Default)]
 struct Builder {
     stack: Vec<Open>,
     root: Option<Node>,
-    anchors: HashMap<usize, Node>,
+    /// Anchored nodes and their sizes in nodes.
+    anchors: HashMap<usize, (Node, usize)>,
+    aliased: usize,
     documents: usize,
+}
+
+fn size(node: &Node) -> usize {
+    1 + match &node.value {
+        Value::Scalar { .. } => 0,
+        Value::Seq(items) => items.iter().map(size).sum(),
+        Value::Map(entries) => entries.iter().map(|(k, v)| size(k) + size(v)).sum(),
+    }
 }
 
 impl Builder {
@@ -119,12 +132,21 @@ impl Builder {
                 None => {}
             },
             Event::Alias(id) => {
-                let Some(node) = self.anchors.get(&id).cloned() else {
+                let Some((node, n)) = self.anchors.get(&id).cloned() else {
                     return Err(SyntaxError {
                         pos,
                         message: "alias names no anchor defined before it".into(),
                     });
                 };
+                self.aliased += n;
+                if self.aliased > MAX_ALIASED_NODES {
+                    return Err(SyntaxError {
+                        pos,
+                        message: format!(
+                            "aliases expand to more than {MAX_ALIASED_NODES} nodes; write the policy out"
+                        ),
+                    });
+                }
                 self.finish(Node { pos, ..node }, 0);
             }
             Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => {}
@@ -134,7 +156,7 @@ impl Builder {
 
     fn finish(&mut self, node: Node, anchor: usize) {
         if anchor != 0 {
-            self.anchors.insert(anchor, node.clone());
+            self.anchors.insert(anchor, (node.clone(), size(&node)));
         }
         match self.stack.last_mut() {
             Some(Open::Seq(_, items, _)) => items.push(node),
@@ -184,5 +206,18 @@ mod tests {
         assert!(matches!(&entries[1].1.value, Value::Seq(v) if v.len() == 1));
         assert!(parse("").unwrap().is_none());
         assert!(parse("---\n").unwrap().is_some_and(|n| n.is_null()));
+    }
+
+    #[test]
+    fn alias_bombs_are_refused() {
+        use std::fmt::Write as _;
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..8 {
+            let p = i - 1;
+            let refs = vec![format!("*a{p}"); 10].join(", ");
+            let _ = writeln!(text, "a{i}: &a{i} [{refs}]");
+        }
+        let err = parse(&text).unwrap_err();
+        assert!(err.message.contains("aliases expand"), "{err:?}");
     }
 }
