@@ -1,1 +1,69 @@
-fn main() {}
+//! Project tasks: `cargo xtask test` (what CI runs), `cargo xtask demo` (the main job: a tagged agent
+//! reaching a real local PostgreSQL through Warden, allowed, refused and recorded), `cargo xtask bench`.
+
+mod bench;
+mod demo;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("demo") => demo::run(),
+        Some("bench") => bench::run(&args[1..]),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <task>\n\n  test    formatting, clippy, and every test (privileged ones need root)\n  demo    the end-to-end demo on a real PostgreSQL (root)\n  bench   latency and throughput: direct, through Warden, through haproxy (root)"
+            );
+            bail!("no task given")
+        }
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("==> {cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Builds the `warden` binary (with its kernel programs) and returns its path.
+pub fn build_warden(release: bool) -> anyhow::Result<PathBuf> {
+    let mut c = cargo();
+    c.args(["build", "-p", "warden", "--bin", "warden"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)?;
+    Ok(root().join("target").join(if release { "release" } else { "debug" }).join("warden"))
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    if !nix_is_root() {
+        eprintln!("note: not root: the privileged tests will print `skipping: ...` (and fail under CI=true)");
+    }
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args(["test", "--workspace"]).args(extra))?;
+    Ok(())
+}
+
+pub fn nix_is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}

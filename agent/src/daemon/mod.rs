@@ -468,6 +468,10 @@ impl State {
         let removed = self.bindings.remove(&rel).map_err(|e| Refused(format!("saving bindings: {e}")))?;
         let Some(b) = removed else { return Err(Refused(format!("cgroup {rel} is not tagged"))) };
         self.kernel.remove_tag(b.cgroup_id).map_err(|e| Refused(e.to_string()))?;
+        // A new task in a cgroup of the same name starts afresh (its grants are not inherited).
+        if let Err(e) = self.grants.forget_cgroup(&rel) {
+            tracing::warn!(cgroup = %rel, error = %e, "could not forget the cgroup's spent grants");
+        }
         let _ = self
             .audit
             .append(Record::new("binding.removed").field("cgroup", &rel).field("identity", &b.identity));
