@@ -696,6 +696,27 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn no_single_character_change_anywhere_is_accepted() {
+        let token = sign(
+            Algorithm::ES256,
+            "kE",
+            &good_claims(),
+            &EncodingKey::from_ec_pem(&testdata("idp_ec.pem")).unwrap(),
+        );
+        assert!(check(&token).is_ok());
+        for (i, c) in token.char_indices() {
+            for replacement in ['A', 'x', '.', '-', '=', '\u{e9}'] {
+                if replacement == c {
+                    continue;
+                }
+                let mut mutated = token.clone();
+                mutated.replace_range(i..=i, &replacement.to_string());
+                assert!(check(&mutated).is_err(), "accepted with {replacement:?} at {i}");
+            }
+        }
+    }
+
+    #[test]
     fn groups_and_scopes_are_read_deliberately() {
         assert_eq!(check(&with(|c| c["groups"] = json!("agents-ops"))).unwrap().groups, ["agents-ops"]);
         assert!(
