@@ -533,9 +533,13 @@ impl Grants {
         Ok(v)
     }
 
-    /// Re-decides every grant under a new policy. `subject_of` gives the subject (groups, scopes) of a
-    /// grant's identity as the daemon last verified it; `None` ends the grant (fail closed). Returns
-    /// the grants that ended.
+    /// Re-decides every grant under a new policy (call it with each applied policy). `subject_of` gives
+    /// the subject (groups, scopes) of a grant's identity as the daemon last verified it: the grant is
+    /// then decided afresh, as a new connection would be. Where it returns `None`, only the grant's rule
+    /// is re-checked ([`Policy::rule_grants`]: target and rule still there, still granting this
+    /// access), so pass subjects to also catch a rule whose `match` no longer covers the identity.
+    /// Grants the policy no longer allows end (`grant.revoked` by `policy`, sessions cut); a shorter
+    /// TTL shortens them. Returns the grants that ended.
     pub fn revalidate(
         &self,
         policy: &Policy,
@@ -553,11 +557,12 @@ impl Grants {
                 .map(|g| {
                     let v = view(g, now);
                     let decision = match subject_of(&v) {
-                        None => Err(format!("the identity `{}` is no longer known", g.key.identity)),
-                        Some(s) => match policy.decide(&s, &g.key.target, Some(g.key.access)) {
-                            Decision::Allow(t) => Ok(t),
-                            Decision::Deny { reason } => Err(reason),
-                        },
+                        None => policy.rule_grants(&g.rule, &g.key.target, g.key.access),
+                        Some(s) => policy.decide(&s, &g.key.target, Some(g.key.access)),
+                    };
+                    let decision = match decision {
+                        Decision::Allow(t) => Ok(t),
+                        Decision::Deny { reason } => Err(reason),
                     };
                     (g.id.clone(), decision, v)
                 })
@@ -1150,5 +1155,31 @@ mod tests {
         assert_eq!(kept.ended().await, GrantEnd::Expired);
         assert!(matches!(f.grants.acquire(other_key, &t).await, Err(GrantRefusal::Spent { .. })));
         f.grants.forget_cgroup("task-2").unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_subjects_a_grant_ends_when_its_rule_stops_granting() {
+        let f = fixture(GrantsOptions::default());
+        let t = terms(15 * MIN, Approval::None);
+        let mut lease = f.grants.acquire(key("task-1"), &t).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.yaml");
+        let text = |access: &str| {
+            format!(
+                "targets:\n  orders-db: {{ protocol: postgres, address: 127.0.0.1:5432, databases: [o], credentials: {{ user: u }} }}\nrules:\n  - name: research agents read orders\n    match: {{ groups: [research] }}\n    grant: [{{ target: orders-db, access: {access}, ttl: 15m }}]\n"
+            )
+        };
+        std::fs::write(&file, text("write")).unwrap();
+        let still = crate::policy::load(std::slice::from_ref(&file)).unwrap();
+        assert!(f.grants.revalidate(&still, |_| None).is_empty(), "write includes read: the grant stays");
+        std::fs::write(&file, text("read").replace("research agents read orders", "renamed")).unwrap();
+        let renamed = crate::policy::load(&[file]).unwrap();
+        assert_eq!(f.grants.revalidate(&renamed, |_| None).len(), 1);
+        assert_eq!(
+            lease.ended().await,
+            GrantEnd::PolicyChanged {
+                reason: "rule `research agents read orders` is no longer in the policy".into()
+            }
+        );
     }
 }

@@ -348,6 +348,36 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// What the rule named `rule` now gives for `access` on `target`, without a subject at hand: for
+    /// re-checking a live grant after a reload when the caller cannot say who holds it. Denies when the
+    /// target or the rule is gone or the rule no longer grants that access there. Pure.
+    pub fn rule_grants(&self, rule: &str, target: &str, access: Access) -> Decision {
+        let deny = |reason: String| Decision::Deny { reason };
+        if !self.targets.contains_key(target) {
+            return deny(format!("no target named `{target}` in the policy"));
+        }
+        let Some(r) = self.rules.iter().find(|r| r.name == rule) else {
+            return deny(format!("rule `{rule}` is no longer in the policy"));
+        };
+        let specs = || r.grants.iter().filter(|g| g.target == target);
+        let Some(spec) =
+            specs().find(|g| g.access == access).or_else(|| specs().find(|g| g.access.includes(access)))
+        else {
+            return deny(format!("rule `{rule}` no longer grants {access} on {target}"));
+        };
+        Decision::Allow(Terms {
+            rule: r.name.clone(),
+            target: target.to_owned(),
+            access,
+            ttl: spec.ttl,
+            mask: spec.mask.clone(),
+            approval: spec.approval,
+            commands: if spec.access == access { spec.commands.clone() } else { None },
+        })
+    }
+}
+
 fn names<'a>(items: impl Iterator<Item = &'a str>) -> String {
     items.collect::<Vec<_>>().join(" or ")
 }
@@ -542,6 +572,31 @@ mod tests {
         s.client_id = "0oaSPECIAL".into();
         let Decision::Allow(t) = p.decide(&s, "metrics", None) else { panic!() };
         assert_eq!((t.rule.as_str(), t.ttl), ("one client", secs(30)));
+    }
+
+    #[test]
+    fn rule_grants_rechecks_without_a_subject() {
+        let p = policy();
+        let Decision::Allow(t) = p.rule_grants("ops writes orders", "build-host", Access::Exec) else {
+            panic!()
+        };
+        assert_eq!((t.access, t.ttl, t.commands), (Access::Exec, secs(60), None));
+        let deny = |d: Decision| match d {
+            Decision::Deny { reason } => reason,
+            Decision::Allow(t) => panic!("{t:?}"),
+        };
+        assert_eq!(
+            deny(p.rule_grants("gone", "orders-db", Access::Read)),
+            "rule `gone` is no longer in the policy"
+        );
+        assert_eq!(
+            deny(p.rule_grants("research reads orders", "orders-db", Access::Write)),
+            "rule `research reads orders` no longer grants write on orders-db"
+        );
+        assert_eq!(
+            deny(p.rule_grants("research reads orders", "x", Access::Read)),
+            "no target named `x` in the policy"
+        );
     }
 
     #[test]
