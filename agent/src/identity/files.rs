@@ -1,6 +1,6 @@
 //! Reads an identity's private key or client secret, refusing files that anyone but root could read.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -34,7 +34,12 @@ pub(crate) fn read_credential(identity: &str, path: &Path) -> Result<Vec<u8>, Id
         path: path.to_path_buf(),
         source: Arc::new(source),
     };
-    let file = std::fs::File::open(path).map_err(unreadable)?;
+    // Non-blocking, so a FIFO planted at the path cannot hang the daemon's start.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(unreadable)?;
     // Checked on the open file, so a rename between the check and the read changes nothing.
     let meta = file.metadata().map_err(unreadable)?;
     if !meta.is_file() {
@@ -122,6 +127,15 @@ mod tests {
             read_credential("bot", &path),
             Err(IdentityError::CredentialReadable { mode: 0o640, .. })
         ));
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fifo");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = read_credential("bot", &path).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
     }
 
     #[test]

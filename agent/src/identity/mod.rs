@@ -283,7 +283,11 @@ fn client_auth(name: &str, config: &IdentityConfig) -> Result<ClientAuth, Identi
                 identity: name.to_owned(),
                 path: path.clone(),
                 alg,
-                detail: e.to_string(),
+                detail: if pem.windows(20).any(|w| w == b"BEGIN EC PRIVATE KEY") {
+                    "a SEC1 EC key; convert it with `openssl pkcs8 -topk8 -nocrypt`".into()
+                } else {
+                    e.to_string()
+                },
             })?;
             Ok(ClientAuth::PrivateKeyJwt { key, alg: alg_value, kid: config.private_key_id.clone() })
         }
