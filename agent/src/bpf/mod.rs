@@ -25,6 +25,9 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
+/// The kernel programs' aya-log reader, writing through the `log` facade (bridged into tracing).
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
     #[error(
@@ -99,6 +102,7 @@ pub struct Kernel {
     proxy: Mutex<Array<MapData, ProxyConfig>>,
     by_addr: HashMap<MapData, Endpoint, Origin>,
     events: Mutex<Option<RingBuf<MapData>>>,
+    logger: Mutex<Option<KernelLogger>>,
     pub report: InstallReport,
 }
 
@@ -192,7 +196,22 @@ pub fn install(settings: &Settings) -> Result<Kernel, BpfError> {
             Err(e) => return Err(e),
         }
     }
-    Kernel::from_ebpf(&mut ebpf, report)
+    let logger = attach_logger(&links_dir);
+    Kernel::from_ebpf(&mut ebpf, report, logger)
+}
+
+/// The kernel programs' log (aya-log), found through the running connect4 program (adopted or new),
+/// so it reads what the attached programs write, not what a freshly loaded copy would.
+fn attach_logger(links_dir: &Path) -> Option<KernelLogger> {
+    let pinned = PinnedLink::from_pin(links_dir.join("warden_connect4")).ok()?;
+    let info = FdLink::from(pinned).info().ok()?;
+    match aya_log::EbpfLogger::init_from_id(info.program_id()) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::debug!(error = %e, "kernel program logs unavailable");
+            None
+        }
+    }
 }
 
 fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin: &Path) -> Result<(), BpfError> {
@@ -250,7 +269,11 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin: &Path) -> Res
 const _: fn(&CgroupSock, &CgroupSockAddr, &SockOps) = |_, _, _| {};
 
 impl Kernel {
-    fn from_ebpf(ebpf: &mut Ebpf, report: InstallReport) -> Result<Self, BpfError> {
+    fn from_ebpf(
+        ebpf: &mut Ebpf,
+        report: InstallReport,
+        logger: Option<KernelLogger>,
+    ) -> Result<Self, BpfError> {
         fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
             ebpf: &mut Ebpf,
             name: &'static str,
@@ -265,6 +288,7 @@ impl Kernel {
             proxy: Mutex::new(take(ebpf, names::PROXY)?),
             by_addr: take(ebpf, names::BY_ADDR)?,
             events: Mutex::new(Some(take(ebpf, names::EVENTS)?)),
+            logger: Mutex::new(logger),
             report,
         })
     }
@@ -350,6 +374,11 @@ impl Kernel {
             let _ = map.remove(&k);
         }
         Ok(())
+    }
+
+    /// The kernel programs' logger (aya-log); `None` once taken or where unavailable.
+    pub fn take_logger(&self) -> Option<KernelLogger> {
+        self.logger.lock().expect("logger lock").take()
     }
 
     /// The ring buffer of kernel events; `None` once taken.

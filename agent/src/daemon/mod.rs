@@ -236,6 +236,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(ring) = kernel.take_events() {
         tasks.spawn(events(state.clone(), ring));
     }
+    if let Some(logger) = kernel.take_logger() {
+        tasks.spawn(kernel_logs(logger, shutdown.clone()));
+    }
     tasks.spawn(policy.clone().watch_files(shutdown.clone().cancelled_owned()));
     tasks.spawn(follow_policy(state.clone()));
     tasks.spawn(resolve_periodically(state.clone()));
@@ -524,6 +527,24 @@ impl control::Handler for State {
                 Ok(json!({ "stopping": true }))
             }
         }
+    }
+}
+
+/// Forwards the kernel programs' aya-log lines to our log.
+async fn kernel_logs(logger: crate::bpf::KernelLogger, shutdown: CancellationToken) {
+    // SAFETY: the logger owns its ring buffer fd, which stays open and the same while the AsyncFd (which
+    // owns the logger) lives.
+    let Ok(mut afd) = (unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) })
+    else {
+        return;
+    };
+    loop {
+        let mut guard = tokio::select! {
+            () = shutdown.cancelled() => return,
+            g = afd.readable_mut() => match g { Ok(g) => g, Err(_) => return },
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
     }
 }
 

@@ -245,6 +245,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
             };
             if ORIGINS.insert(&cookie, &origin, 0).is_err() {
                 // Fail closed: a connection whose origin cannot be found would reach the proxy anonymous.
+                aya_log_ebpf::error!(ctx, "origin map full: refused a connect to port {}", dst.port);
                 report(event::ORIGIN_FULL, tag, &dst, family, sock_type, protocol);
                 return DENY;
             }
