@@ -333,6 +333,18 @@ impl Identities {
         self.inner.slots.contains_key(name)
     }
 
+    /// Obtains every identity's first token at once, so the first sessions do not wait for the provider.
+    /// Failures are recorded and logged as usual; the daemon may spawn this at start.
+    pub async fn warm_up(&self) {
+        let mut set = tokio::task::JoinSet::new();
+        for name in self.inner.slots.keys() {
+            let this = self.clone();
+            let name = name.clone();
+            set.spawn(async move { drop(this.verified(&name).await) });
+        }
+        while set.join_next().await.is_some() {}
+    }
+
     /// The verified identity `name` stands for now: cached while its token is fresh, otherwise obtained
     /// and verified (one request however many sessions ask at once). Refused with the reason when no
     /// valid, verified token can be had.

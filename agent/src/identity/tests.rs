@@ -429,6 +429,17 @@ async fn a_token_signed_by_another_key_or_for_another_client_is_refused() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn warm_up_obtains_every_identity_at_once() {
+    let h = harness();
+    h.identities.warm_up().await;
+    assert_eq!(h.idp.with(|s| s.tokens), 4);
+    let rejected: Vec<_> = h.records().into_iter().map(|(_, f)| f["identity"].clone()).collect();
+    assert_eq!(rejected, ["other-aud"]);
+    h.identities.verified("bot").await.unwrap();
+    assert_eq!(h.idp.with(|s| s.tokens), 4, "served from the cache");
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_unknown_identity_is_named() {
     let h = harness();
     let err = h.identities.verified("ghost").await.unwrap_err();
