@@ -4,7 +4,9 @@
 //! when the test fails.
 
 #![allow(dead_code, reason = "each test file uses a different part of the harness")]
+#![expect(clippy::unnecessary_debug_formatting, reason = "paths go into TOML as quoted strings")]
 
+use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -270,10 +272,11 @@ impl WardenBuilder {
             name = self.name,
         );
         for (id, issuer) in &self.identities {
-            config.push_str(&format!(
+            let _ = write!(
+                config,
                 "[identity.{}]\nissuer = {issuer:?}\nclient_id = {:?}\n{}\nscopes = [\"warden.connect\"]\naudience = {:?}\ngroups = {:?}\n\n",
                 id.name, id.client_id, id.auth, id.audience, id.groups
-            ));
+            );
         }
         config.push_str(&self.extra);
         let config_path = dir.path().join("warden.toml");
@@ -308,10 +311,8 @@ impl Warden {
         self.child = Some(child);
         let sock = self.dir.path().join("control.sock");
         wait_for("the daemon's control socket", Duration::from_secs(30), || {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!("warden exited early ({status}):\n{}", self.log());
-                }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("warden exited early ({status}):\n{}", self.log());
             }
             let ok = std::os::unix::net::UnixStream::connect(&sock).is_ok();
             ok.then_some(())
@@ -338,7 +339,7 @@ impl Warden {
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::unistd::Pid::from_raw(i32::try_from(c.id()).expect("pid")),
                 nix::sys::signal::Signal::SIGTERM,
             );
             let deadline = Instant::now() + Duration::from_secs(15);
