@@ -108,7 +108,7 @@ async fn the_chain_continues_across_restarts() {
     run_writer(opts.clone(), 5).await;
     let before = all_records(&opts.config.dir).len();
     let seqs = run_writer(opts.clone(), 5).await;
-    assert!(seqs.iter().all(|s| *s as usize > before));
+    assert!(seqs.iter().all(|s| usize::try_from(*s).unwrap() > before));
     let records = all_records(&opts.config.dir);
     assert_eq!(records[before]["event"], "audit.started");
     assert!(records.iter().all(|r| r["event"] != "recovered"), "a clean stop is not a recovery");
@@ -135,7 +135,7 @@ async fn a_full_queue_refuses_at_once_and_bad_records_do_not_stop_the_writer() {
     let err = loop {
         match audit.append_durable(Record::new("x").field("hash", "forged")).await {
             Err(AuditError::QueueFull) if std::time::Instant::now() < deadline => {
-                tokio::task::yield_now().await
+                tokio::task::yield_now().await;
             }
             other => break other.unwrap_err(),
         }
@@ -291,7 +291,7 @@ fn problem(report: &Report) -> String {
 fn rewrite(path: &Path, f: impl FnOnce(&mut Vec<String>)) {
     let mut l: Vec<String> = std::fs::read_to_string(path).unwrap().lines().map(str::to_owned).collect();
     f(&mut l);
-    std::fs::write(path, l.iter().map(|x| format!("{x}\n")).collect::<String>()).unwrap();
+    std::fs::write(path, l.iter().map(|x| x.clone() + "\n").collect::<String>()).unwrap();
 }
 
 /// Re-encodes lines from `from` on with fresh seq/prev/hash, as a forger without the key would.
@@ -333,7 +333,7 @@ fn edit_and_rechain_everything(dir: &Path) {
     let mut rest = all.as_slice();
     for (path, l) in &files {
         let (mine, tail) = rest.split_at(l.len());
-        std::fs::write(path, mine.iter().map(|x| format!("{x}\n")).collect::<String>()).unwrap();
+        std::fs::write(path, mine.iter().map(|x| x.clone() + "\n").collect::<String>()).unwrap();
         rest = tail;
     }
 }
@@ -358,7 +358,7 @@ async fn tampering_is_detected_and_named() {
             |d| {
                 rewrite(&middle_file(d), |l| {
                     l.remove(3);
-                })
+                });
             },
             "are missing",
         ),
@@ -368,7 +368,7 @@ async fn tampering_is_detected_and_named() {
                 rewrite(&middle_file(d), |l| {
                     let x = l[3].clone();
                     l.insert(3, x);
-                })
+                });
             },
             "duplicated or reordered",
         ),
@@ -377,12 +377,14 @@ async fn tampering_is_detected_and_named() {
             "inserted record",
             |d| {
                 rewrite(&middle_file(d), |l| {
-                    let x = l[3].replacen("\"pid\":", "\"pid\":1", 1);
-                    l.insert(4, x);
+                    // A well-formed record with the next seq and a correct hash, linked to the one before.
+                    let mut x: Map<String, Value> = serde_json::from_str(&l[3]).unwrap();
+                    x.insert("seq".into(), json!(x["seq"].as_u64().unwrap() + 1));
+                    l.insert(4, serde_json::to_string(&x).unwrap());
                     rechain(&mut l[..5], 4);
-                })
+                });
             },
-            "where",
+            "was expected: a duplicated or reordered record",
         ),
         ("removed middle file", |d| std::fs::remove_file(middle_file(d)).unwrap(), "are missing"),
         ("edited and rechained (no key)", edit_and_rechain_everything, "checkpoint"),

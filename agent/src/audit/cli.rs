@@ -184,7 +184,10 @@ fn text(v: &Value) -> String {
 }
 
 /// Keys every record has, or that the session header already showed.
-const SHOWN: [&str; 8] = ["seq", "ts", "host", "event", "prev", "hash", "session", "identity"];
+const SHOWN: [&str; 13] = [
+    "seq", "ts", "host", "event", "prev", "hash", "session", "identity", "pid", "uid", "cgroup", "target",
+    "dst",
+];
 
 /// A readable account of one session: who, what, when, each statement or command, how it ended.
 pub fn render_session(session: &str, records: &[Map<String, Value>]) -> String {
@@ -261,10 +264,10 @@ pub fn render_session(session: &str, records: &[Map<String, Value>]) -> String {
             }
             "session.end" => {
                 ended = true;
-                let _ = writeln!(o, "  ended:   {ts}  {}", rest(&["pid", "uid", "cgroup", "target", "dst"]));
+                let _ = writeln!(o, "  ended:   {ts}  {}", rest(&[]));
             }
             other => {
-                let _ = writeln!(o, "  {ts}  {other}: {}", rest(&["pid", "uid", "cgroup", "target", "dst"]));
+                let _ = writeln!(o, "  {ts}  {other}: {}", rest(&[]));
             }
         }
     }
@@ -283,7 +286,6 @@ fn tail_cli(follow: bool, lines: usize, dir: Option<PathBuf>, config: &Path) -> 
         Err(code) => return code,
     };
     let mut last: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::with_capacity(lines + 1);
-    let mut next = 0;
     let result = files::export_lines(&dir, None, None, |line| {
         if lines > 0 {
             last.push_back(line.to_vec());
@@ -293,32 +295,69 @@ fn tail_cli(follow: bool, lines: usize, dir: Option<PathBuf>, config: &Path) -> 
         }
         Ok(())
     });
-    match result {
-        Ok(Some(seq)) => next = seq + 1,
-        Ok(None) => {}
+    let next = match result {
+        Ok(seq) => seq.map_or(0, |s| s + 1),
         Err(e) => return fail(EXIT_INTERNAL, &e),
-    }
+    };
     let mut out = std::io::stdout().lock();
     for line in &last {
         if out.write_all(line).is_err() {
             return 0;
         }
     }
-    let _ = out.flush();
-    if !follow {
+    if out.flush().is_err() || !follow {
         return 0;
     }
+    match follow_from(&dir, next, &mut out) {
+        Ok(()) => 0,
+        Err(e) => fail(EXIT_INTERNAL, &e),
+    }
+}
+
+/// Follows the writer's files from `next` on: reads only new bytes of the current file, moves to the next
+/// file when one appears, prints complete lines. Returns when stdout closes.
+fn follow_from(dir: &Path, next: u64, out: &mut impl Write) -> Result<(), super::AuditError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut current: Option<(PathBuf, u64)> = None;
+    let mut partial = Vec::new();
     loop {
-        std::thread::sleep(std::time::Duration::from_millis(250));
-        let since = Bound::Seq(next);
-        let result = files::export_lines(&dir, Some(&since), None, |line| out.write_all(line));
-        match result {
-            Ok(Some(seq)) => next = seq + 1,
-            Ok(None) => {}
-            Err(e) => return fail(EXIT_INTERNAL, &e),
+        let listed = files::list_writer_files(dir)?;
+        if current.is_none() {
+            // Start in the file holding `next`, skipping the lines already printed.
+            let Some((_, path)) = listed.iter().rev().find(|(first, _)| *first <= next).or(listed.first())
+            else {
+                std::thread::sleep(std::time::Duration::from_millis(250));
+                continue;
+            };
+            let mut offset = 0;
+            let text = std::fs::read(path).map_err(|source| super::AuditError::io("read", path, source))?;
+            for line in text.split_inclusive(|b| *b == b'\n') {
+                if line.last() != Some(&b'\n') || super::format::peek_seq(line).is_some_and(|s| s >= next) {
+                    break;
+                }
+                offset += line.len() as u64;
+            }
+            current = Some((path.clone(), offset));
         }
-        if out.flush().is_err() {
-            return 0;
+        let Some((path, offset)) = current.as_mut() else { continue };
+        let mut file =
+            std::fs::File::open(&*path).map_err(|source| super::AuditError::io("open", path, source))?;
+        file.seek(SeekFrom::Start(*offset)).map_err(|source| super::AuditError::io("seek", path, source))?;
+        let mut fresh = Vec::new();
+        file.read_to_end(&mut fresh).map_err(|source| super::AuditError::io("read", path, source))?;
+        *offset += fresh.len() as u64;
+        partial.extend_from_slice(&fresh);
+        if let Some(end) = partial.iter().rposition(|b| *b == b'\n') {
+            let complete: Vec<u8> = partial.drain(..=end).collect();
+            if out.write_all(&complete).and_then(|()| out.flush()).is_err() {
+                return Ok(());
+            }
+        }
+        let newer = listed.iter().find(|(_, p)| p > path).map(|(_, p)| p.clone());
+        match newer {
+            // The writer moved on: this file is complete once read to its end.
+            Some(next_path) if fresh.is_empty() && partial.is_empty() => current = Some((next_path, 0)),
+            _ => std::thread::sleep(std::time::Duration::from_millis(250)),
         }
     }
 }

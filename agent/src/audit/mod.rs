@@ -96,6 +96,8 @@ pub enum AuditError {
     Key { path: PathBuf, reason: String },
     #[error("{}: {reason}", path.display())]
     Corrupt { path: PathBuf, reason: String },
+    #[error("cannot lock {} ({errno}): another warden daemon is writing this audit directory; stop it first", path.display())]
+    Locked { path: PathBuf, errno: nix::errno::Errno },
     #[error("audit endpoint: {reason}")]
     Serve { reason: String },
 }

@@ -44,6 +44,8 @@ pub struct Settings {
 }
 
 pub struct Writer {
+    /// An exclusive flock on `audit.dir/.lock`, held for the writer's life: one writer per directory.
+    _lock: nix::fcntl::Flock<File>,
     s: Settings,
     key: SigningKey,
     key_id: String,
@@ -68,6 +70,7 @@ impl Writer {
     /// Opens the directory, recovers the newest file and positions the chain after its last good record.
     pub fn open(s: Settings, key: SigningKey) -> Result<(Self, Recovery), AuditError> {
         create_dir(&s.dir)?;
+        let lock = lock_dir(&s.dir)?;
         let mut recovery = Recovery::default();
         let mut listed = files::list_writer_files(&s.dir)?;
         let mut tail: Option<Tail> = None;
@@ -103,6 +106,7 @@ impl Writer {
         };
         let file_day = file_day(&path, now);
         let w = Writer {
+            _lock: lock,
             s,
             key,
             key_id,
@@ -414,6 +418,19 @@ fn file_day(path: &Path, now: OffsetDateTime) -> Date {
     std::fs::metadata(path)
         .and_then(|m| m.created().or_else(|_| m.modified()))
         .map_or(now.date(), |t| OffsetDateTime::from(t).date())
+}
+
+fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<File>, AuditError> {
+    let path = dir.join(".lock");
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|source| AuditError::io("open", &path, source))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, errno)| AuditError::Locked { path, errno })
 }
 
 pub fn create_dir(dir: &Path) -> Result<(), AuditError> {
