@@ -9,7 +9,7 @@ use super::State;
 use crate::control::{Refused, Request};
 use crate::grants::{GrantEnd, GrantKey};
 use crate::origin::ConnOrigin;
-use crate::policy::{Access, Decision, Subject};
+use crate::policy::{Access, Decision, Protocol, Subject};
 use crate::proxy::{Admission, Gate, IdentityView, Refusal};
 
 pub struct DaemonGate {
@@ -70,6 +70,21 @@ impl Gate for DaemonGate {
                     });
                 }
             };
+            // Only opaque TCP has a handler so far. A postgres or ssh target relayed as opaque bytes would let
+            // a `read` grant write and would need the agent to hold the credential: refuse instead.
+            let protocol = policy.target(&target).map_or(Protocol::Tcp, |t| t.protocol);
+            if protocol != Protocol::Tcp {
+                return Err(Refusal {
+                    code: "unsupported_protocol",
+                    reason: format!(
+                        "target {target} speaks {}, whose protocol handler this warden does not have yet; \
+                         only `protocol: tcp` targets are proxied",
+                        protocol.as_str()
+                    ),
+                    target: Some(target),
+                    identity: Some(view),
+                });
+            }
             let key = GrantKey {
                 identity: binding.identity.clone(),
                 client_id: verified.client_id.clone(),
@@ -83,10 +98,9 @@ impl Gate for DaemonGate {
                 target: Some(target.clone()),
                 identity: Some(view.clone()),
             })?;
-            let protocol = policy.target(&target).map_or("tcp", |t| t.protocol.as_str()).to_owned();
             Ok(Admission {
                 target,
-                protocol,
+                protocol: protocol.as_str().to_owned(),
                 identity: Some(view),
                 grant: Some(lease.grant_id.clone()),
                 rule: Some(lease.rule.clone()),
