@@ -1,6 +1,817 @@
 //! `cargo xtask bench`: connection set-up latency and bulk throughput, direct, through Warden and through
 //! haproxy (TCP mode), in one run; written to BENCHMARKS.md with the machine.
+//!
+//! Everything runs on loopback. A target server (in this process) listens on 127.0.0.5; the load generator
+//! is this same binary re-executed as `bench client ...`, which prints one JSON line. Run untagged it
+//! measures the direct path and haproxy; run with `warden exec` it sits in a tagged cgroup, so the kernel
+//! redirects its connections to 127.0.0.5 through Warden. Each round starts Warden afresh:
+//!
+//! 1. direct, before Warden's programs are attached (the untagged baseline);
+//! 2. direct, untagged, with Warden's programs attached (what every untagged process pays);
+//! 3. through Warden (tagged: redirect, origin lookup, identity, policy, grant, durable audit record);
+//! 4. through haproxy in TCP mode (untagged, with Warden's programs attached).
+//!
+//! `cargo xtask bench [--rounds N] [--quick] [--no-write] [--warden PATH]`
 
-pub fn run(_args: &[String]) -> anyhow::Result<()> {
-    anyhow::bail!("the benchmark is not written yet")
+use std::fmt::Write as _;
+use std::io::{Read as _, Write as _};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+
+use crate::demo::{run_cmd_output, start_idp, start_warden, stop_child};
+use crate::{build_warden, nix_is_root, root};
+
+/// The target's address; the bench's own loopback address, so nothing else is redirected.
+const TARGET_IP: &str = "127.0.0.5";
+/// The identity the tagged client runs as.
+const IDENTITY: &str = "bench";
+/// Buffer the load generator writes from and the target reads into.
+const IO_BUFFER: usize = 256 * 1024;
+/// No socket operation of the load generator may block longer than this.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// Added set-up latency (p50) Warden must stay under.
+const LATENCY_GOAL_US: f64 = 500.0;
+
+struct Options {
+    rounds: usize,
+    connections: usize,
+    warmup: usize,
+    bytes: u64,
+    reps: usize,
+    write: bool,
+    warden: Option<PathBuf>,
+}
+
+impl Options {
+    fn parse(args: &[String]) -> anyhow::Result<Self> {
+        let mut o = Self {
+            rounds: 2,
+            connections: 2000,
+            warmup: 200,
+            bytes: 1 << 30,
+            reps: 3,
+            write: true,
+            warden: None,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--rounds" => o.rounds = it.next().context("--rounds N")?.parse().context("--rounds N")?,
+                "--quick" => {
+                    o.rounds = 1;
+                    o.connections = 300;
+                    o.warmup = 50;
+                    o.bytes = 128 << 20;
+                    o.reps = 1;
+                }
+                "--no-write" => o.write = false,
+                "--warden" => o.warden = Some(it.next().context("--warden PATH")?.into()),
+                other => bail!(
+                    "unknown argument {other}; usage: cargo xtask bench [--rounds N] [--quick] [--no-write] [--warden PATH]"
+                ),
+            }
+        }
+        ensure!(o.rounds >= 1 && o.connections >= 1 && o.reps >= 1, "--rounds must be at least 1");
+        Ok(o)
+    }
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    if args.first().map(String::as_str) == Some("client") {
+        return client(&args[1..]);
+    }
+    let opts = Options::parse(args)?;
+    if !nix_is_root() {
+        bail!(
+            "the benchmark attaches Warden's kernel programs and creates cgroups: run it as root (sudo -E cargo xtask bench)"
+        );
+    }
+    let haproxy = which("haproxy")
+        .context("haproxy is not installed: run scripts/setup.sh or `apt-get install -y haproxy`")?;
+    let warden = match &opts.warden {
+        Some(p) => p.clone(),
+        None => build_warden(true)?,
+    };
+    let client_exe = std::env::current_exe().context("the xtask binary's path")?;
+
+    let dir = std::env::temp_dir().join(format!("warden-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let tag = format!("warden-bench-{}", std::process::id());
+    let mut guard = Guard {
+        dir: dir.clone(),
+        children: vec![],
+        bpffs: PathBuf::from("/sys/fs/bpf").join(&tag),
+        cgroup_parent: cgroup2_root()?.join(&tag),
+    };
+
+    let target = Target::start()?;
+    println!("target server on {}", target.addr);
+
+    let keys = dir.join("idp-keys");
+    let (idp, issuer) = start_idp(&keys)?;
+    guard.children.push(idp);
+    println!("test OpenID provider at {issuer}");
+
+    let haproxy_port = free_port()?;
+    std::fs::write(dir.join("haproxy.cfg"), haproxy_config(haproxy_port, target.addr))?;
+    let ha = Command::new(&haproxy)
+        .arg("-f")
+        .arg(dir.join("haproxy.cfg"))
+        .arg("-db")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("haproxy.log"))?)
+        .spawn()
+        .context("starting haproxy")?;
+    guard.children.push(ha);
+    let haproxy_addr: SocketAddr = ([127, 0, 0, 1], haproxy_port).into();
+    wait_listening(haproxy_addr, &dir.join("haproxy.log"))?;
+    println!("haproxy (TCP mode, default nbthread) on {haproxy_addr}");
+
+    let proxy_port = free_port()?;
+    let config = dir.join("warden.toml");
+    std::fs::write(dir.join("policy.yaml"), policy(target.addr))?;
+    std::fs::write(&config, warden_config(&dir, &tag, proxy_port, &issuer, &keys))?;
+    let (ok, out) = run_cmd_output(Command::new(&warden).args(["check", "--config"]).arg(&config))?;
+    ensure!(ok, "warden check refused the bench config:\n{out}");
+
+    let machine = Machine::read(&haproxy, &dir);
+    println!("{}", machine.markdown());
+    let bench = Bench {
+        opts: &opts,
+        warden: &warden,
+        config: &config,
+        dir: &dir,
+        client: &client_exe,
+        target: target.addr,
+        haproxy: haproxy_addr,
+    };
+    let mut rounds = Vec::new();
+    for n in 1..=opts.rounds {
+        println!("\n== round {n} of {}", opts.rounds);
+        let round = bench.round()?;
+        println!("{}", round.markdown());
+        rounds.push(round);
+    }
+    drop(guard);
+    let leftovers = leftovers(&tag);
+    let section = section(&machine, &opts, &rounds, &leftovers);
+    println!("\n{section}");
+    if opts.write {
+        write_section(&root().join("BENCHMARKS.md"), &section)?;
+        println!("written to BENCHMARKS.md (## Data path)");
+    }
+    ensure!(leftovers.is_empty(), "the bench left things behind: {leftovers:?}");
+    Ok(())
+}
+
+/// What the bench started, stopped and removed when it drops, even on error.
+struct Guard {
+    dir: PathBuf,
+    children: Vec<Child>,
+    bpffs: PathBuf,
+    cgroup_parent: PathBuf,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().rev() {
+            stop_child(c);
+        }
+        let _ = remove_cgroup_tree(&self.cgroup_parent);
+        // `warden uninstall` removed the pins; this only matters when the bench failed before it could run.
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running `warden run`: stopped, then `warden uninstall`ed, when it drops.
+struct Daemon<'a> {
+    child: Child,
+    warden: &'a Path,
+    config: &'a Path,
+}
+
+impl Drop for Daemon<'_> {
+    fn drop(&mut self) {
+        stop_child(&mut self.child);
+        match run_cmd_output(Command::new(self.warden).args(["uninstall", "--config"]).arg(self.config)) {
+            Ok((true, _)) => {}
+            Ok((false, out)) => eprintln!("warden uninstall failed: {out}"),
+            Err(e) => eprintln!("warden uninstall: {e:#}"),
+        }
+    }
+}
+
+struct Bench<'a> {
+    opts: &'a Options,
+    warden: &'a Path,
+    config: &'a Path,
+    dir: &'a Path,
+    client: &'a Path,
+    target: SocketAddr,
+    haproxy: SocketAddr,
+}
+
+impl Bench<'_> {
+    fn round(&self) -> anyhow::Result<Round> {
+        let load_before = loadavg();
+        println!("load average: {load_before}");
+        print!("direct, no Warden programs attached ... ");
+        let baseline = self.latency(false, self.target)?;
+        println!("{}", baseline.summary());
+
+        let child = start_warden(
+            self.warden,
+            self.config,
+            &self.dir.join("control.sock"),
+            &self.dir.join("warden.log"),
+        )?;
+        let daemon = Daemon { child, warden: self.warden, config: self.config };
+
+        let mut cases =
+            vec![Case { name: "direct, no Warden programs attached", latency: baseline, tput: None }];
+        for (name, tagged, addr) in [
+            ("direct, untagged, Warden attached", false, self.target),
+            ("through Warden (tagged)", true, self.target),
+            ("through haproxy, TCP mode", false, self.haproxy),
+        ] {
+            print!("{name} ... ");
+            let latency = self.latency(tagged, addr)?;
+            let one = self.throughput(tagged, addr, 1)?;
+            let four = self.throughput(tagged, addr, 4)?;
+            println!("{}, {one:.2} Gbit/s (1 conn), {four:.2} Gbit/s (4 conns)", latency.summary());
+            cases.push(Case { name, latency, tput: Some((one, four)) });
+        }
+        drop(daemon);
+        Ok(Round { cases, load_before, load_after: loadavg() })
+    }
+
+    /// One client run, untagged or through `warden exec`; its JSON line.
+    fn client(&self, tagged: bool, args: &[String]) -> anyhow::Result<String> {
+        let mut cmd = if tagged {
+            let mut c = Command::new(self.warden);
+            c.args(["exec", "--identity", IDENTITY, "--task", "bench", "--config"])
+                .arg(self.config)
+                .arg("--")
+                .arg(self.client);
+            c
+        } else {
+            Command::new(self.client)
+        };
+        cmd.args(["bench", "client"]).args(args);
+        let (ok, out) = run_cmd_output(&mut cmd)?;
+        let line = out.lines().rev().find(|l| l.starts_with('{'));
+        match line {
+            Some(l) if ok => Ok(l.to_owned()),
+            _ => bail!(
+                "the bench client failed ({}):\n{out}\nwarden log:\n{}",
+                if tagged { "tagged" } else { "untagged" },
+                tail(&self.dir.join("warden.log"), 30)
+            ),
+        }
+    }
+
+    fn latency(&self, tagged: bool, addr: SocketAddr) -> anyhow::Result<Latency> {
+        let args = [
+            "latency".to_owned(),
+            addr.to_string(),
+            self.opts.connections.to_string(),
+            self.opts.warmup.to_string(),
+        ];
+        let j = self.client(tagged, &args)?;
+        Ok(Latency {
+            connect_p50: field(&j, "connect_p50_us")?,
+            p50: field(&j, "p50_us")?,
+            p99: field(&j, "p99_us")?,
+            mean: field(&j, "mean_us")?,
+        })
+    }
+
+    /// The median of `reps` transfers of `bytes` split over `streams` connections, in Gbit/s.
+    fn throughput(&self, tagged: bool, addr: SocketAddr, streams: usize) -> anyhow::Result<f64> {
+        let args =
+            ["throughput".to_owned(), addr.to_string(), self.opts.bytes.to_string(), streams.to_string()];
+        let mut runs = Vec::new();
+        for _ in 0..self.opts.reps {
+            runs.push(field(&self.client(tagged, &args)?, "gbit_s")?);
+        }
+        runs.sort_by(f64::total_cmp);
+        Ok(runs[runs.len() / 2])
+    }
+}
+
+struct Latency {
+    connect_p50: f64,
+    p50: f64,
+    p99: f64,
+    mean: f64,
+}
+
+impl Latency {
+    fn summary(&self) -> String {
+        format!("set-up p50 {:.0} µs, p99 {:.0} µs", self.p50, self.p99)
+    }
+}
+
+struct Case {
+    name: &'static str,
+    latency: Latency,
+    /// Gbit/s over 1 and over 4 connections.
+    tput: Option<(f64, f64)>,
+}
+
+struct Round {
+    cases: Vec<Case>,
+    load_before: String,
+    load_after: String,
+}
+
+impl Round {
+    fn case(&self, prefix: &str) -> &Case {
+        self.cases.iter().find(|c| c.name.starts_with(prefix)).expect("every round measures every case")
+    }
+
+    fn markdown(&self) -> String {
+        let mut s = String::from(
+            "| case | connect() p50 | set-up p50 | set-up p99 | set-up mean | 1 conn | 4 conns |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for c in &self.cases {
+            let (one, four) = c.tput.map_or(("—".into(), "—".into()), |(a, b)| {
+                (format!("{a:.2} Gbit/s"), format!("{b:.2} Gbit/s"))
+            });
+            let _ = writeln!(
+                s,
+                "| {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {one} | {four} |",
+                c.name, c.latency.connect_p50, c.latency.p50, c.latency.p99, c.latency.mean
+            );
+        }
+        let _ = write!(s, "\nLoad average before: {}; after: {}.\n", self.load_before, self.load_after);
+        s
+    }
+
+    /// The goals, each with the numbers that decide it.
+    fn verdict(&self) -> String {
+        let (base, attached, warden, ha) = (
+            self.case("direct, no"),
+            self.case("direct, untagged"),
+            self.case("through Warden"),
+            self.case("through haproxy"),
+        );
+        let met = |b: bool| if b { "**met**" } else { "**not met**" };
+        let (w1, w4) = warden.tput.unwrap_or_default();
+        let (h1, h4) = ha.tput.unwrap_or_default();
+        let added = warden.latency.p50 - attached.latency.p50;
+        let untagged_delta = attached.latency.p50 - base.latency.p50;
+        let connect_delta = attached.latency.connect_p50 - base.latency.connect_p50;
+        format!(
+            "- Throughput at least haproxy's: 1 conn {w1:.2} vs {h1:.2} Gbit/s ({:+.0} %), 4 conns {w4:.2} vs {h4:.2} Gbit/s ({:+.0} %): {}.\n\
+             - Added set-up latency p50 under 0.5 ms: {added:.0} µs (Warden {:.0} µs − direct {:.0} µs): {}.\n\
+             - Untagged processes' connect() unchanged: connect() p50 {:.0} µs with Warden's programs attached vs {:.0} µs without ({connect_delta:+.0} µs); set-up p50 {:+.0} µs.\n",
+            pct(w1, h1),
+            pct(w4, h4),
+            met(w1 >= h1 && w4 >= h4),
+            warden.latency.p50,
+            attached.latency.p50,
+            met(added < LATENCY_GOAL_US),
+            attached.latency.connect_p50,
+            base.latency.connect_p50,
+            untagged_delta,
+        )
+    }
+}
+
+fn pct(a: f64, b: f64) -> f64 {
+    if b > 0.0 { (a / b - 1.0) * 100.0 } else { 0.0 }
+}
+
+/// The machine and the conditions, as written next to the numbers.
+struct Machine {
+    cpus: usize,
+    cpu: String,
+    kernel: String,
+    haproxy: String,
+    commit: String,
+    date: String,
+    state_fs: String,
+}
+
+impl Machine {
+    fn read(haproxy: &Path, dir: &Path) -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim()))
+            .unwrap_or("unknown")
+            .to_owned();
+        let kernel =
+            std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+        let haproxy = output(Command::new(haproxy).arg("-v")).lines().next().unwrap_or_default().to_owned();
+        let mut commit =
+            output(Command::new("git").arg("-C").arg(root()).args(["rev-parse", "--short", "HEAD"]));
+        let dirty = !Command::new("git")
+            .arg("-C")
+            .arg(root())
+            .args(["diff", "--quiet", "HEAD", "--", "agent", "ebpf"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if dirty {
+            commit.push_str(" (with uncommitted changes under agent/ or ebpf/)");
+        }
+        let date = output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
+        let state_fs = output(Command::new("df").args(["--output=fstype,source"]).arg(dir))
+            .lines()
+            .nth(1)
+            .unwrap_or("")
+            .to_owned();
+        Self {
+            cpus: std::thread::available_parallelism().map_or(0, usize::from),
+            cpu,
+            kernel,
+            haproxy,
+            commit,
+            date,
+            state_fs: state_fs.split_whitespace().collect::<Vec<_>>().join(" on "),
+        }
+    }
+
+    fn markdown(&self) -> String {
+        format!(
+            "Machine: {} CPUs ({}), kernel {}; {}; Warden {} (release build); {}. Warden's state and audit \
+             directory on {}.",
+            self.cpus, self.cpu, self.kernel, self.haproxy, self.commit, self.date, self.state_fs
+        )
+    }
+}
+
+fn section(machine: &Machine, opts: &Options, rounds: &[Round], leftovers: &[String]) -> String {
+    let mut s = String::from("## Data path\n\n");
+    s.push_str("Measured by `cargo xtask bench` (xtask/src/bench.rs). ");
+    s.push_str(&machine.markdown());
+    let _ = write!(
+        s,
+        "\n\nEverything on loopback: a target server on {TARGET_IP} (threads, in the xtask process); the load \
+         generator is the xtask binary itself, run untagged (direct, haproxy) or with `warden exec` in a \
+         tagged cgroup (through Warden: connects to {TARGET_IP} are redirected by the kernel to Warden's \
+         proxy). haproxy runs `mode tcp` with its default thread count (one per CPU). Warden runs with its \
+         defaults: every session's `session.start` record is made durable before the first byte goes \
+         upstream.\n\n\
+         - **Set-up latency**: {} sequential connections after {} warm-up ones (the first one obtains the \
+         token and issues the grant), each timed from `connect()` to the first byte of the target's answer \
+         (connect, write 1 byte, read 1 byte, close). `connect()` is the syscall alone.\n\
+         - **Throughput**: {} MiB sent one way (client to target, then half-close, then the target's byte \
+         count back), over 1 connection and split over 4 parallel ones; median of {} transfers.\n\
+         - {} rounds, one after the other; each starts Warden afresh, and measures the untagged baseline \
+         before Warden's programs are attached.\n",
+        opts.connections,
+        opts.warmup,
+        opts.bytes >> 20,
+        opts.reps,
+        rounds.len()
+    );
+    for (i, r) in rounds.iter().enumerate() {
+        let _ = write!(s, "\n### Round {}\n\n{}\n{}", i + 1, r.markdown(), r.verdict());
+    }
+    if !leftovers.is_empty() {
+        let _ = write!(s, "\nLeft behind after the run (a bug): {leftovers:?}\n");
+    }
+    s
+}
+
+/// Replaces the `## Data path` section of `file` (up to the next `## ` heading), or appends it.
+fn write_section(file: &Path, section: &str) -> anyhow::Result<()> {
+    let old = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "# Benchmarks\n".to_owned(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+    };
+    let mut out = String::new();
+    let mut lines = old.lines().peekable();
+    let mut written = false;
+    while let Some(l) = lines.next() {
+        if l.trim_end() == "## Data path" {
+            while lines.peek().is_some_and(|n| !n.starts_with("## ")) {
+                lines.next();
+            }
+            out.push_str(section);
+            out.push('\n');
+            written = true;
+        } else {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    if !written {
+        out.push('\n');
+        out.push_str(section);
+    }
+    std::fs::write(file, out).with_context(|| format!("writing {}", file.display()))
+}
+
+fn policy(target: SocketAddr) -> String {
+    format!(
+        "# Warden bench policy (written by `cargo xtask bench`)\ntargets:\n  bench-target:\n    protocol: tcp\n    address: \"{target}\"\nrules:\n  - name: research agents reach the bench target\n    match: {{ groups: [agents-research] }}\n    grant:\n      - target: bench-target\n        access: connect\n        ttl: 60m\n"
+    )
+}
+
+fn warden_config(dir: &Path, tag: &str, port: u16, issuer: &str, keys: &Path) -> String {
+    format!(
+        r#"# Warden bench config (written by `cargo xtask bench`)
+[agent]
+state_dir = "{dir}/state"
+bpffs_dir = "/sys/fs/bpf/{tag}"
+exec_parent = "{tag}"
+proxy_listen = ["127.0.0.1:{port}", "[::1]:{port}"]
+control_socket = "{dir}/control.sock"
+policies = "{dir}/policy.yaml"
+allow = []
+host = "bench-host"
+
+[identity.{IDENTITY}]
+issuer = "{issuer}"
+client_id = "agent-pkjwt-rs"
+private_key_file = "{key}"
+scopes = ["warden.connect"]
+audience = "api://warden"
+
+[audit]
+dir = "{dir}/state/audit"
+"#,
+        dir = dir.display(),
+        key = keys.join("agent-pkjwt-rs.pem").display()
+    )
+}
+
+fn haproxy_config(port: u16, target: SocketAddr) -> String {
+    format!(
+        "# haproxy for `cargo xtask bench`: plain TCP relay, default nbthread\nglobal\n    maxconn 4096\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n\nfrontend bench\n    bind 127.0.0.1:{port}\n    default_backend target\n\nbackend target\n    server target {target}\n"
+    )
+}
+
+/// The loopback target: `p` answers one byte; `u` counts bytes until EOF and answers the count.
+struct Target {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Target {
+    fn start() -> anyhow::Result<Self> {
+        let listener = TcpListener::bind((TARGET_IP, 0)).with_context(|| format!("binding {TARGET_IP}"))?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                if st.load(Ordering::Relaxed) {
+                    return;
+                }
+                if let Ok(s) = s {
+                    std::thread::spawn(move || serve(s));
+                }
+            }
+        });
+        Ok(Self { addr, stop })
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+    }
+}
+
+fn serve(mut s: TcpStream) -> std::io::Result<()> {
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut mode = [0u8; 1];
+    s.read_exact(&mut mode)?;
+    match mode[0] {
+        b'p' => {
+            s.write_all(b"!")?;
+            // Wait for the client's close, so the server never closes first.
+            let _ = s.read(&mut mode);
+        }
+        b'u' => {
+            let mut buf = vec![0u8; IO_BUFFER];
+            let mut n = 0u64;
+            loop {
+                match s.read(&mut buf)? {
+                    0 => break,
+                    k => n += k as u64,
+                }
+            }
+            s.write_all(&n.to_be_bytes())?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `bench client latency ADDR N WARMUP` | `bench client throughput ADDR BYTES STREAMS`: one JSON line.
+fn client(args: &[String]) -> anyhow::Result<()> {
+    match args {
+        [mode, addr, n, warmup] if mode == "latency" => {
+            let addr: SocketAddr = addr.parse().context("ADDR")?;
+            let (n, warmup): (usize, usize) = (n.parse().context("N")?, warmup.parse().context("WARMUP")?);
+            for _ in 0..warmup {
+                ping(addr)?;
+            }
+            let mut connect = Vec::with_capacity(n);
+            let mut total = Vec::with_capacity(n);
+            for _ in 0..n {
+                let (c, t) = ping(addr)?;
+                connect.push(c);
+                total.push(t);
+            }
+            connect.sort_by(f64::total_cmp);
+            total.sort_by(f64::total_cmp);
+            let mean = total.iter().sum::<f64>() / f64::from(u32::try_from(total.len()).unwrap_or(u32::MAX));
+            println!(
+                r#"{{"n":{n},"connect_p50_us":{:.1},"connect_p99_us":{:.1},"p50_us":{:.1},"p99_us":{:.1},"mean_us":{mean:.1}}}"#,
+                percentile(&connect, 0.50),
+                percentile(&connect, 0.99),
+                percentile(&total, 0.50),
+                percentile(&total, 0.99),
+            );
+            Ok(())
+        }
+        [mode, addr, bytes, streams] if mode == "throughput" => {
+            let addr: SocketAddr = addr.parse().context("ADDR")?;
+            let (bytes, streams): (u64, u64) =
+                (bytes.parse().context("BYTES")?, streams.parse().context("STREAMS")?);
+            ensure!(streams >= 1, "STREAMS must be at least 1");
+            let per = bytes / streams;
+            let started = Instant::now();
+            let workers: Vec<_> =
+                (0..streams).map(|_| std::thread::spawn(move || upload(addr, per))).collect();
+            for w in workers {
+                w.join().map_err(|_| anyhow::anyhow!("an upload thread panicked"))??;
+            }
+            let secs = started.elapsed().as_secs_f64();
+            let sent = per * streams;
+            #[expect(clippy::cast_precision_loss, reason = "a byte count far below 2^52")]
+            let bits = sent as f64 * 8.0;
+            println!(
+                r#"{{"bytes":{sent},"streams":{streams},"secs":{secs:.4},"gbit_s":{:.3}}}"#,
+                bits / secs / 1e9
+            );
+            Ok(())
+        }
+        _ => bail!("usage: bench client latency ADDR N WARMUP | bench client throughput ADDR BYTES STREAMS"),
+    }
+}
+
+/// One connection: connect, write a byte, read the answer, close. Microseconds to connect and to the answer.
+fn ping(addr: SocketAddr) -> anyhow::Result<(f64, f64)> {
+    let started = Instant::now();
+    let mut s =
+        TcpStream::connect_timeout(&addr, IO_TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
+    let connected = started.elapsed();
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.write_all(b"p")?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).with_context(|| format!("no answer from {addr}"))?;
+    let answered = started.elapsed();
+    Ok((connected.as_secs_f64() * 1e6, answered.as_secs_f64() * 1e6))
+}
+
+fn upload(addr: SocketAddr, n: u64) -> anyhow::Result<()> {
+    let mut s =
+        TcpStream::connect_timeout(&addr, IO_TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.write_all(b"u")?;
+    let buf = vec![0x5au8; IO_BUFFER];
+    let mut left = n;
+    while left > 0 {
+        let k = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+        s.write_all(&buf[..k])?;
+        left -= k as u64;
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut got = [0u8; 8];
+    s.read_exact(&mut got).context("the target did not confirm the upload")?;
+    let got = u64::from_be_bytes(got);
+    ensure!(got == n, "the target received {got} bytes of {n}");
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "an index into a short, non-empty sample"
+    )]
+    let i = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+/// A numeric field of a flat JSON object.
+fn field(json: &str, key: &str) -> anyhow::Result<f64> {
+    let pat = format!("\"{key}\":");
+    let rest = &json[json.find(&pat).with_context(|| format!("no {key} in {json}"))? + pat.len()..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().parse().with_context(|| format!("{key} in {json}"))
+}
+
+fn output(cmd: &mut Command) -> String {
+    cmd.output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+}
+
+fn loadavg() -> String {
+    let l = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+fn tail(file: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let port = l.local_addr()?.port();
+        drop(l);
+        if TcpListener::bind(("::1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+}
+
+/// Waits up to 10 s for something to accept on `addr`.
+fn wait_listening(addr: SocketAddr, log: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on {addr}:\n{}", tail(log, 20));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The cgroup2 mount point.
+fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    text.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            post.starts_with("cgroup2 ").then(|| pre.split(' ').nth(4).map(PathBuf::from)).flatten()
+        })
+        .context("cgroup2 is not mounted")
+}
+
+/// Kills whatever is left in a cgroup tree and removes it.
+fn remove_cgroup_tree(path: &Path) -> std::io::Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(path)?.filter_map(Result::ok) {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup_tree(&e.path())?;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default().trim().is_empty()
+        && Instant::now() < deadline
+    {
+        let _ = std::fs::write(path.join("cgroup.kill"), "1");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::remove_dir(path)
+}
+
+/// Anything of this run still pinned in bpffs or left in the cgroup tree.
+fn leftovers(tag: &str) -> Vec<String> {
+    let mut left = Vec::new();
+    if Path::new("/sys/fs/bpf").join(tag).exists() {
+        left.push(format!("/sys/fs/bpf/{tag}"));
+    }
+    if let Ok(root) = cgroup2_root()
+        && root.join(tag).exists()
+    {
+        left.push(root.join(tag).display().to_string());
+    }
+    left
 }

@@ -67,13 +67,7 @@ impl Drop for Guard {
     fn drop(&mut self) {
         let config = self.dir.join("warden.toml");
         for c in self.children.iter_mut().rev() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            stop_child(c);
         }
         if config.exists() {
             let _ = Command::new(&self.warden).args(["uninstall", "--config"]).arg(&config).status();
@@ -89,6 +83,59 @@ impl Drop for Guard {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Stops a child: SIGTERM, then SIGKILL after 10 s.
+pub fn stop_child(c: &mut Child) {
+    let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// Starts the Okta-shaped test OpenID provider (its client keys go to `keys`); returns it and its issuer.
+pub fn start_idp(keys: &Path) -> anyhow::Result<(Child, String)> {
+    let mut idp = Command::new("node")
+        .arg(root().join("tests/idp/server.js"))
+        .arg("--keys-dir")
+        .arg(keys)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting node (run scripts/setup.sh)")?;
+    let mut out = BufReader::new(idp.stdout.take().context("idp stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    // Keep draining, so the provider never writes into a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    let Some(issuer) = line.split_whitespace().find_map(|w| w.strip_prefix("issuer=")) else {
+        stop_child(&mut idp);
+        bail!("the test IdP did not print its issuer: {line:?}");
+    };
+    Ok((idp, issuer.to_owned()))
+}
+
+/// Starts `warden run --config CONFIG` (output to `log`) and waits up to 30 s for its control socket.
+pub fn start_warden(warden: &Path, config: &Path, socket: &Path, log: &Path) -> anyhow::Result<Child> {
+    let file = std::fs::File::create(log)?;
+    let mut daemon = Command::new(warden)
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        if Instant::now() > deadline || !matches!(daemon.try_wait(), Ok(None)) {
+            stop_child(&mut daemon);
+            bail!("warden did not start:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(daemon)
 }
 
 fn pg_bin(name: &str) -> anyhow::Result<PathBuf> {
@@ -161,22 +208,8 @@ pub fn run() -> anyhow::Result<()> {
 
     step("OpenID provider: npm oidc-provider shaped like an Okta custom authorization server");
     let keys = dir.join("idp-keys");
-    let mut idp = Command::new("node")
-        .arg(root().join("tests/idp/server.js"))
-        .arg("--keys-dir")
-        .arg(&keys)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting node (run scripts/setup.sh)")?;
-    let mut line = String::new();
-    BufReader::new(idp.stdout.take().context("idp stdout")?).read_line(&mut line)?;
+    let (idp, issuer) = start_idp(&keys)?;
     g.children.push(idp);
-    let issuer = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("issuer="))
-        .context("the test IdP did not print its issuer")?
-        .to_owned();
     println!("issuer {issuer}");
 
     step("Warden: embedded default config and policy");
@@ -185,24 +218,7 @@ pub fn run() -> anyhow::Result<()> {
     std::fs::write(&config, config_text(&dir, &issuer, &keys))?;
     println!("{POLICY}");
     sh(Command::new(&warden).args(["check", "--config"]).arg(&config))?;
-    let log = std::fs::File::create(dir.join("warden.log"))?;
-    let daemon = Command::new(&warden)
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
-    g.children.push(daemon);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::os::unix::net::UnixStream::connect(dir.join("control.sock")).is_err() {
-        if Instant::now() > deadline {
-            bail!(
-                "warden did not start:\n{}",
-                std::fs::read_to_string(dir.join("warden.log")).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    g.children.push(start_warden(&warden, &config, &dir.join("control.sock"), &dir.join("warden.log"))?);
     println!("warden is running (log: {})", dir.join("warden.log").display());
 
     let exec = |host: &str| {
@@ -248,11 +264,8 @@ pub fn run() -> anyhow::Result<()> {
             .arg(&config),
     )?;
     println!("{tail}");
-    let session = tail
-        .lines()
-        .filter(|l| l.contains("\"session.start\""))
-        .find_map(serde_session)
-        .unwrap_or_default();
+    let session =
+        tail.lines().filter(|l| l.contains("\"session.start\"")).find_map(serde_session).unwrap_or_default();
     if !session.is_empty() {
         let (_, show) = run_cmd_output(
             Command::new(&warden)
