@@ -2,16 +2,18 @@
 
 use serde_json::Value;
 
-use crate::harness::{IdentitySpec, Idp, Server, Warden, privileged, probe_untagged, tcp_policy};
+use crate::harness::{
+    IdentitySpec, Idp, Server, Warden, privileged, probe_untagged, tcp_policy, uring_probe,
+};
 
-const EPERM: i64 = 1;
+pub const EPERM: i64 = 1;
 const ECONNREFUSED: i64 = 111;
 
-fn errno(v: &Value) -> Option<i64> {
+pub fn errno(v: &Value) -> Option<i64> {
     v["errno"].as_i64()
 }
 
-fn assert_reached(v: &Value, server: &str) {
+pub fn assert_reached(v: &Value, server: &str) {
     assert_eq!(v["ok"], true, "expected a connection: {v}");
     let greeting = format!("hello {server}\n");
     assert!(
@@ -21,7 +23,7 @@ fn assert_reached(v: &Value, server: &str) {
 }
 
 /// A daemon whose policy has one target (`db` at 127.0.0.5) reachable by the IdP's agents-research group.
-fn setup(name: &str, idp: &Idp, target: &Server, extra_allow: &[&str]) -> Warden {
+pub fn setup(name: &str, idp: &Idp, target: &Server, extra_allow: &[&str]) -> Warden {
     let mut b = Warden::builder(name)
         .policy(&tcp_policy("db", target.addr, "5m"))
         .identity(IdentitySpec::pkjwt(idp, "bot"), &idp.issuer);
@@ -143,6 +145,12 @@ fn everything_else_is_refused_and_recorded() {
     assert_reached(&v, "allowed");
     assert!(w.records().iter().all(|r| r["event"] != "session.start"), "allowed traffic bypasses the proxy");
 
+    // io_uring's connect runs the same hooks: refused for a non-target, redirected for a target.
+    let v = uring_probe(&cg, "127.0.0.6", other.addr.port());
+    assert_eq!(errno(&v), Some(EPERM), "io_uring connect: {v}");
+    let v = uring_probe(&cg, "127.0.0.5", db.addr.port());
+    assert_reached(&v, "db");
+    assert_eq!(v["peer"], serde_json::json!(["127.0.0.5", db.addr.port()]), "{v}");
     // TCP Fast Open to a target is redirected like connect().
     let v = cg.probe(&["tfo", "127.0.0.5", &db.addr.port().to_string()]);
     assert_reached(&v, "db");

@@ -359,6 +359,17 @@ impl Warden {
         Command::new(WARDEN).args(args).arg("--config").arg(&self.config).output().expect("run warden cli")
     }
 
+    /// `warden exec --config CONFIG ARGS...`.
+    pub fn cli_exec(&self, args: &[&str]) -> Output {
+        Command::new(WARDEN)
+            .arg("exec")
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .expect("run warden exec")
+    }
+
     pub fn policy_path(&self) -> PathBuf {
         self.dir.path().join("policies/policy.yaml")
     }
@@ -477,6 +488,20 @@ impl TestCgroup {
         let out = self.command("python3", &all).output().expect("run probe");
         parse_probe(&out)
     }
+}
+
+/// Runs the io_uring connect probe (agent/examples/uring_connect.rs) inside a cgroup.
+pub fn uring_probe(cg: &TestCgroup, ip: &str, port: u16) -> Value {
+    let exe = std::env::current_exe().expect("test exe");
+    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("examples/uring_connect");
+    assert!(bin.exists(), "{} is built by `cargo test` (an example of the warden package)", bin.display());
+    let out = cg.command(bin.to_str().unwrap(), &[ip, &port.to_string()]).output().expect("run uring probe");
+    parse_probe(&out)
+}
+
+/// The probe script's path.
+pub fn probe_script() -> PathBuf {
+    repo().join("tests/privileged/probe.py")
 }
 
 /// Runs the probe outside any tagged cgroup.

@@ -5,3 +5,4 @@
 
 mod dataplane;
 mod harness;
+mod operator;
