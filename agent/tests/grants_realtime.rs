@@ -195,7 +195,7 @@ async fn revocation_ends_a_live_session_at_once() {
     let started = Instant::now();
     h.grants.revoke(&id, "alice").await.unwrap();
     assert_eq!(c.line().await.as_deref(), Some("closed: grant revoked by alice"));
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
     let mut again = Client::connect(h.addr, "task-1").await;
     let refused = again.line().await.unwrap();
     assert!(refused.contains(&format!("grant {id} for orders-db was revoked by alice")), "{refused}");

@@ -150,8 +150,12 @@ impl Default for GrantsOptions {
 /// What a grant's sessions watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
+    /// Issued, its `grant.issued` record not yet durable: nothing runs under it yet.
+    Recording,
     Pending,
-    Active { expires_at: SystemTime },
+    Active {
+        expires_at: SystemTime,
+    },
     Ended(GrantEnd),
 }
 
@@ -238,7 +242,7 @@ impl Lease {
     pub fn expires_at(&self) -> SystemTime {
         match &*self.rx.borrow() {
             Phase::Active { expires_at } => *expires_at,
-            Phase::Pending | Phase::Ended(_) => self.clock.now(),
+            Phase::Recording | Phase::Pending | Phase::Ended(_) => self.clock.now(),
         }
     }
 
@@ -368,12 +372,13 @@ impl Grants {
                 (id, rx, Some(record))
             }
         };
-        if let Some(record) = issued
-            && let Err(e) = inner.audit.append_durable(record).await
-        {
-            // No record, no grant.
-            inner.end(&id, &GrantEnd::Revoked { by: "warden (audit unavailable)".into() }, false);
-            return Err(GrantRefusal::Audit(e));
+        if let Some(record) = issued {
+            if let Err(e) = inner.audit.append_durable(record).await {
+                // No record, no grant.
+                inner.end(&id, &GrantEnd::Revoked { by: "warden (audit unavailable)".into() }, false);
+                return Err(GrantRefusal::Audit(e));
+            }
+            inner.recorded(&id);
         }
         self.lease_when_active(id, rx).await
     }
@@ -384,7 +389,7 @@ impl Grants {
         mut rx: watch::Receiver<Phase>,
     ) -> Result<Lease, GrantRefusal> {
         let inner = &self.inner;
-        let wait = rx.wait_for(|p| *p != Phase::Pending);
+        let wait = rx.wait_for(|p| !matches!(p, Phase::Recording | Phase::Pending));
         let phase = match tokio::time::timeout(inner.options.approval_wait, wait).await {
             Err(_) => return Err(GrantRefusal::PendingApproval { id }),
             Ok(Err(_)) => Phase::Ended(GrantEnd::Expired),
@@ -406,7 +411,7 @@ impl Grants {
                     sessions: g.sessions.clone(),
                 })
             }
-            Phase::Pending | Phase::Ended(_) => Err(self.refusal_for_ended(&id)),
+            Phase::Recording | Phase::Pending | Phase::Ended(_) => Err(self.refusal_for_ended(&id)),
         }
     }
 
@@ -467,6 +472,7 @@ impl Grants {
             inner.end(&id, &GrantEnd::Revoked { by: "warden (audit unavailable)".into() }, false);
             return Err(GrantError::Audit(e));
         }
+        inner.recorded(&id);
         Ok(v)
     }
 
@@ -588,7 +594,13 @@ impl Grants {
                             let latest = started + terms.ttl;
                             if latest < at {
                                 g.expires_at = Some(latest);
-                                g.phase.send_replace(Phase::Active { expires_at: latest });
+                                g.phase.send_if_modified(|p| match p {
+                                    Phase::Active { expires_at } => {
+                                        *expires_at = latest;
+                                        true
+                                    }
+                                    _ => false,
+                                });
                             }
                         }
                         g.ttl = terms.ttl;
@@ -665,7 +677,6 @@ impl Inner {
         pending: bool,
     ) -> Grant {
         let expires_at = (!pending).then(|| now + terms.ttl);
-        let phase = expires_at.map_or(Phase::Pending, |expires_at| Phase::Active { expires_at });
         Grant {
             id: self.new_id(state, now),
             key,
@@ -677,8 +688,17 @@ impl Inner {
             issued_by,
             requested_at: now,
             expires_at,
-            phase: watch::Sender::new(phase),
+            phase: watch::Sender::new(Phase::Recording),
             sessions: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The issued record is durable: what the grant's sessions wait for can start.
+    fn recorded(&self, id: &str) {
+        let state = self.lock();
+        if let Some(g) = state.grants.get(id) {
+            g.phase
+                .send_replace(g.expires_at.map_or(Phase::Pending, |expires_at| Phase::Active { expires_at }));
         }
     }
 
@@ -1181,5 +1201,34 @@ mod tests {
                 reason: "rule `research agents read orders` is no longer in the policy".into()
             }
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_first_connections_share_one_grant_issued_once() {
+        let f = fixture(GrantsOptions::default());
+        let t = terms(15 * MIN, Approval::None);
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let (grants, t) = (f.grants.clone(), t.clone());
+            set.spawn(async move { grants.acquire(key("task-1"), &t).await });
+        }
+        let leases: Vec<Lease> = set.join_all().await.into_iter().map(Result::unwrap).collect();
+        assert!(leases.iter().all(|l| l.grant_id == leases[0].grant_id));
+        assert_eq!(f.grants.list()[0].sessions, 20);
+        drop(leases);
+        assert_eq!(f.grants.list()[0].sessions, 0, "dropping a lease ends its hold");
+        let recs = records(&f.audit, f.dir.path()).await;
+        assert_eq!(events(&recs, "grant.issued").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forgetting_a_cgroup_lets_a_new_task_there_start_afresh() {
+        let f = fixture(GrantsOptions::default());
+        let t = terms(MIN, Approval::None);
+        drop(f.grants.acquire(key("task-1"), &t).await.unwrap());
+        tokio::time::advance(2 * MIN).await;
+        assert!(f.grants.acquire(key("task-1"), &t).await.is_err());
+        f.grants.forget_cgroup("task-1").unwrap();
+        assert!(f.grants.acquire(key("task-1"), &t).await.is_ok());
     }
 }
