@@ -431,3 +431,17 @@ async fn checkpoints_signed_by_another_key_are_refused() {
     let report = verify_dir(&dir, Some(&other_key)).unwrap();
     assert!(problem(&report).contains("signed by key"), "{}", problem(&report));
 }
+
+#[tokio::test]
+async fn a_second_writer_on_the_same_directory_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let opts = AuditOptions::in_dir(root.path());
+    let shutdown = CancellationToken::new();
+    let (_audit, writer) = Audit::start_with(&opts, shutdown.clone()).unwrap();
+    let err = Audit::start_with(&opts, CancellationToken::new()).unwrap_err();
+    assert!(err.to_string().contains("another warden daemon is writing this audit directory"), "{err}");
+    shutdown.cancel();
+    writer.await.unwrap();
+    let (_again, writer) = Audit::start_with(&opts, shutdown.clone()).unwrap();
+    writer.await.unwrap();
+}

@@ -206,3 +206,50 @@ async fn tail_prints_the_last_records() {
         .collect();
     assert_eq!(events, ["audit.stopped", "checkpoint"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follow_prints_new_records_across_rotations() {
+    use std::io::BufRead;
+    let root = tempfile::tempdir().unwrap();
+    let mut opts = AuditOptions::in_dir(root.path());
+    opts.config.max_file_bytes = 2048;
+    let shutdown = CancellationToken::new();
+    let (audit, writer) = Audit::start_with(&opts, shutdown.clone()).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_warden"))
+        .args(["audit", "tail", "-f", "-n", "1", "--dir", p(&opts.config.dir)])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The first line printed is the last existing record (`audit.started`, seq 0).
+    let first = rx.recv_timeout(std::time::Duration::from_secs(20)).unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&first).unwrap()["seq"], 0);
+    let mut last = 0;
+    for i in 0..60 {
+        last = audit
+            .append_durable(Record::new("session.start").field("session", format!("t-{i}")))
+            .await
+            .unwrap();
+    }
+    assert!(jsonl_files(&opts.config.dir).len() > 3, "the test needs rotations");
+    let mut seen = vec![0];
+    while *seen.last().unwrap() < last {
+        let line =
+            rx.recv_timeout(std::time::Duration::from_secs(20)).expect("tail -f printed the next record");
+        seen.push(serde_json::from_str::<Value>(&line).unwrap()["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seen, (0..=last).collect::<Vec<_>>(), "every record once, in order");
+    child.kill().unwrap();
+    let _ = child.wait();
+    shutdown.cancel();
+    writer.await.unwrap();
+}
