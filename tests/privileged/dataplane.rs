@@ -78,6 +78,13 @@ fn tagged_process_reaches_a_target_only_through_the_proxy() {
     let starts = w.records().into_iter().filter(|r| r["event"] == "session.start").count();
     assert!(starts >= 4, "every connection has a session record");
 
+    // Origins are forgotten when the sockets close: nothing leaks in the kernel's maps.
+    crate::harness::wait_for("the origin index to drain", std::time::Duration::from_secs(10), || {
+        let out = w.cli(&["status", "--json"]);
+        let status: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (status["live_origins"] == 0).then_some(())
+    });
+
     // An untagged process is untouched: it reaches the server directly, and no session is recorded.
     let v = probe_untagged(&["connect", "127.0.0.5", &db.addr.port().to_string()]);
     assert_reached(&v, "db");

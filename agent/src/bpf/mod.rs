@@ -334,6 +334,11 @@ impl Kernel {
         }
     }
 
+    /// Live entries in the origin index (one per established redirected socket; they go at close).
+    pub fn live_origins(&self) -> usize {
+        self.by_addr.keys().filter_map(Result::ok).count()
+    }
+
     /// Tagged cgroup ids and their binding numbers, as the kernel sees them.
     pub fn tags(&self) -> Vec<(u64, u32)> {
         let tags = self.tags.lock().expect("tag map lock");

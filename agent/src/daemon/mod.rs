@@ -489,6 +489,7 @@ impl State {
             "attached": self.kernel.report.attached,
             "bindings": self.bindings.all(),
             "kernel_tags": self.kernel.tags().len(),
+            "live_origins": self.kernel.live_origins(),
             "sessions": self.sessions.len(),
             "targets": self.policy.current().targets().map(|t| t.name.clone()).collect::<Vec<_>>(),
             "proxy_listen": self.config.proxy_listen().iter().map(ToString::to_string).collect::<Vec<_>>(),
