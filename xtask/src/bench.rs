@@ -11,7 +11,7 @@
 //! 3. through Warden (tagged: redirect, origin lookup, identity, policy, grant, durable audit record);
 //! 4. through haproxy in TCP mode (untagged, with Warden's programs attached).
 //!
-//! `cargo xtask bench [--rounds N] [--quick] [--no-write] [--warden PATH]`
+//! `cargo xtask bench [--rounds N] [--quick] [--connections N] [--mib N] [--reps N] [--no-write] [--warden PATH]`
 
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
@@ -71,9 +71,15 @@ impl Options {
                     o.reps = 1;
                 }
                 "--no-write" => o.write = false,
+                "--reps" => o.reps = it.next().context("--reps N")?.parse().context("--reps N")?,
+                "--connections" => {
+                    o.connections =
+                        it.next().context("--connections N")?.parse().context("--connections N")?;
+                }
+                "--mib" => o.bytes = it.next().context("--mib N")?.parse::<u64>().context("--mib N")? << 20,
                 "--warden" => o.warden = Some(it.next().context("--warden PATH")?.into()),
                 other => bail!(
-                    "unknown argument {other}; usage: cargo xtask bench [--rounds N] [--quick] [--no-write] [--warden PATH]"
+                    "unknown argument {other}; usage: cargo xtask bench [--rounds N] [--quick] [--connections N] [--mib N] [--reps N] [--no-write] [--warden PATH]"
                 ),
             }
         }
@@ -106,6 +112,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut guard = Guard {
         dir: dir.clone(),
         children: vec![],
+        extra_dirs: vec![],
         bpffs: PathBuf::from("/sys/fs/bpf").join(&tag),
         cgroup_parent: cgroup2_root()?.join(&tag),
     };
@@ -128,6 +135,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         .stderr(std::fs::File::create(dir.join("haproxy.log"))?)
         .spawn()
         .context("starting haproxy")?;
+    let haproxy_pid = ha.id();
     guard.children.push(ha);
     let haproxy_addr: SocketAddr = ([127, 0, 0, 1], haproxy_port).into();
     wait_listening(haproxy_addr, &dir.join("haproxy.log"))?;
@@ -136,9 +144,22 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let proxy_port = free_port()?;
     let config = dir.join("warden.toml");
     std::fs::write(dir.join("policy.yaml"), policy(target.addr))?;
-    std::fs::write(&config, warden_config(&dir, &tag, proxy_port, &issuer, &keys))?;
-    let (ok, out) = run_cmd_output(Command::new(&warden).args(["check", "--config"]).arg(&config))?;
-    ensure!(ok, "warden check refused the bench config:\n{out}");
+    std::fs::write(&config, warden_config(&dir, &dir.join("state"), &tag, proxy_port, &issuer, &keys))?;
+    // The same daemon with its state (and so its audit record) in memory: how much of the set-up
+    // latency is the disk's fdatasync. A diagnostic only: production keeps the record on disk.
+    let config_tmpfs = if is_tmpfs(Path::new("/dev/shm")) {
+        let state = Path::new("/dev/shm").join(&tag);
+        guard.extra_dirs.push(state.clone());
+        let c = dir.join("warden-tmpfs.toml");
+        std::fs::write(&c, warden_config(&dir, &state, &tag, proxy_port, &issuer, &keys))?;
+        Some(c)
+    } else {
+        None
+    };
+    for c in std::iter::once(&config).chain(&config_tmpfs) {
+        let (ok, out) = run_cmd_output(Command::new(&warden).args(["check", "--config"]).arg(c))?;
+        ensure!(ok, "warden check refused the bench config:\n{out}");
+    }
 
     let machine = Machine::read(&haproxy, &dir);
     println!("{}", machine.markdown());
@@ -146,6 +167,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         opts: &opts,
         warden: &warden,
         config: &config,
+        config_tmpfs: config_tmpfs.as_deref(),
+        haproxy_pid,
         dir: &dir,
         client: &client_exe,
         target: target.addr,
@@ -174,6 +197,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 struct Guard {
     dir: PathBuf,
     children: Vec<Child>,
+    extra_dirs: Vec<PathBuf>,
     bpffs: PathBuf,
     cgroup_parent: PathBuf,
 }
@@ -186,6 +210,9 @@ impl Drop for Guard {
         let _ = remove_cgroup_tree(&self.cgroup_parent);
         // `warden uninstall` removed the pins; this only matters when the bench failed before it could run.
         let _ = std::fs::remove_dir_all(&self.bpffs);
+        for d in &self.extra_dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -212,6 +239,8 @@ struct Bench<'a> {
     opts: &'a Options,
     warden: &'a Path,
     config: &'a Path,
+    config_tmpfs: Option<&'a Path>,
+    haproxy_pid: u32,
     dir: &'a Path,
     client: &'a Path,
     target: SocketAddr,
@@ -223,7 +252,7 @@ impl Bench<'_> {
         let load_before = loadavg();
         println!("load average: {load_before}");
         print!("direct, no Warden programs attached ... ");
-        let baseline = self.latency(false, self.target)?;
+        let baseline = self.latency(None, self.target)?;
         println!("{}", baseline.summary());
 
         let child = start_warden(
@@ -234,30 +263,49 @@ impl Bench<'_> {
         )?;
         let daemon = Daemon { child, warden: self.warden, config: self.config };
 
-        let mut cases =
-            vec![Case { name: "direct, no Warden programs attached", latency: baseline, tput: None }];
-        for (name, tagged, addr) in [
-            ("direct, untagged, Warden attached", false, self.target),
-            ("through Warden (tagged)", true, self.target),
-            ("through haproxy, TCP mode", false, self.haproxy),
+        let mut cases = vec![Case {
+            name: "direct, no Warden programs attached",
+            latency: baseline,
+            tput: None,
+            cpu: None,
+        }];
+        for (name, tagged, addr, proxy) in [
+            ("direct, untagged, Warden attached", None, self.target, None),
+            ("through Warden (tagged)", Some(self.config), self.target, Some(daemon.child.id())),
+            ("through haproxy, TCP mode", None, self.haproxy, Some(self.haproxy_pid)),
         ] {
             print!("{name} ... ");
             let latency = self.latency(tagged, addr)?;
-            let one = self.throughput(tagged, addr, 1)?;
-            let four = self.throughput(tagged, addr, 4)?;
+            let (one, cpu) = self.throughput(tagged, addr, 1, proxy)?;
+            let (four, _) = self.throughput(tagged, addr, 4, None)?;
             println!("{}, {one:.2} Gbit/s (1 conn), {four:.2} Gbit/s (4 conns)", latency.summary());
-            cases.push(Case { name, latency, tput: Some((one, four)) });
+            cases.push(Case { name, latency, tput: Some((one, four)), cpu });
         }
         drop(daemon);
+        if let Some(config) = self.config_tmpfs {
+            let name = "through Warden, audit on tmpfs (diagnostic)";
+            print!("{name} ... ");
+            let child = start_warden(
+                self.warden,
+                config,
+                &self.dir.join("control.sock"),
+                &self.dir.join("warden.log"),
+            )?;
+            let daemon = Daemon { child, warden: self.warden, config };
+            let latency = self.latency(Some(config), self.target)?;
+            println!("{}", latency.summary());
+            cases.push(Case { name, latency, tput: None, cpu: None });
+            drop(daemon);
+        }
         Ok(Round { cases, load_before, load_after: loadavg() })
     }
 
     /// One client run, untagged or through `warden exec`; its JSON line.
-    fn client(&self, tagged: bool, args: &[String]) -> anyhow::Result<String> {
-        let mut cmd = if tagged {
+    fn client(&self, tagged: Option<&Path>, args: &[String]) -> anyhow::Result<String> {
+        let mut cmd = if let Some(config) = tagged {
             let mut c = Command::new(self.warden);
             c.args(["exec", "--identity", IDENTITY, "--task", "bench", "--config"])
-                .arg(self.config)
+                .arg(config)
                 .arg("--")
                 .arg(self.client);
             c
@@ -271,13 +319,13 @@ impl Bench<'_> {
             Some(l) if ok => Ok(l.to_owned()),
             _ => bail!(
                 "the bench client failed ({}):\n{out}\nwarden log:\n{}",
-                if tagged { "tagged" } else { "untagged" },
+                if tagged.is_some() { "tagged" } else { "untagged" },
                 tail(&self.dir.join("warden.log"), 30)
             ),
         }
     }
 
-    fn latency(&self, tagged: bool, addr: SocketAddr) -> anyhow::Result<Latency> {
+    fn latency(&self, tagged: Option<&Path>, addr: SocketAddr) -> anyhow::Result<Latency> {
         let args = [
             "latency".to_owned(),
             addr.to_string(),
@@ -293,16 +341,29 @@ impl Bench<'_> {
         })
     }
 
-    /// The median of `reps` transfers of `bytes` split over `streams` connections, in Gbit/s.
-    fn throughput(&self, tagged: bool, addr: SocketAddr, streams: usize) -> anyhow::Result<f64> {
+    /// The median of `reps` transfers of `bytes` split over `streams` connections, in Gbit/s; and the
+    /// median CPU time the `proxy` process spent per GiB moved (user + system, all its threads).
+    fn throughput(
+        &self,
+        tagged: Option<&Path>,
+        addr: SocketAddr,
+        streams: usize,
+        proxy: Option<u32>,
+    ) -> anyhow::Result<(f64, Option<f64>)> {
         let args =
             ["throughput".to_owned(), addr.to_string(), self.opts.bytes.to_string(), streams.to_string()];
         let mut runs = Vec::new();
+        let mut cpu = Vec::new();
         for _ in 0..self.opts.reps {
+            let before = proxy.and_then(cpu_seconds);
             runs.push(field(&self.client(tagged, &args)?, "gbit_s")?);
+            if let (Some(b), Some(a)) = (before, proxy.and_then(cpu_seconds)) {
+                #[expect(clippy::cast_precision_loss, reason = "a byte count far below 2^52")]
+                let gib = self.opts.bytes as f64 / f64::from(1u32 << 30);
+                cpu.push((a - b) / gib);
+            }
         }
-        runs.sort_by(f64::total_cmp);
-        Ok(runs[runs.len() / 2])
+        Ok((median(&mut runs), (!cpu.is_empty()).then(|| median(&mut cpu))))
     }
 }
 
@@ -324,6 +385,8 @@ struct Case {
     latency: Latency,
     /// Gbit/s over 1 and over 4 connections.
     tput: Option<(f64, f64)>,
+    /// CPU seconds the proxy spent per GiB relayed over 1 connection.
+    cpu: Option<f64>,
 }
 
 struct Round {
@@ -333,21 +396,26 @@ struct Round {
 }
 
 impl Round {
+    fn find(&self, prefix: &str) -> Option<&Case> {
+        self.cases.iter().find(|c| c.name.starts_with(prefix))
+    }
+
     fn case(&self, prefix: &str) -> &Case {
         self.cases.iter().find(|c| c.name.starts_with(prefix)).expect("every round measures every case")
     }
 
     fn markdown(&self) -> String {
         let mut s = String::from(
-            "| case | connect() p50 | set-up p50 | set-up p99 | set-up mean | 1 conn | 4 conns |\n|---|---:|---:|---:|---:|---:|---:|\n",
+            "| case | connect() p50 | set-up p50 | set-up p99 | set-up mean | 1 conn | 4 conns | proxy CPU per GiB |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         for c in &self.cases {
             let (one, four) = c.tput.map_or(("—".into(), "—".into()), |(a, b)| {
                 (format!("{a:.2} Gbit/s"), format!("{b:.2} Gbit/s"))
             });
+            let cpu = c.cpu.map_or("—".into(), |v| format!("{v:.2} s"));
             let _ = writeln!(
                 s,
-                "| {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {one} | {four} |",
+                "| {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {one} | {four} | {cpu} |",
                 c.name, c.latency.connect_p50, c.latency.p50, c.latency.p99, c.latency.mean
             );
         }
@@ -360,7 +428,7 @@ impl Round {
         let (base, attached, warden, ha) = (
             self.case("direct, no"),
             self.case("direct, untagged"),
-            self.case("through Warden"),
+            self.case("through Warden (tagged)"),
             self.case("through haproxy"),
         );
         let met = |b: bool| if b { "**met**" } else { "**not met**" };
@@ -369,6 +437,22 @@ impl Round {
         let added = warden.latency.p50 - attached.latency.p50;
         let untagged_delta = attached.latency.p50 - base.latency.p50;
         let connect_delta = attached.latency.connect_p50 - base.latency.connect_p50;
+        let cpu = match (warden.cpu, ha.cpu) {
+            (Some(w), Some(h)) => format!(
+                "- CPU per GiB relayed (1 conn, load-independent): Warden {w:.2} s, haproxy {h:.2} s ({:+.0} %).\n",
+                pct(w, h)
+            ),
+            _ => String::new(),
+        };
+        let disk = self.find("through Warden, audit on tmpfs").map_or(String::new(), |t| {
+            format!(
+                "- Where the added latency goes: with the audit record on tmpfs (no disk flush) Warden adds \
+                 {:.0} µs at p50, so the durable `session.start` record (fdatasync on this disk) accounts for \
+                 about {:.0} µs of the {added:.0} µs.\n",
+                t.latency.p50 - attached.latency.p50,
+                warden.latency.p50 - t.latency.p50,
+            )
+        });
         format!(
             "- Throughput at least haproxy's: 1 conn {w1:.2} vs {h1:.2} Gbit/s ({:+.0} %), 4 conns {w4:.2} vs {h4:.2} Gbit/s ({:+.0} %): {}.\n\
              - Added set-up latency p50 under 0.5 ms: {added:.0} µs (Warden {:.0} µs − direct {:.0} µs): {}.\n\
@@ -382,8 +466,23 @@ impl Round {
             attached.latency.connect_p50,
             base.latency.connect_p50,
             untagged_delta,
-        )
+        ) + &cpu
+            + &disk
     }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// User + system CPU time of a process (all its threads), from /proc.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u32>().ok()? + fields.get(12)?.parse::<u32>().ok()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Some(f64::from(ticks) / 100.0)
 }
 
 fn pct(a: f64, b: f64) -> f64 {
@@ -519,11 +618,11 @@ fn policy(target: SocketAddr) -> String {
     )
 }
 
-fn warden_config(dir: &Path, tag: &str, port: u16, issuer: &str, keys: &Path) -> String {
+fn warden_config(dir: &Path, state: &Path, tag: &str, port: u16, issuer: &str, keys: &Path) -> String {
     format!(
         r#"# Warden bench config (written by `cargo xtask bench`)
 [agent]
-state_dir = "{dir}/state"
+state_dir = "{state}"
 bpffs_dir = "/sys/fs/bpf/{tag}"
 exec_parent = "{tag}"
 proxy_listen = ["127.0.0.1:{port}", "[::1]:{port}"]
@@ -540,9 +639,10 @@ scopes = ["warden.connect"]
 audience = "api://warden"
 
 [audit]
-dir = "{dir}/state/audit"
+dir = "{state}/audit"
 "#,
         dir = dir.display(),
+        state = state.display(),
         key = keys.join("agent-pkjwt-rs.pem").display()
     )
 }
@@ -769,6 +869,10 @@ fn wait_listening(addr: SocketAddr, log: &Path) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+fn is_tmpfs(path: &Path) -> bool {
+    output(Command::new("df").args(["--output=fstype"]).arg(path)).lines().nth(1) == Some("tmpfs")
 }
 
 /// The cgroup2 mount point.
