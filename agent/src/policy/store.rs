@@ -114,13 +114,14 @@ impl Store {
     }
 
     /// Reloads whenever a policy file (or the directory's list of them) changes after this call,
-    /// until `shutdown`. Polls name, size, mtime, ctime and inode every second: no inotify, and
-    /// editors that replace files by rename are seen.
+    /// until `shutdown`. Polls name, size, mtime, ctime and inode every second (no inotify; editors
+    /// that replace files by rename are seen) and reloads once a change has held for one poll.
     pub fn watch_files(
         self: Arc<Self>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> impl Future<Output = ()> + Send + 'static {
         let mut last = fingerprint(&self.config);
+        let mut settling: Option<Fingerprint> = None;
         async move {
             tokio::pin!(shutdown);
             let mut tick = tokio::time::interval(POLL);
@@ -131,10 +132,20 @@ impl Store {
                     _ = tick.tick() => {}
                 }
                 let now = fingerprint(&self.config);
-                if now != last {
+                if now == last {
+                    settling = None;
+                    continue;
+                }
+                // Reload only once a change has held still for a poll, so a file caught half
+                // written by an editor that writes in place is not applied (an empty file is a
+                // valid policy with no targets).
+                if settling.as_ref() == Some(&now) {
                     last = now;
+                    settling = None;
                     tracing::info!("a policy file changed; reloading");
                     let _ = self.reload();
+                } else {
+                    settling = Some(now);
                 }
             }
         }
