@@ -5,4 +5,5 @@
 
 mod dataplane;
 mod harness;
+mod identity;
 mod operator;

@@ -49,7 +49,7 @@ impl Gate for DaemonGate {
                 })?;
             let verified = s.identities.verified(&binding.identity).await.map_err(|e| Refusal {
                 code: "identity",
-                reason: format!("identity `{}` could not be verified: {e}", binding.identity),
+                reason: format!("{e} ({})", e.reason()),
                 target: Some(target.clone()),
                 identity: None,
             })?;
