@@ -445,3 +445,21 @@ async fn a_second_writer_on_the_same_directory_is_refused() {
     let (_again, writer) = Audit::start_with(&opts, shutdown.clone()).unwrap();
     writer.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_newest_file_with_nothing_valid_is_removed_and_the_chain_resumes_before_it() {
+    let root = tempfile::tempdir().unwrap();
+    let opts = AuditOptions::in_dir(root.path());
+    run_writer(opts.clone(), 3).await;
+    let next = all_records(&opts.config.dir).len();
+    // A crash right after rotation: the new file holds only half a line.
+    let torn = opts.config.dir.join(format!("audit-{next:020}.jsonl"));
+    std::fs::write(&torn, r#"{"seq":"#).unwrap();
+    run_writer(opts.clone(), 1).await;
+    assert!(!torn.exists() || all_records(&opts.config.dir)[next]["event"] == "audit.started");
+    let records = all_records(&opts.config.dir);
+    let rec = records.iter().find(|r| r["event"] == "recovered").expect("a recovered record");
+    assert_eq!(rec["cut_bytes"], json!(7));
+    let report = verify_dir(&opts.config.dir, Some(&pubkey(root.path()))).unwrap();
+    assert!(report.intact(), "{:?}", report.problem);
+}

@@ -34,7 +34,10 @@
 //!
 //! - `audit.started` (`version`, `pid`) on every start; `audit.stopped` on clean shutdown.
 //! - `recovered` (`unclean`, and when a torn or invalid tail was cut: `file`, `cut_bytes`, `saved_to`,
-//!   `reason`, `last_good_seq`). The cut bytes are kept beside the file as `<file>.torn-<unix ns>`.
+//!   `reason`, `last_good_seq`; `also_cut` lists the same for older files when the newest held nothing
+//!   valid). Recovery reads the newest file from its start and keeps the longest prefix of whole lines
+//!   that check and chain; everything from the first line that does not (a torn write, or damage) to the
+//!   end is cut, and the cut bytes are kept beside the file as `<file>.torn-<unix ns>`.
 //! - `checkpoint` (`covers_seq`, `covers_hash`, `time`, `key`, `sig`): every `checkpoint_records` records,
 //!   every `checkpoint_seconds` when anything is unsigned, and at shutdown. `covers_seq`/`covers_hash` are
 //!   the `seq`/`hash` of the record just before it, `time` equals its `ts`, `key` is the first 16 hex digits
@@ -235,15 +238,30 @@ impl Audit {
                 .field("version", env!("CARGO_PKG_VERSION"))
                 .field("pid", std::process::id()),
         ];
-        if recovery.unclean || recovery.cut.is_some() {
+        if recovery.unclean || !recovery.cuts.is_empty() {
             let mut r = Record::new("recovered").field("unclean", recovery.unclean);
-            if let Some(cut) = &recovery.cut {
+            if let Some(cut) = recovery.cuts.first() {
                 r = r
                     .field("file", cut.file.display().to_string())
                     .field("cut_bytes", cut.bytes)
                     .field("saved_to", cut.saved_to.display().to_string())
                     .field("reason", &cut.reason)
                     .field("last_good_seq", cut.last_good_seq);
+            }
+            if recovery.cuts.len() > 1 {
+                let more: Vec<Value> = recovery.cuts[1..]
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "file": c.file.display().to_string(),
+                            "cut_bytes": c.bytes,
+                            "saved_to": c.saved_to.display().to_string(),
+                            "reason": c.reason,
+                            "last_good_seq": c.last_good_seq,
+                        })
+                    })
+                    .collect();
+                r = r.field("also_cut", more);
             }
             first.push(r);
         }

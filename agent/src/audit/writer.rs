@@ -20,8 +20,9 @@ use super::{AuditError, Clock, Record, format_ts, sign};
 pub struct Recovery {
     /// The last record before this start was not `audit.stopped`: the previous run did not shut down cleanly.
     pub unclean: bool,
-    /// Bytes cut from the end of the newest file (a torn or invalid tail) and where they were saved.
-    pub cut: Option<Cut>,
+    /// Bytes cut from the end of the newest file(s) (a torn or invalid tail) and where they were saved,
+    /// newest file first. A newest file left with no valid record is removed and its predecessor checked too.
+    pub cuts: Vec<Cut>,
 }
 
 #[derive(Debug)]
@@ -76,8 +77,8 @@ impl Writer {
         let mut tail: Option<Tail> = None;
         while let Some((_, path)) = listed.last().cloned() {
             let scan = scan_file(&path)?;
-            if scan.good_len < scan.total_len && recovery.cut.is_none() {
-                recovery.cut = Some(cut_tail(&path, &scan, &s.clock)?);
+            if scan.good_len < scan.total_len {
+                recovery.cuts.push(cut_tail(&path, &scan, &s.clock)?);
             }
             if scan.last.is_some() {
                 tail = Some(Tail { path, len: scan.good_len, scan });
