@@ -407,7 +407,7 @@ impl Warden {
     pub fn cgroup(&self, name: &str) -> TestCgroup {
         let path = self.cgroup_parent.join(name);
         std::fs::create_dir_all(&path).expect("create cgroup");
-        TestCgroup { path, root: cgroup_root() }
+        TestCgroup { path, root: cgroup_root(), owned: true }
     }
 
     /// `warden tag` for a test cgroup.
@@ -461,9 +461,15 @@ pub fn kill_tree(path: &Path) -> std::io::Result<()> {
 pub struct TestCgroup {
     pub path: PathBuf,
     root: PathBuf,
+    owned: bool,
 }
 
 impl TestCgroup {
+    /// A second handle on a cgroup another guard owns (for background probes); it removes nothing.
+    pub fn adopt(path: PathBuf) -> Self {
+        Self { path, root: cgroup_root(), owned: false }
+    }
+
     /// `/a/b`, as the audit record names it.
     pub fn rel(&self) -> String {
         format!("/{}", self.path.strip_prefix(&self.root).unwrap().display())
@@ -520,6 +526,9 @@ fn parse_probe(out: &Output) -> Value {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = kill_tree(&self.path);
     }
 }

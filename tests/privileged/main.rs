@@ -4,6 +4,7 @@
 //! port and audit directory, and removes them when it ends.
 
 mod dataplane;
+mod grants;
 mod harness;
 mod identity;
 mod operator;
