@@ -208,7 +208,12 @@ const MAX_BATCH: usize = 4096;
 impl Audit {
     /// Opens (and recovers) the audit directory, loads or creates the signing key, writes `audit.started`
     /// (and `recovered` when the last run did not stop cleanly) durably, and spawns the writer task.
-    /// On `shutdown` the writer writes everything queued, `audit.stopped` and a final checkpoint, then exits.
+    /// On `shutdown` the writer writes everything queued, `audit.stopped` and a final checkpoint, then exits;
+    /// appends after that are refused. So cancel `shutdown` only after the proxy has ended its sessions
+    /// (their `session.end` records queued), e.g. with a token of its own cancelled after the proxy drains.
+    ///
+    /// Must be called inside a tokio runtime. Does blocking file I/O (recovery) before it returns.
+    /// When the writer fails (disk full, I/O error) it fires [`Audit::failed`] and its task ends early.
     pub fn start(
         config: &AuditConfig,
         state_dir: &Path,

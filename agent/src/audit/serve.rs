@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
@@ -32,6 +32,8 @@ use crate::config::AuditServeConfig;
 const MAX_CONNECTIONS: usize = 16;
 /// A TLS handshake that takes longer than this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request's headers (the first, or the next on a kept-alive connection) must arrive within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
