@@ -113,8 +113,10 @@ impl Server {
                     let dir = dir.clone();
                     async move { Ok::<_, std::convert::Infallible>(handle(&req, &dir, peer)) }
                 });
-                let conn =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service);
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(tls), service);
                 tokio::select! {
                     () = shutdown.cancelled() => {}
                     r = conn => if let Err(e) = r {
