@@ -3,13 +3,15 @@
 //!
 //! Everything runs on loopback. A target server (in this process) listens on 127.0.0.5; the load generator
 //! is this same binary re-executed as `bench client ...`, which prints one JSON line. Run untagged it
-//! measures the direct path and haproxy; run with `warden exec` it sits in a tagged cgroup, so the kernel
-//! redirects its connections to 127.0.0.5 through Warden. Each round starts Warden afresh:
+//! measures the direct path and haproxy; run in a cgroup tagged with `warden tag`, the kernel redirects its
+//! connections to 127.0.0.5 through Warden. Each round starts Warden afresh:
 //!
 //! 1. direct, before Warden's programs are attached (the untagged baseline);
 //! 2. direct, untagged, with Warden's programs attached (what every untagged process pays);
 //! 3. through Warden (tagged: redirect, origin lookup, identity, policy, grant, durable audit record);
-//! 4. through haproxy in TCP mode (untagged, with Warden's programs attached).
+//! 4. through haproxy in TCP mode (untagged, with Warden's programs attached);
+//! 5. through Warden with its audit record on tmpfs (a diagnostic: what the disk flush costs);
+//! 6. direct again, after Warden is uninstalled (the baseline's noise).
 //!
 //! `cargo xtask bench [--rounds N] [--quick] [--connections N] [--mib N] [--reps N] [--no-write] [--warden PATH]`
 
@@ -161,7 +163,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         ensure!(ok, "warden check refused the bench config:\n{out}");
     }
 
-    let machine = Machine::read(&haproxy, &dir);
+    let mut machine = Machine::read(&haproxy, &dir);
+    machine.haproxy_threads =
+        std::fs::read_dir(format!("/proc/{haproxy_pid}/task")).map_or(0, Iterator::count);
     println!("{}", machine.markdown());
     let bench = Bench {
         opts: &opts,
@@ -169,6 +173,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         config: &config,
         config_tmpfs: config_tmpfs.as_deref(),
         haproxy_pid,
+        tag: tag.clone(),
         dir: &dir,
         client: &client_exe,
         target: target.addr,
@@ -217,6 +222,17 @@ impl Drop for Guard {
     }
 }
 
+/// A cgroup the bench made: whatever runs in it is killed, and it is removed, when it drops.
+struct Cgroup(PathBuf);
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if let Err(e) = remove_cgroup_tree(&self.0) {
+            eprintln!("removing cgroup {}: {e}", self.0.display());
+        }
+    }
+}
+
 /// A running `warden run`: stopped, then `warden uninstall`ed, when it drops.
 struct Daemon<'a> {
     child: Child,
@@ -241,6 +257,8 @@ struct Bench<'a> {
     config: &'a Path,
     config_tmpfs: Option<&'a Path>,
     haproxy_pid: u32,
+    /// This run's name: its bpffs directory and its cgroup parent.
+    tag: String,
     dir: &'a Path,
     client: &'a Path,
     target: SocketAddr,
@@ -262,6 +280,7 @@ impl Bench<'_> {
             &self.dir.join("warden.log"),
         )?;
         let daemon = Daemon { child, warden: self.warden, config: self.config };
+        let agent = self.tagged_cgroup(self.config)?;
 
         let mut cases = vec![Case {
             name: "direct, no Warden programs attached",
@@ -271,7 +290,7 @@ impl Bench<'_> {
         }];
         for (name, tagged, addr, proxy) in [
             ("direct, untagged, Warden attached", None, self.target, None),
-            ("through Warden (tagged)", Some(self.config), self.target, Some(daemon.child.id())),
+            ("through Warden (tagged)", Some(agent.0.as_path()), self.target, Some(daemon.child.id())),
             ("through haproxy, TCP mode", None, self.haproxy, Some(self.haproxy_pid)),
         ] {
             print!("{name} ... ");
@@ -281,6 +300,7 @@ impl Bench<'_> {
             println!("{}, {one:.2} Gbit/s (1 conn), {four:.2} Gbit/s (4 conns)", latency.summary());
             cases.push(Case { name, latency, tput: Some((one, four)), cpu });
         }
+        drop(agent);
         drop(daemon);
         if let Some(config) = self.config_tmpfs {
             let name = "through Warden, audit on tmpfs (diagnostic)";
@@ -292,22 +312,45 @@ impl Bench<'_> {
                 &self.dir.join("warden.log"),
             )?;
             let daemon = Daemon { child, warden: self.warden, config };
-            let latency = self.latency(Some(config), self.target)?;
+            let agent = self.tagged_cgroup(config)?;
+            let latency = self.latency(Some(&agent.0), self.target)?;
             println!("{}", latency.summary());
             cases.push(Case { name, latency, tput: None, cpu: None });
+            drop(agent);
             drop(daemon);
         }
+        // The baseline again, with everything of Warden's gone: its distance from the first one is the noise.
+        let name = "direct, after Warden uninstalled";
+        print!("{name} ... ");
+        let latency = self.latency(None, self.target)?;
+        println!("{}", latency.summary());
+        cases.push(Case { name, latency, tput: None, cpu: None });
         Ok(Round { cases, load_before, load_after: loadavg() })
     }
 
-    /// One client run, untagged or through `warden exec`; its JSON line.
+    /// A cgroup the running daemon has tagged with the bench identity (`warden tag`). Every tagged client
+    /// of a daemon runs in this one cgroup, so they share one grant, as one agent's connections do.
+    fn tagged_cgroup(&self, config: &Path) -> anyhow::Result<Cgroup> {
+        let path = cgroup2_root()?.join(&self.tag).join("agent");
+        std::fs::create_dir_all(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        let cg = Cgroup(path);
+        let (ok, out) = run_cmd_output(
+            Command::new(self.warden)
+                .arg("tag")
+                .arg(&cg.0)
+                .args(["--identity", IDENTITY, "--config"])
+                .arg(config),
+        )?;
+        ensure!(ok, "warden tag failed: {out}");
+        Ok(cg)
+    }
+
+    /// One client run, untagged or inside the tagged cgroup `tagged`; its JSON line.
     fn client(&self, tagged: Option<&Path>, args: &[String]) -> anyhow::Result<String> {
-        let mut cmd = if let Some(config) = tagged {
-            let mut c = Command::new(self.warden);
-            c.args(["exec", "--identity", IDENTITY, "--task", "bench", "--config"])
-                .arg(config)
-                .arg("--")
-                .arg(self.client);
+        let mut cmd = if let Some(cgroup) = tagged {
+            // The shell moves itself into the cgroup, then becomes the client.
+            let mut c = Command::new("sh");
+            c.arg("-c").arg("echo $$ > \"$0\"/cgroup.procs && exec \"$@\"").arg(cgroup).arg(self.client);
             c
         } else {
             Command::new(self.client)
@@ -425,8 +468,9 @@ impl Round {
 
     /// The goals, each with the numbers that decide it.
     fn verdict(&self) -> String {
-        let (base, attached, warden, ha) = (
+        let (base, after, attached, warden, ha) = (
             self.case("direct, no"),
+            self.case("direct, after"),
             self.case("direct, untagged"),
             self.case("through Warden (tagged)"),
             self.case("through haproxy"),
@@ -437,6 +481,9 @@ impl Round {
         let added = warden.latency.p50 - attached.latency.p50;
         let untagged_delta = attached.latency.p50 - base.latency.p50;
         let connect_delta = attached.latency.connect_p50 - base.latency.connect_p50;
+        // How far two untagged runs without any Warden program drift apart on this machine right now.
+        let connect_noise = (after.latency.connect_p50 - base.latency.connect_p50).abs();
+        let setup_noise = (after.latency.p50 - base.latency.p50).abs();
         let cpu = match (warden.cpu, ha.cpu) {
             (Some(w), Some(h)) => format!(
                 "- CPU per GiB relayed (1 conn, load-independent): Warden {w:.2} s, haproxy {h:.2} s ({:+.0} %).\n",
@@ -456,7 +503,7 @@ impl Round {
         format!(
             "- Throughput at least haproxy's: 1 conn {w1:.2} vs {h1:.2} Gbit/s ({:+.0} %), 4 conns {w4:.2} vs {h4:.2} Gbit/s ({:+.0} %): {}.\n\
              - Added set-up latency p50 under 0.5 ms: {added:.0} µs (Warden {:.0} µs − direct {:.0} µs): {}.\n\
-             - Untagged processes' connect() unchanged: connect() p50 {:.0} µs with Warden's programs attached vs {:.0} µs without ({connect_delta:+.0} µs); set-up p50 {:+.0} µs.\n",
+             - Untagged processes' connect() unchanged: connect() p50 {:.0} µs with Warden's programs attached vs {:.0} µs without ({connect_delta:+.0} µs; the two runs without differ by {connect_noise:.0} µs); set-up p50 {:+.0} µs (runs without differ by {setup_noise:.0} µs): {}.\n",
             pct(w1, h1),
             pct(w4, h4),
             met(w1 >= h1 && w4 >= h4),
@@ -466,6 +513,8 @@ impl Round {
             attached.latency.connect_p50,
             base.latency.connect_p50,
             untagged_delta,
+            // Unchanged: no more above the baseline than two runs without differ, give or take 2 µs.
+            met(connect_delta <= connect_noise + 2.0),
         ) + &cpu
             + &disk
     }
@@ -498,6 +547,7 @@ struct Machine {
     commit: String,
     date: String,
     state_fs: String,
+    haproxy_threads: usize,
 }
 
 impl Machine {
@@ -536,6 +586,7 @@ impl Machine {
             commit,
             date,
             state_fs: state_fs.split_whitespace().collect::<Vec<_>>().join(" on "),
+            haproxy_threads: 0,
         }
     }
 
@@ -555,18 +606,27 @@ fn section(machine: &Machine, opts: &Options, rounds: &[Round], leftovers: &[Str
     let _ = write!(
         s,
         "\n\nEverything on loopback: a target server on {TARGET_IP} (threads, in the xtask process); the load \
-         generator is the xtask binary itself, run untagged (direct, haproxy) or with `warden exec` in a \
-         tagged cgroup (through Warden: connects to {TARGET_IP} are redirected by the kernel to Warden's \
-         proxy). haproxy runs `mode tcp` with its default thread count (one per CPU). Warden runs with its \
-         defaults: every session's `session.start` record is made durable before the first byte goes \
-         upstream.\n\n\
+         generator is the xtask binary itself, run untagged (direct, haproxy) or in a cgroup tagged with \
+         `warden tag` (through Warden: its connects to {TARGET_IP} are redirected by the kernel to Warden's \
+         proxy). haproxy runs `mode tcp` with its defaults ({} threads, i.e. one per CPU; 16 KiB buffers, no \
+         splicing). Warden runs with its defaults (a tokio worker per CPU, 32 KiB relay buffers per direction), \
+         and every session's `session.start` record is made durable (written and fdatasync'd) before the \
+         first byte goes upstream.\n\n\
          - **Set-up latency**: {} sequential connections after {} warm-up ones (the first one obtains the \
          token and issues the grant), each timed from `connect()` to the first byte of the target's answer \
-         (connect, write 1 byte, read 1 byte, close). `connect()` is the syscall alone.\n\
+         (connect, write 1 byte, read 1 byte, close). **connect()** is the syscall alone: for a tagged process \
+         it completes against Warden's listener, before Warden has done anything.\n\
          - **Throughput**: {} MiB sent one way (client to target, then half-close, then the target's byte \
-         count back), over 1 connection and split over 4 parallel ones; median of {} transfers.\n\
-         - {} rounds, one after the other; each starts Warden afresh, and measures the untagged baseline \
-         before Warden's programs are attached.\n",
+         count back), over 1 connection and split over 4 parallel ones; median of {} transfers. **Proxy CPU \
+         per GiB** is the user + system time the proxy process (all threads) spent per GiB over 1 connection, \
+         from /proc/PID/stat (10 ms ticks): unlike Gbit/s on a shared 2-CPU machine it hardly depends on \
+         what else runs.\n\
+         - Each round starts Warden afresh and measures, in order: the untagged baseline before Warden's \
+         programs are attached; untagged with them attached; through Warden; through haproxy; through a \
+         second Warden whose state and audit directory is on tmpfs (a diagnostic of what the disk flush \
+         costs; production keeps the record on disk); and the untagged baseline again once Warden is \
+         uninstalled (its distance from the first baseline is the noise). {} round(s), one after the other.\n",
+        machine.haproxy_threads,
         opts.connections,
         opts.warmup,
         opts.bytes >> 20,
