@@ -268,7 +268,8 @@ struct Bench<'a> {
 impl Bench<'_> {
     fn round(&self) -> anyhow::Result<Round> {
         let load_before = loadavg();
-        println!("load average: {load_before}");
+        let others = other_wardens(&self.tag);
+        println!("load average: {load_before}; other Warden instances pinned: {others:?}");
         print!("direct, no Warden programs attached ... ");
         let baseline = self.latency(None, self.target)?;
         println!("{}", baseline.summary());
@@ -330,7 +331,11 @@ impl Bench<'_> {
         let latency = self.latency(None, self.target)?;
         println!("{}", latency.summary());
         cases.push(Case { name, latency, tput: None, cpu: None });
-        Ok(Round { cases, flush, load_before, load_after: loadavg() })
+        let mut others = others;
+        others.extend(other_wardens(&self.tag));
+        others.sort();
+        others.dedup();
+        Ok(Round { cases, flush, load_before, load_after: loadavg(), others })
     }
 
     /// A cgroup the running daemon has tagged with the bench identity (`warden tag`). Every tagged client
@@ -443,6 +448,9 @@ struct Round {
     flush: (f64, f64),
     load_before: String,
     load_after: String,
+    /// Other Warden instances (tests, demos) with programs pinned at the start or end of the round: their
+    /// programs run on every connect() too.
+    others: Vec<String>,
 }
 
 impl Round {
@@ -475,6 +483,15 @@ impl Round {
              measured during the round: p50 {:.0} µs, p99 {:.0} µs.\n",
             self.load_before, self.load_after, self.flush.0, self.flush.1
         );
+        if self.others.is_empty() {
+            s.push_str("No other Warden instance was attached.\n");
+        } else {
+            let _ = writeln!(
+                s,
+                "Other Warden instances attached during the round (their programs also ran on every connect()): {}.",
+                self.others.join(", ")
+            );
+        }
         s
     }
 
@@ -998,6 +1015,18 @@ fn remove_cgroup_tree(path: &Path) -> std::io::Result<()> {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::fs::remove_dir(path)
+}
+
+/// The bpffs directories of other Warden instances on this machine (tests, the demo).
+fn other_wardens(tag: &str) -> Vec<String> {
+    std::fs::read_dir("/sys/fs/bpf")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("warden") && n != tag)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Anything of this run still pinned in bpffs or left in the cgroup tree.
