@@ -3,6 +3,7 @@
 //! that cannot run fails instead of skipping). Each test has its own daemon, bpffs pins, cgroups, proxy
 //! port and audit directory, and removes them when it ends.
 
+mod audit;
 mod dataplane;
 mod grants;
 mod harness;
