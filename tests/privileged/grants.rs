@@ -178,6 +178,37 @@ fn no_matching_rule_is_refused_and_a_bad_policy_edit_keeps_the_old_policy() {
     });
     assert_reached(&cg.probe(&["connect", "127.0.0.5", &port]), "db");
 
+    // A live session the next policy no longer allows is ended.
+    let h = hold(&cg, &db, 20);
+    wait_for("a live session", Duration::from_secs(10), || {
+        json(&w.cli(&["sessions", "--json"])).as_array().filter(|a| !a.is_empty()).map(|_| ())
+    });
+    std::fs::write(w.policy_path(), good.replace("agents-research", "another-group")).unwrap();
+    let v = h.join().unwrap();
+    assert_ne!(v["ended"], "still open", "{v}");
+    w.wait_record("policy-ended session", |r| r["event"] == "session.end" && r["reason"] == "policy_changed");
+    std::fs::write(w.policy_path(), &good).unwrap();
+    wait_for("the policy to allow again", Duration::from_secs(10), || {
+        let n = w
+            .records()
+            .iter()
+            .filter(|r| r["event"] == "policy.reloaded" && r["outcome"] == "applied")
+            .count();
+        (n >= 3).then_some(())
+    });
+    // The grant that policy ended is spent for this task; an operator issues a fresh one.
+    let out = w.cli(&[
+        "grant",
+        "issue",
+        "--identity",
+        "bot",
+        "--target",
+        "db",
+        "--cgroup",
+        cg.path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
     // An edit with a typo is rejected whole; the old policy keeps working.
     std::fs::write(w.policy_path(), good.replace("access: connect", "acess: connect")).unwrap();
     let nix_pid = nix::unistd::Pid::from_raw(i32::try_from(w.pid().unwrap()).unwrap());

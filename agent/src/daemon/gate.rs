@@ -59,7 +59,9 @@ impl Gate for DaemonGate {
                 client_id: verified.client_id.clone(),
                 groups: verified.groups.clone(),
             };
-            let terms = match policy.decide(&subject(&verified), &target, None) {
+            let subject = subject(&verified);
+            s.subjects.lock().expect("subjects lock").insert(binding.identity.clone(), subject.clone());
+            let terms = match policy.decide(&subject, &target, None) {
                 Decision::Allow(t) => t,
                 Decision::Deny { reason } => {
                     return Err(Refusal {

@@ -107,6 +107,8 @@ pub struct State {
     pub policy: Arc<policy::Store>,
     pub identities: crate::identity::Identities,
     pub grants: crate::grants::Grants,
+    /// The subject each identity was last verified as, to re-decide live grants when the policy changes.
+    pub subjects: Mutex<HashMap<String, crate::policy::Subject>>,
     pub shutdown: CancellationToken,
 }
 
@@ -213,6 +215,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         policy: policy.clone(),
         identities,
         grants,
+        subjects: Mutex::new(HashMap::new()),
         shutdown: shutdown.clone(),
         config,
     });
@@ -389,12 +392,14 @@ impl State {
         }
     }
 
-    /// Ends live sessions whose target is gone (the gate re-checks the rest at their next connection;
-    /// grants re-check policy on their own).
+    /// Ends what a newly applied policy no longer allows: grants it would not issue now (their sessions are
+    /// cut through their leases) and sessions whose target is gone.
     fn end_disallowed_sessions(&self, policy: &Policy) {
+        let subjects = self.subjects.lock().expect("subjects lock").clone();
+        let ended = self.grants.revalidate(policy, |g| subjects.get(&g.identity).cloned());
         let n = self.sessions.kill_where(|s| policy.target(&s.target).is_none());
-        if n > 0 {
-            tracing::info!(sessions = n, "ended sessions whose target the new policy removed");
+        if !ended.is_empty() || n > 0 {
+            tracing::info!(grants = ended.len(), sessions = n, "ended what the new policy no longer allows");
         }
     }
 
