@@ -329,7 +329,9 @@ impl AllowEntry {
             .rsplit_once(':')
             .filter(|(n, _)| !n.is_empty())
             .ok_or_else(|| format!("`{s}` is not CIDR:PORT or `dns` (e.g. 0.0.0.0/0:443, [::]/0:443)"))?;
-        let net = net.trim_start_matches('[').trim_end_matches(']');
+        // IPv6 may be bracketed as `[::1]/128` or `[::1/128]`.
+        let net = net.replace(['[', ']'], "");
+        let net = net.as_str();
         let net: ipnet::IpNet = net
             .parse()
             .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
