@@ -823,18 +823,20 @@ fn serve(mut s: TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `bench client latency ADDR N WARMUP` | `bench client throughput ADDR BYTES STREAMS`: one JSON line.
+/// `bench client latency ADDR N WARMUP [GAP_US]` (a pause before each timed connection) | `bench client throughput ADDR BYTES STREAMS`: one JSON line.
 fn client(args: &[String]) -> anyhow::Result<()> {
     match args {
-        [mode, addr, n, warmup] if mode == "latency" => {
+        [mode, addr, n, warmup, gap @ ..] if mode == "latency" && gap.len() <= 1 => {
             let addr: SocketAddr = addr.parse().context("ADDR")?;
             let (n, warmup): (usize, usize) = (n.parse().context("N")?, warmup.parse().context("WARMUP")?);
+            let gap = Duration::from_micros(gap.first().map_or(Ok(0), |g| g.parse()).context("GAP_US")?);
             for _ in 0..warmup {
                 ping(addr)?;
             }
             let mut connect = Vec::with_capacity(n);
             let mut total = Vec::with_capacity(n);
             for _ in 0..n {
+                std::thread::sleep(gap);
                 let (c, t) = ping(addr)?;
                 connect.push(c);
                 total.push(t);
@@ -873,7 +875,9 @@ fn client(args: &[String]) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        _ => bail!("usage: bench client latency ADDR N WARMUP | bench client throughput ADDR BYTES STREAMS"),
+        _ => bail!(
+            "usage: bench client latency ADDR N WARMUP [GAP_US] | bench client throughput ADDR BYTES STREAMS"
+        ),
     }
 }
 
