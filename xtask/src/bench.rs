@@ -48,6 +48,8 @@ struct Options {
     reps: usize,
     write: bool,
     warden: Option<PathBuf>,
+    /// Pause before each timed connection, in µs.
+    gap_us: u64,
 }
 
 impl Options {
@@ -60,6 +62,7 @@ impl Options {
             reps: 3,
             write: true,
             warden: None,
+            gap_us: 0,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -73,6 +76,7 @@ impl Options {
                     o.reps = 1;
                 }
                 "--no-write" => o.write = false,
+                "--gap-us" => o.gap_us = it.next().context("--gap-us N")?.parse().context("--gap-us N")?,
                 "--reps" => o.reps = it.next().context("--reps N")?.parse().context("--reps N")?,
                 "--connections" => {
                     o.connections =
@@ -384,6 +388,7 @@ impl Bench<'_> {
             addr.to_string(),
             self.opts.connections.to_string(),
             self.opts.warmup.to_string(),
+            self.opts.gap_us.to_string(),
         ];
         let j = self.client(tagged, &args)?;
         Ok(Latency {
