@@ -249,6 +249,14 @@ fn kill9_fails_closed_and_a_restart_adopts_the_pinned_programs() {
     // The runtime binding survived (the tag map is pinned, the binding stored) and the target works again.
     assert_reached(&cg.probe(&["connect", "127.0.0.5", &db_port]), "db");
     assert_eq!(db.clients(), 3);
+    // A clean stop (SIGTERM) leaves the programs attached too: still fail closed.
+    w.stop();
+    let v = cg.probe(&["connect", "127.0.0.5", &db_port]);
+    assert_eq!(errno(&v), Some(ECONNREFUSED), "after a clean stop: {v}");
+    let v = cg.probe(&["connect", "127.0.0.6", &other.addr.port().to_string()]);
+    assert_eq!(errno(&v), Some(EPERM), "after a clean stop: {v}");
+    w.spawn();
+    assert_reached(&cg.probe(&["connect", "127.0.0.5", &db_port]), "db");
     // The chain survived the crash.
     let out = w.cli(&["audit", "verify", "--dir", w.audit_dir().to_str().unwrap()]);
     assert!(
@@ -257,6 +265,13 @@ fn kill9_fails_closed_and_a_restart_adopts_the_pinned_programs() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // `warden uninstall` is the one command that lifts enforcement.
+    w.stop();
+    let out = w.cli(&["uninstall"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!w.bpffs.exists(), "every pin removed");
+    assert_reached(&cg.probe(&["connect", "127.0.0.6", &other.addr.port().to_string()]), "other");
 }
 
 /// A sysctl set for the length of a test, restored on drop.

@@ -17,7 +17,7 @@ use aya::EbpfLoader;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, ProgramError, SockOps};
+use aya::programs::{CgroupAttachMode, Program, ProgramError};
 use warden_common::{AllowKey, Binding, Endpoint, Origin, ProxyConfig, TargetRef, names};
 
 /// The kernel programs, built by build.rs from ebpf/programs (empty when built without the toolchain).
@@ -216,57 +216,31 @@ fn attach_logger(links_dir: &Path) -> Option<KernelLogger> {
 
 fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin: &Path) -> Result<(), BpfError> {
     let perr = |source: ProgramError| BpfError::Program { name, source: Box::new(source) };
+    let pin_err = |detail: String| BpfError::Pin { name, path: pin.into(), detail };
+    // The cgroup program types share one shape: load, attach at the root, take the link as an FdLink.
+    macro_rules! cgroup_link {
+        ($p:expr) => {{
+            $p.load().map_err(perr)?;
+            let id = $p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
+            FdLink::try_from($p.take_link(id).map_err(perr)?).map_err(|e| pin_err(e.to_string()))?
+        }};
+    }
     let program = ebpf.program_mut(name).ok_or(BpfError::MissingProgram { name })?;
     let link: FdLink = match program {
-        Program::CgroupSockAddr(p) => {
-            p.load().map_err(perr)?;
-            let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
-            let link = p.take_link(id).map_err(perr)?;
-            FdLink::try_from(link).map_err(|e| BpfError::Pin {
-                name,
-                path: pin.into(),
-                detail: e.to_string(),
-            })?
-        }
-        Program::CgroupSock(p) => {
-            p.load().map_err(perr)?;
-            let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
-            let link = p.take_link(id).map_err(perr)?;
-            FdLink::try_from(link).map_err(|e| BpfError::Pin {
-                name,
-                path: pin.into(),
-                detail: e.to_string(),
-            })?
-        }
+        Program::CgroupSockAddr(p) => cgroup_link!(p),
+        Program::CgroupSock(p) => cgroup_link!(p),
+        Program::SockOps(p) => cgroup_link!(p),
         Program::Lsm(p) => {
-            let btf = Btf::from_sys_fs().map_err(|e| BpfError::Pin {
-                name,
-                path: "/sys/kernel/btf/vmlinux".into(),
-                detail: format!("kernel BTF unavailable: {e}"),
-            })?;
+            let btf = Btf::from_sys_fs().map_err(|e| pin_err(format!("kernel BTF unavailable: {e}")))?;
             p.load("socket_create", &btf).map_err(perr)?;
             let id = p.attach().map_err(perr)?;
-            let link = p.take_link(id).map_err(perr)?;
-            FdLink::from(link)
-        }
-        Program::SockOps(p) => {
-            p.load().map_err(perr)?;
-            let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
-            let link = p.take_link(id).map_err(perr)?;
-            FdLink::try_from(link).map_err(|e| BpfError::Pin {
-                name,
-                path: pin.into(),
-                detail: e.to_string(),
-            })?
+            FdLink::from(p.take_link(id).map_err(perr)?)
         }
         _ => return Err(BpfError::MissingProgram { name }),
     };
-    link.pin(pin).map_err(|e| BpfError::Pin { name, path: pin.into(), detail: e.to_string() })?;
+    link.pin(pin).map_err(|e| pin_err(e.to_string()))?;
     Ok(())
 }
-
-// Keep the program types referenced so a renamed aya type fails to compile here, not at run time.
-const _: fn(&CgroupSock, &CgroupSockAddr, &SockOps) = |_, _, _| {};
 
 impl Kernel {
     fn from_ebpf(
