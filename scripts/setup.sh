@@ -35,9 +35,20 @@ fi
 (cd "$(dirname "$0")/../tests/idp" && npm ci --no-audit --no-fund)
 
 # The pinned nightly with rust-src, for the eBPF programs.
+NIGHTLY_COMMIT="e50aa6fba"   # the commit nightly-2026-05-20 names (rustc 1.97.0-nightly, LLVM 22)
 if ! rustup toolchain list | grep -q "^${NIGHTLY}"; then
   log "installing ${NIGHTLY}"
-  rustup toolchain install "${NIGHTLY}" --profile minimal --component rust-src
+  if ! rustup toolchain install "${NIGHTLY}" --profile minimal --component rust-src; then
+    # Offline fallback: a preinstalled `nightly` of the same commit serves under the pinned name.
+    if rustc +nightly -vV 2>/dev/null | grep -q "commit-hash: ${NIGHTLY_COMMIT}"; then
+      log "linking the preinstalled nightly (${NIGHTLY_COMMIT}) as ${NIGHTLY}"
+      rustup component add rust-src --toolchain nightly
+      rustup toolchain link "${NIGHTLY}" "$(rustc +nightly --print sysroot)"
+    else
+      echo "cannot install ${NIGHTLY}, and no preinstalled nightly of commit ${NIGHTLY_COMMIT}" >&2
+      exit 1
+    fi
+  fi
 else
   rustup component add rust-src --toolchain "${NIGHTLY}" >/dev/null 2>&1 || true
 fi
