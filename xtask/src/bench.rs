@@ -310,6 +310,9 @@ impl Bench<'_> {
             println!("{}, {one:.2} Gbit/s (1 conn), {four:.2} Gbit/s (4 conns)", latency.summary());
             cases.push(Case { name, latency, tput: Some((one, four)), cpu });
         }
+        print!("Warden's programs on untagged connections (kernel BPF statistics) ... ");
+        let programs = self.program_costs()?;
+        println!("{:.0} ns per connection", programs.iter().map(|p| p.ns * p.per_connection).sum::<f64>());
         drop(agent);
         drop(daemon);
         if let Some(config) = self.config_tmpfs {
@@ -339,7 +342,7 @@ impl Bench<'_> {
         others.extend(other_wardens(&self.tag));
         others.sort();
         others.dedup();
-        Ok(Round { cases, flush, load_before, load_after: loadavg(), others })
+        Ok(Round { cases, flush, programs, load_before, load_after: loadavg(), others })
     }
 
     /// A cgroup the running daemon has tagged with the bench identity (`warden tag`). Every tagged client
@@ -357,6 +360,49 @@ impl Bench<'_> {
         )?;
         ensure!(ok, "warden tag failed: {out}");
         Ok(cg)
+    }
+
+    /// Runs untagged connections with the kernel's BPF run-time statistics on, and returns what each of this
+    /// Warden's attached programs cost: the mean run time, and how often it ran per connection (both ends
+    /// of the connection are on this host, so the target's side counts too).
+    fn program_costs(&self) -> anyhow::Result<Vec<ProgramCost>> {
+        let links = Path::new("/sys/fs/bpf").join(&self.tag).join("links");
+        let mut progs = Vec::new();
+        for e in std::fs::read_dir(&links).with_context(|| format!("reading {}", links.display()))? {
+            let path = e?.path();
+            let link = output(Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(&path));
+            if let Ok(id) = field(&link, "prog_id") {
+                progs.push((path.file_name().unwrap_or_default().to_string_lossy().into_owned(), id));
+            }
+        }
+        ensure!(
+            !progs.is_empty(),
+            "no Warden program found under {} (is bpftool installed?)",
+            links.display()
+        );
+        let stats = |id: f64| -> (f64, f64) {
+            let j = output(Command::new("bpftool").args(["-j", "prog", "show", "id", &id.to_string()]));
+            (field(&j, "run_time_ns").unwrap_or(0.0), field(&j, "run_cnt").unwrap_or(0.0))
+        };
+        let connections = self.opts.connections.min(2000);
+        let args = ["latency".to_owned(), self.target.to_string(), connections.to_string(), "0".to_owned()];
+        let on = BpfStats::enable()?;
+        let before: Vec<_> = progs.iter().map(|(_, id)| stats(*id)).collect();
+        self.client(None, &args)?;
+        let after: Vec<_> = progs.iter().map(|(_, id)| stats(*id)).collect();
+        drop(on);
+        #[expect(clippy::cast_precision_loss, reason = "a small count")]
+        let n = connections as f64;
+        let mut costs: Vec<ProgramCost> = progs
+            .into_iter()
+            .zip(before.iter().zip(&after))
+            .filter_map(|((name, _), (b, a))| {
+                let runs = a.1 - b.1;
+                (runs > 0.0).then(|| ProgramCost { name, ns: (a.0 - b.0) / runs, per_connection: runs / n })
+            })
+            .collect();
+        costs.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(costs)
     }
 
     /// One client run, untagged or inside the tagged cgroup `tagged`; its JSON line.
@@ -425,6 +471,36 @@ impl Bench<'_> {
     }
 }
 
+/// One program's cost to an untagged connection.
+struct ProgramCost {
+    name: String,
+    /// Mean run time, in ns.
+    ns: f64,
+    /// Runs per connection.
+    per_connection: f64,
+}
+
+/// `kernel.bpf_stats_enabled` on for as long as this lives; the previous value is put back on drop.
+struct BpfStats {
+    old: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> anyhow::Result<Self> {
+        let old = std::fs::read_to_string(BPF_STATS).context("reading kernel.bpf_stats_enabled")?;
+        std::fs::write(BPF_STATS, "1").context("enabling kernel.bpf_stats_enabled")?;
+        Ok(Self { old: old.trim().to_owned() })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, &self.old);
+    }
+}
+
 struct Latency {
     connect_p50: f64,
     p50: f64,
@@ -451,6 +527,8 @@ struct Round {
     cases: Vec<Case>,
     /// p50 and p99 of an fdatasync'd small append on the audit record's disk, in µs.
     flush: (f64, f64),
+    /// What each of Warden's programs costs an untagged connection.
+    programs: Vec<ProgramCost>,
     load_before: String,
     load_after: String,
     /// Other Warden instances (tests, demos) with programs pinned at the start or end of the round: their
@@ -488,6 +566,20 @@ impl Round {
              measured during the round: p50 {:.0} µs, p99 {:.0} µs.\n",
             self.load_before, self.load_after, self.flush.0, self.flush.1
         );
+        if !self.programs.is_empty() {
+            let total: f64 = self.programs.iter().map(|p| p.ns * p.per_connection).sum();
+            let each: Vec<String> = self
+                .programs
+                .iter()
+                .map(|p| format!("`{}` {:.0} ns × {:.1}", p.name, p.ns, p.per_connection))
+                .collect();
+            let _ = writeln!(
+                s,
+                "Warden's programs on an untagged loopback connection (kernel BPF statistics, mean run time × \
+                 runs per connection, both ends on this host): {}; {total:.0} ns per connection in all.",
+                each.join(", ")
+            );
+        }
         if self.others.is_empty() {
             s.push_str("No other Warden instance was attached.\n");
         } else {
@@ -655,6 +747,16 @@ impl Machine {
     }
 }
 
+/// A one-off experiment this command does not repeat (it needed builds of the daemon with other relays).
+const RELAY_NOTE: &str = "\n### Relay buffer (one-off experiment, not repeated by this command)\n\n\
+On 2026-11-23, with the load average at 4–7, 512 MiB × 3 per point, daemon builds whose relay was chosen by \
+an environment variable: proxy CPU per GiB over 1 connection was 0.68 s and 0.68 s with the 32 KiB \
+per-direction buffers, 0.62 s and 0.44 s with 128 KiB, 0.48 s with 256 KiB, and 0.62 s with tokio's \
+`copy_bidirectional_with_sizes` at 128 KiB; haproxy took 0.76–1.10 s in the same runs, and Warden's Gbit/s \
+was above haproxy's in every one of them. Larger buffers may save some CPU, but the runs scatter as much as \
+the differences and each session would hold 4–8 times the memory, so `agent/src/protocol/tcp.rs` keeps \
+32 KiB.\n";
+
 fn section(machine: &Machine, opts: &Options, rounds: &[Round], leftovers: &[String]) -> String {
     let mut s = String::from("## Data path\n\n");
     s.push_str("Measured by `cargo xtask bench` (xtask/src/bench.rs). ");
@@ -692,6 +794,7 @@ fn section(machine: &Machine, opts: &Options, rounds: &[Round], leftovers: &[Str
     for (i, r) in rounds.iter().enumerate() {
         let _ = write!(s, "\n### Round {}\n\n{}\n{}", i + 1, r.markdown(), r.verdict());
     }
+    s.push_str(RELAY_NOTE);
     if !leftovers.is_empty() {
         let _ = write!(s, "\nLeft behind after the run (a bug): {leftovers:?}\n");
     }
