@@ -592,8 +592,8 @@ impl Round {
         s
     }
 
-    /// The goals, each with the numbers that decide it.
-    fn verdict(&self) -> String {
+    /// The numbers the goals are decided on.
+    fn goals(&self) -> Goals {
         let (base, after, attached, warden, ha) = (
             self.case("direct, no"),
             self.case("direct, after"),
@@ -601,52 +601,151 @@ impl Round {
             self.case("through Warden (tagged)"),
             self.case("through haproxy"),
         );
-        let met = |b: bool| if b { "**met**" } else { "**not met**" };
-        let (w1, w4) = warden.tput.unwrap_or_default();
-        let (h1, h4) = ha.tput.unwrap_or_default();
         // Against the fastest direct run of the round: scheduling noise on a shared machine only ever adds
         // latency, so this errs against Warden rather than for it.
         let direct = base.latency.p50.min(attached.latency.p50).min(after.latency.p50);
-        let added = warden.latency.p50 - direct;
-        let untagged_delta = attached.latency.p50 - base.latency.p50;
+        let (w1, w4) = warden.tput.unwrap_or_default();
+        let (h1, h4) = ha.tput.unwrap_or_default();
         let connect_delta = attached.latency.connect_p50 - base.latency.connect_p50;
         // How far two untagged runs without any Warden program drift apart on this machine right now.
         let connect_noise = (after.latency.connect_p50 - base.latency.connect_p50).abs();
-        let setup_noise = (after.latency.p50 - base.latency.p50).abs();
-        let cpu = match (warden.cpu, ha.cpu) {
-            (Some(w), Some(h)) => format!(
+        Goals {
+            direct,
+            warden_p50: warden.latency.p50,
+            added: warden.latency.p50 - direct,
+            tmpfs_added: self.find("through Warden, audit on tmpfs").map(|t| t.latency.p50 - direct),
+            w1,
+            w4,
+            h1,
+            h4,
+            cpu: warden.cpu.zip(ha.cpu),
+            connect: (attached.latency.connect_p50, base.latency.connect_p50),
+            connect_delta,
+            connect_noise,
+            setup_delta: attached.latency.p50 - base.latency.p50,
+            setup_noise: (after.latency.p50 - base.latency.p50).abs(),
+            bpf_ns: self.programs.iter().map(|p| p.ns * p.per_connection).sum(),
+        }
+    }
+
+    /// The goals, each with the numbers that decide it.
+    fn verdict(&self) -> String {
+        let g = self.goals();
+        let cpu = g.cpu.map_or(String::new(), |(w, h)| {
+            format!(
                 "- CPU per GiB relayed (1 conn, load-independent): Warden {w:.2} s, haproxy {h:.2} s ({:+.0} %).\n",
                 pct(w, h)
-            ),
-            _ => String::new(),
-        };
-        let disk = self.find("through Warden, audit on tmpfs").map_or(String::new(), |t| {
+            )
+        });
+        let disk = g.tmpfs_added.map_or(String::new(), |t| {
             format!(
                 "- Where the added latency goes: with the audit record on tmpfs (no disk flush) Warden adds \
-                 {:.0} µs at p50, so the durable `session.start` record accounts for about {:.0} µs of the \
-                 {added:.0} µs (one fdatasync on this disk: p50 {:.0} µs).\n",
-                t.latency.p50 - direct,
-                warden.latency.p50 - t.latency.p50,
+                 {t:.0} µs at p50, so the durable `session.start` record accounts for about {:.0} µs of the \
+                 {:.0} µs (one bare fdatasync on this disk: p50 {:.0} µs).\n",
+                g.added - t,
+                g.added,
                 self.flush.0,
             )
         });
         format!(
-            "- Throughput at least haproxy's: 1 conn {w1:.2} vs {h1:.2} Gbit/s ({:+.0} %), 4 conns {w4:.2} vs {h4:.2} Gbit/s ({:+.0} %): {}.\n\
-             - Added set-up latency p50 under 0.5 ms: {added:.0} µs (Warden {:.0} µs − the fastest direct run's {direct:.0} µs): {}.\n\
-             - Untagged processes' connect() unchanged: connect() p50 {:.0} µs with Warden's programs attached vs {:.0} µs without ({connect_delta:+.0} µs; the two runs without differ by {connect_noise:.0} µs); set-up p50 {:+.0} µs (runs without differ by {setup_noise:.0} µs): {}.\n",
-            pct(w1, h1),
-            pct(w4, h4),
-            met(w1 >= h1 && w4 >= h4),
-            warden.latency.p50,
-            met(added < LATENCY_GOAL_US),
-            attached.latency.connect_p50,
-            base.latency.connect_p50,
-            untagged_delta,
-            // Unchanged: no more above the baseline than two runs without differ, give or take 2 µs.
-            met(connect_delta <= connect_noise + 2.0),
+            "- Throughput at least haproxy's: 1 conn {:.2} vs {:.2} Gbit/s ({:+.0} %), 4 conns {:.2} vs {:.2} Gbit/s ({:+.0} %): {}.\n\
+             - Added set-up latency p50 under 0.5 ms: {:.0} µs (Warden {:.0} µs − the fastest direct run's {:.0} µs): {}.\n\
+             - Untagged processes' connect() unchanged: connect() p50 {:.0} µs with Warden's programs attached vs {:.0} µs without ({:+.0} µs; the two runs without differ by {:.0} µs); set-up p50 {:+.0} µs (runs without differ by {:.0} µs): {}.\n",
+            g.w1,
+            g.h1,
+            pct(g.w1, g.h1),
+            g.w4,
+            g.h4,
+            pct(g.w4, g.h4),
+            met(g.throughput_met()),
+            g.added,
+            g.warden_p50,
+            g.direct,
+            met(g.latency_met()),
+            g.connect.0,
+            g.connect.1,
+            g.connect_delta,
+            g.connect_noise,
+            g.setup_delta,
+            g.setup_noise,
+            met(g.untagged_met()),
         ) + &cpu
             + &disk
     }
+}
+
+fn met(b: bool) -> &'static str {
+    if b { "**met**" } else { "**not met**" }
+}
+
+/// One round's numbers, as the goals judge them (µs, Gbit/s, s).
+struct Goals {
+    direct: f64,
+    warden_p50: f64,
+    added: f64,
+    tmpfs_added: Option<f64>,
+    w1: f64,
+    w4: f64,
+    h1: f64,
+    h4: f64,
+    /// CPU per GiB: Warden, haproxy.
+    cpu: Option<(f64, f64)>,
+    /// connect() p50: with Warden's programs attached, without.
+    connect: (f64, f64),
+    connect_delta: f64,
+    connect_noise: f64,
+    setup_delta: f64,
+    setup_noise: f64,
+    /// BPF run time per untagged connection, in ns.
+    bpf_ns: f64,
+}
+
+impl Goals {
+    fn throughput_met(&self) -> bool {
+        self.w1 >= self.h1 && self.w4 >= self.h4
+    }
+
+    fn latency_met(&self) -> bool {
+        self.added < LATENCY_GOAL_US
+    }
+
+    /// Unchanged: no more above the baseline than two runs without differ, give or take 2 µs.
+    fn untagged_met(&self) -> bool {
+        self.connect_delta <= self.connect_noise + 2.0
+    }
+}
+
+/// The rounds side by side, with how many met each goal.
+fn summary(rounds: &[Round]) -> String {
+    let mut s = String::from(
+        "| round | Warden vs haproxy, 1 conn | 4 conns | added set-up p50 | of it, without the disk flush | untagged connect() p50 Δ (noise) | BPF per untagged connection |\n|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let (mut tput, mut lat, mut untagged) = (0, 0, 0);
+    for (i, r) in rounds.iter().enumerate() {
+        let g = r.goals();
+        tput += usize::from(g.throughput_met());
+        lat += usize::from(g.latency_met());
+        untagged += usize::from(g.untagged_met());
+        let _ = writeln!(
+            s,
+            "| {} | {:+.0} % | {:+.0} % | {:.0} µs | {} | {:+.0} µs ({:.0} µs) | {:.1} µs |",
+            i + 1,
+            pct(g.w1, g.h1),
+            pct(g.w4, g.h4),
+            g.added,
+            g.tmpfs_added.map_or("—".into(), |t| format!("{t:.0} µs")),
+            g.connect_delta,
+            g.connect_noise,
+            g.bpf_ns / 1000.0,
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nRounds meeting each goal, of {}: throughput at least haproxy's {tput}; added set-up latency p50 under \
+         0.5 ms {lat}; untagged connect() unchanged {untagged}.",
+        rounds.len()
+    );
+    s
 }
 
 /// What a durable append costs on the disk under `dir`: 200 appends of a record-sized line, each followed
@@ -791,6 +890,7 @@ fn section(machine: &Machine, opts: &Options, rounds: &[Round], leftovers: &[Str
         opts.reps,
         rounds.len()
     );
+    let _ = write!(s, "\n### Summary\n\n{}", summary(rounds));
     for (i, r) in rounds.iter().enumerate() {
         let _ = write!(s, "\n### Round {}\n\n{}\n{}", i + 1, r.markdown(), r.verdict());
     }
