@@ -865,12 +865,14 @@ the differences and each session would hold 4–8 times the memory, so `agent/sr
 32 KiB.\n\n\
 ### Where a Warden connection's set-up goes (one-off measurement, not repeated by this command)\n\n\
 `strace -f -c` on the daemon for 8 s of the sequential latency loop (647 connections): 1274 `fdatasync` \
-calls, i.e. two per connection. The `session.start` record is flushed before the first byte goes upstream, \
-as it must be; the `session.end` record, appended without waiting, gets a flush of its own, since the audit \
-writer flushes every batch. In a sequential loop the next `session.start` can find that flush in progress \
-and wait for it. That, plus the hand-off to the blocking pool, is why the durable record costs 2–3 times a \
-bare `fdatasync` of the same size on the same disk. Per connection the daemon also makes one `bpf()` call \
-(the origin lookup), one `openat` (the process's `/proc/PID/cgroup`) and one upstream `connect`.\n";
+calls, two per connection: the `session.start` record is flushed before the first byte goes upstream, as it \
+must be, and the `session.end` record, appended without waiting, gets a flush of its own (the audit writer \
+flushes every batch). Pausing 3 ms before each timed connection (`--gap-us 3000`), so that the previous \
+flush is over, did not make the durable record cheaper (247 and 349 µs against 300 and 399 µs without the \
+pause), so waiting behind it is not what makes the durable record cost 2–3 times a bare `fdatasync` of the \
+same size on the same disk; these measurements do not say what does (candidates: the hand-off to the \
+blocking pool and back, the work per batch). Per connection the daemon also makes one `bpf()` call (the \
+origin lookup), one `openat` (the process's `/proc/PID/cgroup`) and one upstream `connect`.\n";
 
 fn section(machine: &Machine, opts: &Options, rounds: &[Round], leftovers: &[String]) -> String {
     let mut s = String::from("## Data path\n\n");
