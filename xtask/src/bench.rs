@@ -13,7 +13,9 @@
 //! 5. through Warden with its audit record on tmpfs (a diagnostic: what the disk flush costs);
 //! 6. direct again, after Warden is uninstalled (the baseline's noise).
 //!
-//! `cargo xtask bench [--rounds N] [--quick] [--connections N] [--mib N] [--reps N] [--no-write] [--warden PATH]`
+//! `cargo xtask bench [--rounds N] [--quick] [--connections N] [--mib N] [--reps N] [--gap-us N] [--no-write]
+//! [--warden PATH]`: `--quick` is one short round (other flags still apply), `--warden` uses a prebuilt
+//! daemon instead of building it, `--no-write` leaves BENCHMARKS.md alone.
 
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
@@ -37,6 +39,8 @@ const IDENTITY: &str = "bench";
 const IO_BUFFER: usize = 256 * 1024;
 /// No socket operation of the load generator may block longer than this.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
+const USAGE: &str = "usage: cargo xtask bench [--rounds N] [--quick] [--connections N] [--mib N] [--reps N] \
+                     [--gap-us N] [--no-write] [--warden PATH]";
 /// Added set-up latency (p50) Warden must stay under.
 const LATENCY_GOAL_US: f64 = 500.0;
 
@@ -64,17 +68,18 @@ impl Options {
             warden: None,
             gap_us: 0,
         };
+        if args.iter().any(|a| a == "--quick") {
+            o.rounds = 1;
+            o.connections = 300;
+            o.warmup = 50;
+            o.bytes = 128 << 20;
+            o.reps = 1;
+        }
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
                 "--rounds" => o.rounds = it.next().context("--rounds N")?.parse().context("--rounds N")?,
-                "--quick" => {
-                    o.rounds = 1;
-                    o.connections = 300;
-                    o.warmup = 50;
-                    o.bytes = 128 << 20;
-                    o.reps = 1;
-                }
+                "--quick" => {}
                 "--no-write" => o.write = false,
                 "--gap-us" => o.gap_us = it.next().context("--gap-us N")?.parse().context("--gap-us N")?,
                 "--reps" => o.reps = it.next().context("--reps N")?.parse().context("--reps N")?,
@@ -84,12 +89,13 @@ impl Options {
                 }
                 "--mib" => o.bytes = it.next().context("--mib N")?.parse::<u64>().context("--mib N")? << 20,
                 "--warden" => o.warden = Some(it.next().context("--warden PATH")?.into()),
-                other => bail!(
-                    "unknown argument {other}; usage: cargo xtask bench [--rounds N] [--quick] [--connections N] [--mib N] [--reps N] [--no-write] [--warden PATH]"
-                ),
+                other => bail!("unknown argument {other}; {USAGE}"),
             }
         }
-        ensure!(o.rounds >= 1 && o.connections >= 1 && o.reps >= 1, "--rounds must be at least 1");
+        ensure!(
+            o.rounds >= 1 && o.connections >= 1 && o.reps >= 1 && o.bytes >= 4,
+            "--rounds, --connections, --reps and --mib must be at least 1"
+        );
         Ok(o)
     }
 }
@@ -113,7 +119,6 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let client_exe = std::env::current_exe().context("the xtask binary's path")?;
 
     let dir = std::env::temp_dir().join(format!("warden-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
     let tag = format!("warden-bench-{}", std::process::id());
     let mut guard = Guard {
         dir: dir.clone(),
@@ -122,6 +127,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         bpffs: PathBuf::from("/sys/fs/bpf").join(&tag),
         cgroup_parent: cgroup2_root()?.join(&tag),
     };
+    std::fs::create_dir_all(&dir)?;
 
     let target = Target::start()?;
     println!("target server on {}", target.addr);
@@ -168,6 +174,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
 
     let mut machine = Machine::read(&haproxy, &dir);
+    if let Some(p) = &opts.warden {
+        machine.build = format!("the prebuilt binary {}, not necessarily of that commit", p.display());
+    }
     machine.haproxy_threads =
         std::fs::read_dir(format!("/proc/{haproxy_pid}/task")).map_or(0, Iterator::count);
     println!("{}", machine.markdown());
@@ -817,6 +826,7 @@ struct Machine {
     date: String,
     state_fs: String,
     haproxy_threads: usize,
+    build: String,
 }
 
 impl Machine {
@@ -856,14 +866,15 @@ impl Machine {
             date,
             state_fs: state_fs.split_whitespace().collect::<Vec<_>>().join(" on "),
             haproxy_threads: 0,
+            build: "release build".into(),
         }
     }
 
     fn markdown(&self) -> String {
         format!(
-            "Machine: {} CPUs ({}), kernel {}; {}; Warden {} (release build); {}. Warden's state and audit \
+            "Machine: {} CPUs ({}), kernel {}; {}; Warden {} ({}); {}. Warden's state and audit \
              directory on {}.",
-            self.cpus, self.cpu, self.kernel, self.haproxy, self.commit, self.date, self.state_fs
+            self.cpus, self.cpu, self.kernel, self.haproxy, self.commit, self.build, self.date, self.state_fs
         )
     }
 }
