@@ -24,6 +24,12 @@
 //! escapes, so the parsed fields it reasons about are exactly the bytes that were hashed), recomputes each
 //! hash from the bytes on disk, and checks `seq` and `prev` against the line before.
 //!
+//! # Durability
+//!
+//! A record appended with [`Audit::append_durable`] is fdatasync'd before the call returns (group commit:
+//! one fdatasync per batch). A record appended with [`Audit::append`] is written to the file at once (it
+//! survives a crash of the daemon) and made durable with the next durable batch, or within 50 ms.
+//!
 //! # Files
 //!
 //! `audit.dir/audit-<first seq, 20 digits>.jsonl`, root-owned, mode 0600, in a 0700 directory. The writer
@@ -204,6 +210,8 @@ impl AuditOptions {
 }
 
 const MAX_BATCH: usize = 4096;
+/// The longest a written record waits to be made durable when nobody waits on it.
+const SYNC_DELAY: Duration = Duration::from_millis(50);
 
 impl Audit {
     /// Opens (and recovers) the audit directory, loads or creates the signing key, writes `audit.started`
@@ -270,7 +278,7 @@ impl Audit {
             }
             first.push(r);
         }
-        let outcome = w.write_batch(first, false);
+        let outcome = w.write_batch(first, false, true);
         if let Some(reason) = outcome.fatal {
             return Err(AuditError::Stopped { reason });
         }
@@ -344,11 +352,12 @@ async fn commit(
     w: writer::Writer,
     batch: Vec<Msg>,
     force_checkpoint: bool,
+    sync: bool,
 ) -> (Option<writer::Writer>, Option<String>) {
     let (records, acks): (Vec<Record>, Vec<_>) = batch.into_iter().map(|m| (m.record, m.ack)).unzip();
     let joined = tokio::task::spawn_blocking(move || {
         let mut w = w;
-        let outcome = w.write_batch(records, force_checkpoint);
+        let outcome = w.write_batch(records, force_checkpoint, sync);
         (w, outcome)
     })
     .await;
@@ -390,9 +399,14 @@ async fn run(
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         i
     });
+    // Batches nobody waits on are written at once (they survive a crash of the process) but made durable
+    // only with the next durable batch, or within SYNC_DELAY: a session's start pays one fdatasync, not
+    // also one for the previous session's end.
+    let mut sync_by: Option<tokio::time::Instant> = None;
     loop {
         let mut batch = Vec::new();
         let mut force = false;
+        let mut sync_only = false;
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
@@ -400,6 +414,9 @@ async fn run(
                 Some(m) => batch.push(m),
                 None => break,
             },
+            () = async { match sync_by { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                sync_only = true;
+            }
             _ = async { match tick.as_mut() { Some(t) => t.tick().await, None => std::future::pending().await } } => {
                 force = true;
             }
@@ -410,9 +427,14 @@ async fn run(
                 Err(_) => break,
             }
         }
+        let durable = force || sync_only || batch.iter().any(|m| m.ack.is_some());
         let Some(writer) = w.take() else { break };
-        let (back, fatal) = commit(writer, batch, force).await;
+        let (back, fatal) = commit(writer, batch, force, durable).await;
         w = back;
+        sync_by = match &w {
+            Some(wr) if wr.is_dirty() => sync_by.or_else(|| Some(tokio::time::Instant::now() + SYNC_DELAY)),
+            _ => None,
+        };
         if let Some(reason) = fatal {
             tracing::error!(%reason, "audit writer failed; refusing new sessions and ending live ones");
             set_stopped(&shared, &reason);
@@ -435,7 +457,7 @@ async fn run(
     }
     rest.push(Msg { record: Record::new("audit.stopped"), ack: None });
     if let Some(writer) = w.take() {
-        let (_, fatal) = commit(writer, rest, true).await;
+        let (_, fatal) = commit(writer, rest, true, true).await;
         if let Some(reason) = fatal {
             tracing::error!(%reason, "audit writer failed while shutting down");
             failed.cancel();

@@ -59,6 +59,8 @@ pub struct Writer {
     /// Records written since the last checkpoint (checkpoints themselves not counted).
     unsigned: u64,
     buf: Vec<u8>,
+    /// Written but not yet fdatasync'd (a batch nobody waited on).
+    dirty: bool,
 }
 
 /// The outcome of one batch: a result per record, in order, and the reason the writer must stop, if any.
@@ -119,12 +121,15 @@ impl Writer {
             prev,
             unsigned,
             buf: Vec::with_capacity(64 * 1024),
+            dirty: false,
         };
         Ok((w, recovery))
     }
 
     /// Writes a batch, rotating and checkpointing as needed; one fdatasync per file touched.
-    pub fn write_batch(&mut self, records: Vec<Record>, force_checkpoint: bool) -> BatchOutcome {
+    /// Writes a batch. With `sync` it is durable (fdatasync'd, with anything written before it) when this
+    /// returns; without, it is written (it survives the process) and left for a later [`Writer::sync`].
+    pub fn write_batch(&mut self, records: Vec<Record>, force_checkpoint: bool, sync: bool) -> BatchOutcome {
         let mut results: Vec<Result<u64, AuditError>> = Vec::with_capacity(records.len());
         let mut pending: Vec<usize> = Vec::new();
         let mut buf = std::mem::take(&mut self.buf);
@@ -141,7 +146,7 @@ impl Writer {
             }
             let now = (self.s.clock)();
             if self.needs_rotation(now, buf.len()) {
-                if let Err(reason) = self.flush(&mut buf) {
+                if let Err(reason) = self.flush(&mut buf, true) {
                     fail(&mut results, &pending, &reason);
                     return BatchOutcome { results, fatal: Some(reason) };
                 }
@@ -167,7 +172,7 @@ impl Writer {
             let now = (self.s.clock)();
             self.checkpoint(&mut buf, now);
         }
-        let fatal = self.flush(&mut buf).err();
+        let fatal = self.flush(&mut buf, sync).err();
         if let Some(reason) = &fatal {
             fail(&mut results, &pending, reason);
         }
@@ -218,16 +223,19 @@ impl Writer {
         }
     }
 
-    /// Writes `buf` to the current file and makes it durable. On failure the file is cut back to its last
-    /// durable length so no half batch stays behind, and the reason is returned.
-    fn flush(&mut self, buf: &mut Vec<u8>) -> Result<(), String> {
+    /// Writes `buf` to the current file and, with `sync`, makes it (and anything written before) durable.
+    /// On failure the file is cut back to its last written length so no half batch stays behind, and the
+    /// reason is returned.
+    fn flush(&mut self, buf: &mut Vec<u8>, sync: bool) -> Result<(), String> {
         if buf.is_empty() {
-            return Ok(());
+            return if sync { self.sync() } else { Ok(()) };
         }
-        let result = self.file.write_all(buf).and_then(|()| self.file.sync_data());
+        let result =
+            self.file.write_all(buf).and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
         match result {
             Ok(()) => {
                 self.file_len += buf.len() as u64;
+                self.dirty = !sync;
                 buf.clear();
                 Ok(())
             }
@@ -237,6 +245,21 @@ impl Writer {
                 Err(format!("cannot write {}: {e}", self.path.display()))
             }
         }
+    }
+
+    /// Makes everything written so far durable.
+    pub fn sync(&mut self) -> Result<(), String> {
+        if !self.dirty {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(|e| format!("cannot sync {}: {e}", self.path.display()))?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Whether records were written but not yet made durable.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
     }
 
     /// Starts a new file named after the next seq, then applies retention (which may add a record to `buf`).
@@ -260,7 +283,7 @@ impl Writer {
         buf.clear();
         let now = (self.s.clock)();
         self.retention(now, &mut buf);
-        let result = self.flush(&mut buf);
+        let result = self.flush(&mut buf, true);
         self.buf = buf;
         result
     }

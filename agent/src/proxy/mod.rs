@@ -184,9 +184,16 @@ impl Proxy {
             .field("rule", &admission.rule)
             .field("access", &admission.access)
             .field("decision", "allow");
-        // The record before the first byte: if it cannot be made durable, the session does not proceed.
-        if let Err(e) = self.audit.append_durable(start).await {
+        // The record before the first byte: the upstream handshake (no payload) runs while session.start is
+        // made durable; if the record cannot be, the session does not proceed and the upstream connection
+        // is dropped unused.
+        let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(origin.dst));
+        let (recorded, upstream) = tokio::join!(self.audit.append_durable(start), connect);
+        if let Err(e) = recorded {
             tracing::error!(error = %e, "session.start could not be recorded; refusing");
+            if let Ok(Ok(u)) = upstream {
+                reset(u);
+            }
             return reset(client);
         }
         let counters = Arc::new(tcp::Counters::default());
@@ -206,7 +213,7 @@ impl Proxy {
         });
         let until = admission.until.unwrap_or_else(|| Box::pin(std::future::pending()));
         let reason: String = tokio::select! {
-            r = self.run(&mut client, &origin, &counters) => r,
+            r = Self::run(&mut client, upstream, &counters) => r,
             why = until => why,
             () = kill.cancelled() => "killed_by_operator".into(),
             () = self.audit_failed.cancelled() => "audit_unavailable".into(),
@@ -228,9 +235,13 @@ impl Proxy {
         }
     }
 
-    /// Connects upstream and runs the protocol handler; returns why it finished.
-    async fn run(&self, client: &mut TcpStream, origin: &ConnOrigin, counters: &tcp::Counters) -> String {
-        let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(origin.dst)).await {
+    /// Runs the protocol handler over the upstream connection; returns why it finished.
+    async fn run(
+        client: &mut TcpStream,
+        upstream: Result<std::io::Result<TcpStream>, tokio::time::error::Elapsed>,
+        counters: &tcp::Counters,
+    ) -> String {
+        let mut upstream = match upstream {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "upstream connect failed");
