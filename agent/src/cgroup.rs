@@ -204,9 +204,16 @@ pub fn exec_cli(
             return fail(e.exit_code(), &e);
         }
     };
-    let _ = crate::control::request(&config.agent.control_socket, &crate::control::Request::Untag { cgroup });
-    if let Err(e) = kill_and_remove(&path) {
-        eprintln!("warden: {e}");
+    // Kill what the command left behind BEFORE lifting the tag: a leftover must never run untagged, not
+    // even between the untag and the kill. If the cgroup cannot be emptied, the tag stays (fail closed).
+    match kill_and_remove(&path) {
+        Ok(()) => {
+            let _ = crate::control::request(
+                &config.agent.control_socket,
+                &crate::control::Request::Untag { cgroup },
+            );
+        }
+        Err(e) => eprintln!("warden: {e}; the cgroup stays tagged"),
     }
     code
 }
@@ -253,6 +260,11 @@ fn run_in(path: &Path, user: Option<&nix::unistd::User>, command: &[String]) -> 
                     || nix::unistd::setuid(u.uid).is_err()
                 {
                     fail("warden exec: cannot drop privileges\n");
+                }
+                // No way back up: setuid/setgid binaries and file capabilities (crontab, at, su, ...) could
+                // otherwise regain privileges and leave the tagged cgroup or hand work to untagged daemons.
+                if nix::sys::prctl::set_no_new_privs().is_err() {
+                    fail("warden exec: cannot set no_new_privs\n");
                 }
                 // SAFETY: single-threaded child before exec.
                 unsafe {

@@ -486,6 +486,30 @@ impl TestCgroup {
         c
     }
 
+    /// Runs a command inside this cgroup as `nobody`: the shell joins as root, then drops (no PAM, no
+    /// new session), as `warden exec --user` leaves an agent.
+    pub fn command_as_nobody(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(
+                "echo $$ > \"$0\"/cgroup.procs && exec setpriv --reuid=65534 --regid=65534 --clear-groups -- \"$@\"",
+            )
+            .arg(&self.path)
+            .arg(program)
+            .args(args)
+            .current_dir("/");
+        c
+    }
+
+    /// Runs the probe inside this cgroup as `nobody` and parses its JSON answer.
+    pub fn probe_as_nobody(&self, args: &[&str]) -> Value {
+        let script = repo().join("tests/privileged/probe.py");
+        let mut all = vec![script.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = self.command_as_nobody("/usr/bin/python3", &all).output().expect("run probe");
+        parse_probe(&out)
+    }
+
     /// Runs the probe inside this cgroup and parses its JSON answer.
     pub fn probe(&self, args: &[&str]) -> Value {
         let script = repo().join("tests/privileged/probe.py");
@@ -517,7 +541,7 @@ pub fn probe_untagged(args: &[&str]) -> Value {
     parse_probe(&out)
 }
 
-fn parse_probe(out: &Output) -> Value {
+pub fn parse_probe(out: &Output) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|_| {
         panic!("probe printed no JSON: stdout={stdout} stderr={}", String::from_utf8_lossy(&out.stderr))

@@ -4,6 +4,7 @@
 //! port and audit directory, and removes them when it ends.
 
 mod audit;
+mod bypass;
 mod dataplane;
 mod grants;
 mod harness;

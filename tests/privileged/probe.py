@@ -10,8 +10,20 @@ probe.py bind HOST PORT              bind (and listen) on HOST:PORT
 probe.py thread HOST PORT            connect from a new thread
 probe.py child HOST PORT             connect from a forked child
 probe.py hold HOST PORT SECS         connect, send a line every 100 ms for up to SECS, report how it ended
+probe.py from LOCAL LPORT HOST PORT  bind to LOCAL:LPORT (SO_REUSEADDR) first, then connect
+probe.py tfo6 HOST PORT              TCP Fast Open on an AF_INET6 socket (e.g. to ::ffff:a.b.c.d)
+probe.py unspec H1 P1 H2 P2          connect to H1, connect(AF_UNSPEC), then connect the same socket to H2
+probe.py udp-redirect H1 P1 H2 P2    connect a UDP socket to H1, then sendto H2 on it
+probe.py sendmmsg HOST PORT          sendmmsg(2) of two datagrams to HOST on an unconnected UDP socket
+probe.py reuse-listen HOST PORT      bind+listen with SO_REUSEADDR and SO_REUSEPORT
+probe.py cgroup-escape DIR...        write our pid into DIR/cgroup.procs, and mkdir DIR/escape, for each DIR
+probe.py spin HOST PORT SECS N       leave N detached children retrying connect for SECS, then exit at once
+probe.py autobind PORT SECS          listen() on unbound sockets until the kernel picks PORT (or SECS pass)
+probe.py flood HOST PORT N           N connects (non-blocking, each closed at once); counts the outcomes
 """
-import json, os, socket, sys, threading, time
+import ctypes, errno as errnos, json, os, socket, struct, sys, threading, time
+
+libc = ctypes.CDLL(None, use_errno=True)
 
 def out(**kw):
     kw.setdefault("pid", os.getpid())
@@ -123,5 +135,172 @@ elif op == "hold":
             ended = f"{type(e).__name__}: {e}"; break
         time.sleep(0.1)
     out(ok=True, ended=ended, held_secs=round(time.monotonic() - start, 2), sent=sent)
+elif op == "from":
+    fam = socket.AF_INET6 if ":" in args[2] else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.settimeout(10)
+    try:
+        s.bind((args[0], int(args[1])))
+        s.connect((args[2], int(args[3])))
+        data = s.recv(200).decode(errors="replace")
+        out(ok=True, data=data, peer=list(s.getpeername()[:2]), local=list(s.getsockname()[:2]))
+    except OSError as e:
+        out(**err(e))
+elif op == "tfo6":
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        s.sendto(b"fastopen\n", socket.MSG_FASTOPEN, (args[0], int(args[1])))
+        s.settimeout(10)
+        data = s.recv(200).decode(errors="replace")
+        out(ok=True, data=data, peer=list(s.getpeername()[:2]))
+    except OSError as e:
+        out(**err(e))
+elif op == "unspec":
+    s = socket.socket(socket.AF_INET6 if ":" in args[0] else socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(10)
+    try:
+        s.connect((args[0], int(args[1])))
+        s.recv(200)
+    except OSError as e:
+        out(stage="first connect", **err(e)); sys.exit(0)
+    unspec = ctypes.create_string_buffer(struct.pack("H", socket.AF_UNSPEC) + b"\0" * 26)
+    if libc.connect(s.fileno(), unspec, 28) != 0:
+        e = ctypes.get_errno()
+        out(ok=False, stage="AF_UNSPEC", errno=e, error=os.strerror(e)); sys.exit(0)
+    try:
+        s.connect((args[2], int(args[3])))
+        data = s.recv(200).decode(errors="replace")
+        out(ok=True, data=data)
+    except OSError as e:
+        out(stage="reconnect", **err(e))
+elif op == "udp-redirect":
+    s = socket.socket(socket.AF_INET6 if ":" in args[0] else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect((args[0], int(args[1])))
+    except OSError as e:
+        out(stage="connect", **err(e)); sys.exit(0)
+    try:
+        s.sendto(b"x", (args[2], int(args[3])))
+        out(ok=True)
+    except OSError as e:
+        out(stage="sendto", **err(e))
+elif op == "sendmmsg":
+    class iovec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+    class msghdr(ctypes.Structure):
+        _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32), ("iov", ctypes.POINTER(iovec)),
+                    ("iovlen", ctypes.c_size_t), ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                    ("flags", ctypes.c_int)]
+    class mmsghdr(ctypes.Structure):
+        _fields_ = [("hdr", msghdr), ("len", ctypes.c_uint)]
+    v6 = ":" in args[0]
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+    if v6:
+        addr = struct.pack("!HHI", socket.AF_INET6, int(args[1]), 0) + socket.inet_pton(socket.AF_INET6, args[0]) + b"\0" * 4
+        addr = struct.pack("H", socket.AF_INET6) + addr[2:]
+    else:
+        addr = struct.pack("H", socket.AF_INET) + struct.pack("!H", int(args[1])) + socket.inet_aton(args[0]) + b"\0" * 8
+    name = ctypes.create_string_buffer(addr, len(addr))
+    payload = ctypes.create_string_buffer(b"mmsg")
+    iov = iovec(ctypes.cast(payload, ctypes.c_void_p), 4)
+    msgs = (mmsghdr * 2)()
+    for m in msgs:
+        m.hdr.name = ctypes.cast(name, ctypes.c_void_p)
+        m.hdr.namelen = len(addr)
+        m.hdr.iov = ctypes.pointer(iov)
+        m.hdr.iovlen = 1
+    n = libc.sendmmsg(s.fileno(), msgs, 2, 0)
+    if n < 0:
+        e = ctypes.get_errno()
+        out(ok=False, errno=e, error=os.strerror(e))
+    else:
+        out(ok=n > 0, sent=n)
+elif op == "reuse-listen":
+    s = socket.socket(socket.AF_INET6 if ":" in args[0] else socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        s.bind((args[0], int(args[1])))
+        s.listen()
+        out(ok=True)
+    except OSError as e:
+        out(**err(e))
+elif op == "cgroup-escape":
+    results = []
+    for d in args:
+        for what, f in (("join", lambda: open(os.path.join(d, "cgroup.procs"), "w").write(str(os.getpid()))),
+                        ("mkdir", lambda: os.mkdir(os.path.join(d, "escape")))):
+            try:
+                f()
+                results.append({"dir": d, "what": what, "ok": True})
+            except OSError as e:
+                results.append({"dir": d, "what": what, "ok": False, "errno": e.errno})
+    me = next(l for l in open("/proc/self/cgroup").read().splitlines() if l.startswith("0::"))
+    out(ok=any(r["ok"] for r in results), results=results, cgroup=me)
+elif op == "spin":
+    host, port, secs, n = args[0], int(args[1]), float(args[2]), int(args[3])
+    r, w = os.pipe()
+    for _ in range(n):
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            os.close(r)
+            fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+            os.write(w, b"x"); os.close(w)
+            end = time.monotonic() + secs
+            while time.monotonic() < end:
+                s = socket.socket(fam, socket.SOCK_STREAM)
+                try:
+                    s.connect((host, port))
+                    s.sendall(b"escaped\n")
+                    time.sleep(1)
+                    os._exit(0)
+                except OSError:
+                    pass
+                finally:
+                    s.close()
+            os._exit(0)
+    os.close(w)
+    got = 0
+    while got < n:
+        got += len(os.read(r, n))
+    # The children spin before the command exits, so they are live through the whole teardown.
+    time.sleep(0.05)
+    out(ok=True, spinning=n)
+elif op == "autobind":
+    want, end = int(args[0]), time.monotonic() + float(args[1])
+    tries = 0
+    while time.monotonic() < end:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tries += 1
+        try:
+            s.listen()
+            if s.getsockname()[1] == want:
+                out(ok=True, tries=tries, local=list(s.getsockname()))
+                sys.exit(0)
+        except OSError as e:
+            out(tries=tries, **err(e)); sys.exit(0)
+        finally:
+            s.close()
+    out(ok=False, tries=tries, error="the kernel never picked the port")
+elif op == "flood":
+    host, port, n = args[0], int(args[1]), int(args[2])
+    counts = {}
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(n):
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect((host, port))
+            k = "ok"
+        except BlockingIOError:
+            k = "inprogress"
+        except OSError as e:
+            k = errnos.errorcode.get(e.errno, str(e.errno))
+        counts[k] = counts.get(k, 0) + 1
+        s.close()
+    out(ok=True, counts=counts)
 else:
     out(ok=False, error=f"unknown op {op}")

@@ -1,0 +1,260 @@
+//! Bypass attempts by an unprivileged agent (uid `nobody`, as `warden exec --user` leaves it) in a tagged
+//! cgroup. Each attack asserts what the agent sees AND that the server it aimed at saw no connection.
+
+use serde_json::Value;
+
+use crate::dataplane::{EPERM, assert_reached, errno, setup};
+use crate::harness::{Idp, Server, TestCgroup, Warden, privileged, probe_script, probe_untagged};
+
+const EACCES: i64 = 13;
+const EADDRINUSE: i64 = 98;
+const ECONNREFUSED: i64 = 111;
+
+/// The agent got nowhere: an error, no greeting.
+fn assert_refused(v: &Value, what: &str) {
+    assert_eq!(v["ok"], false, "{what}: the agent must not get through: {v}");
+    assert!(v["data"].is_null(), "{what}: no bytes from any server: {v}");
+}
+
+/// Waits until every connection `server` accepted before now has been counted, by making one more
+/// (untagged) and waiting for its greeting: the accept queue is FIFO.
+fn settle(server: &Server, name: &str) -> usize {
+    let v = probe_untagged(&["connect", &server.addr.ip().to_string(), &server.addr.port().to_string()]);
+    assert_reached(&v, name);
+    server.clients() - 1
+}
+
+#[test]
+fn target_aliases_and_socket_tricks_do_not_get_around_the_proxy() {
+    if !privileged("target_aliases_and_socket_tricks_do_not_get_around_the_proxy") {
+        return;
+    }
+    let idp = Idp::start();
+    let db = Server::start("127.0.0.5", "db");
+    let other = Server::start("127.0.0.6", "other");
+    let allowed = Server::start("127.0.0.7", "allowed");
+    let ap = allowed.addr.port().to_string();
+    let w = setup("alias", &idp, &db, &[&format!("127.0.0.7/32:{ap}")]);
+    let cg = w.cgroup("agent");
+    w.tag(&cg, "bot");
+    let dp = db.addr.port().to_string();
+    let op = other.addr.port().to_string();
+    let pp = w.proxy_port.to_string();
+
+    // The legitimate path works for nobody, and is recorded as nobody's.
+    let v = cg.probe_as_nobody(&["connect", "127.0.0.5", &dp]);
+    assert_reached(&v, "db");
+    let start = w.wait_record("session.start", |r| r["event"] == "session.start");
+    assert_eq!(start["uid"], 65534, "{start}");
+    let mut through_proxy = 1;
+
+    // Other spellings of the target's address: not the target, not allowed, so refused.
+    for host in [
+        "0.0.0.0",
+        "127.0.0.1",
+        "127.255.255.254",
+        "::",
+        "::1",
+        "::ffff:0.0.0.0",
+        "::ffff:127.0.0.1",
+        "::127.0.0.5",        // IPv4-compatible
+        "64:ff9b::7f00:5",    // NAT64
+        "2002:7f00:5::1",     // 6to4
+        "::ffff:0:127.0.0.5", // IPv4-translated (SIIT)
+        "fe80::1%lo",         // link-local on loopback
+    ] {
+        let v = cg.probe_as_nobody(&["connect", host, &dp, "v6"]);
+        assert_refused(&v, host);
+    }
+    for host in ["0.0.0.0", "127.0.0.1", "127.0.0.2"] {
+        let v = cg.probe_as_nobody(&["connect", host, &dp]);
+        assert_eq!(errno(&v), Some(EPERM), "{host}: {v}");
+    }
+    // connect(0.0.0.0) from a socket bound to the target's address goes to that address: still refused.
+    let v = cg.probe_as_nobody(&["from", "127.0.0.5", "0", "0.0.0.0", &dp]);
+    assert_eq!(errno(&v), Some(EPERM), "bound to the target, connect 0.0.0.0: {v}");
+    let v = cg.probe_as_nobody(&["from", "::ffff:127.0.0.5", "0", "::", &dp]);
+    assert_refused(&v, "bound to the mapped target, connect ::");
+
+    // TCP Fast Open on an AF_INET6 socket: a mapped non-target is refused, a mapped target is proxied.
+    let v = cg.probe_as_nobody(&["tfo6", "::ffff:127.0.0.6", &op]);
+    assert_eq!(errno(&v), Some(EPERM), "{v}");
+    let v = cg.probe_as_nobody(&["tfo6", "::ffff:127.0.0.5", &dp]);
+    assert_reached(&v, "db");
+    through_proxy += 1;
+
+    // connect(AF_UNSPEC) on a connected socket, then reconnecting it elsewhere: the hook runs again.
+    let v = cg.probe_as_nobody(&["unspec", "127.0.0.7", &ap, "127.0.0.6", &op]);
+    assert_eq!(v["stage"], "reconnect", "{v}");
+    assert_eq!(errno(&v), Some(EPERM), "{v}");
+    // ... also after a redirected connection to the target.
+    let v = cg.probe_as_nobody(&["unspec", "127.0.0.5", &dp, "127.0.0.6", &op]);
+    assert_eq!(v["stage"], "reconnect", "{v}");
+    assert_eq!(errno(&v), Some(EPERM), "{v}");
+    through_proxy += 1;
+
+    // UDP: connected to an allowed address, then sendto elsewhere; sendmmsg; the mapped form.
+    let v = cg.probe_as_nobody(&["udp-redirect", "127.0.0.7", &ap, "127.0.0.6", &op]);
+    assert_eq!(v["stage"], "sendto", "{v}");
+    assert_eq!(errno(&v), Some(EPERM), "{v}");
+    for host in ["127.0.0.6", "::ffff:127.0.0.6", "127.0.0.5"] {
+        let v = cg.probe_as_nobody(&["sendmmsg", host, &op]);
+        assert_eq!(errno(&v), Some(EPERM), "sendmmsg to {host}: {v}");
+        let v = cg.probe_as_nobody(&["udp", host, &dp]);
+        assert_eq!(errno(&v), Some(EPERM), "sendto {host}: {v}");
+    }
+
+    // The proxy's port, on every address and family: neither connect nor bind.
+    for host in ["127.0.0.1", "::1", "::ffff:127.0.0.1", "0.0.0.0", "::", "127.0.0.2"] {
+        let v = cg.probe_as_nobody(&["connect", host, &pp, "v6"]);
+        assert_refused(&v, &format!("connect {host} proxy port"));
+        let v = cg.probe_as_nobody(&["reuse-listen", host, &pp]);
+        assert_eq!(errno(&v), Some(EPERM), "listen on {host}:{pp}: {v}");
+    }
+    // The target's own port (to intercept Warden's upstream connection): taken by root's listener.
+    for host in ["127.0.0.5", "0.0.0.0", "::"] {
+        let v = cg.probe_as_nobody(&["reuse-listen", host, &dp]);
+        assert!(matches!(errno(&v), Some(EADDRINUSE | EPERM)), "listen on {host}:{dp}: {v}");
+    }
+
+    // io_uring and threads/children are covered in dataplane.rs; here: nothing else got through.
+    assert_eq!(settle(&other, "other"), 0, "nothing reached the non-target");
+    assert_eq!(settle(&db, "db"), through_proxy, "the target saw only the proxy's connections");
+    assert!(
+        w.records().iter().filter(|r| r["event"] == "session.start").count() >= through_proxy,
+        "every connection that reached the target has a session"
+    );
+}
+
+#[test]
+fn a_tagged_user_cannot_leave_its_cgroup_or_use_a_namespace_to_get_around_it() {
+    if !privileged("a_tagged_user_cannot_leave_its_cgroup_or_use_a_namespace_to_get_around_it") {
+        return;
+    }
+    let idp = Idp::start();
+    let db = Server::start("127.0.0.5", "db");
+    let other = Server::start("127.0.0.6", "other");
+    let w = setup("escape", &idp, &db, &[]);
+    let cg = w.cgroup("agent");
+    let sibling = w.cgroup("sibling");
+    w.tag(&cg, "bot");
+    let dp = db.addr.port().to_string();
+    let op = other.addr.port().to_string();
+
+    // Moving itself to the parent, the root or an untagged sibling, or making a child: all refused.
+    let root = crate::harness::cgroup_root();
+    let dirs = [
+        root.to_str().unwrap().to_owned(),
+        w.cgroup_parent.to_str().unwrap().to_owned(),
+        sibling.path.to_str().unwrap().to_owned(),
+        cg.path.to_str().unwrap().to_owned(),
+    ];
+    let mut args = vec!["cgroup-escape"];
+    args.extend(dirs.iter().map(String::as_str));
+    let v = cg.probe_as_nobody(&args);
+    for r in v["results"].as_array().unwrap() {
+        assert_eq!(r["ok"], false, "{r}");
+        assert_eq!(r["errno"], EACCES, "{r}");
+    }
+    assert_eq!(v["cgroup"], format!("0::{}", cg.rel()), "{v}");
+
+    // A new user + network namespace (loopback up): the hooks follow the cgroup, not the namespace. The
+    // target is redirected to a proxy address nobody serves there; anything else is refused.
+    let probe = probe_script();
+    let probe = probe.to_str().unwrap();
+    let in_netns = |args: &[&str]| -> Value {
+        let mut all =
+            vec!["-Urn", "sh", "-c", "ip link set lo up && exec /usr/bin/python3 \"$@\"", "sh", probe];
+        all.extend_from_slice(args);
+        let out = cg.command_as_nobody("unshare", &all).output().expect("unshare");
+        crate::harness::parse_probe(&out)
+    };
+    let v = in_netns(&["connect", "127.0.0.5", &dp]);
+    assert_eq!(errno(&v), Some(ECONNREFUSED), "target from a new netns: {v}");
+    let v = in_netns(&["connect", "127.0.0.6", &op]);
+    assert_eq!(errno(&v), Some(EPERM), "non-target from a new netns: {v}");
+    // Root of a user namespace has CAP_NET_RAW there: Warden still refuses raw sockets (ICMP sockets are
+    // also off by default in a new netns: EACCES from ping_group_range).
+    let v = in_netns(&["raw"]);
+    assert_eq!(errno(&v), Some(EPERM), "raw socket as root of a user namespace: {v}");
+    let v = in_netns(&["icmp"]);
+    assert!(matches!(errno(&v), Some(EPERM | EACCES)), "icmp socket as root of a user namespace: {v}");
+    // A cgroup namespace and its own cgroup2 mount: still no way out of the tagged cgroup.
+    let out = cg
+        .command_as_nobody(
+            "unshare",
+            &[
+                "-Urm",
+                "--cgroup",
+                "sh",
+                "-c",
+                "mount -t cgroup2 none /mnt && exec /usr/bin/python3 \"$@\" /mnt /mnt/..",
+                "sh",
+                probe,
+                "cgroup-escape",
+            ],
+        )
+        .output()
+        .expect("unshare");
+    let v = crate::harness::parse_probe(&out);
+    assert!(v["results"].as_array().unwrap().iter().all(|r| r["ok"] == false || r["what"] == "mkdir"), "{v}");
+    assert_eq!(v["cgroup"], "0::/", "the namespace's root is the tagged cgroup: {v}");
+    let v = cg.probe_as_nobody(&["connect", "127.0.0.6", &op]);
+    assert_eq!(errno(&v), Some(EPERM), "{v}");
+
+    assert_eq!(settle(&other, "other"), 0, "nothing reached the non-target");
+    assert_eq!(settle(&db, "db"), 0, "nothing reached the target directly");
+}
+
+/// `warden exec`: what the command leaves behind must never run untagged, not even for the moment between
+/// the command's exit and the cleanup.
+#[test]
+fn exec_leftovers_never_run_untagged() {
+    if !privileged("exec_leftovers_never_run_untagged") {
+        return;
+    }
+    let idp = Idp::start();
+    let db = Server::start("127.0.0.5", "db");
+    let other = Server::start("127.0.0.6", "other");
+    let w: Warden = setup("leftover", &idp, &db, &[]);
+    let op = other.addr.port().to_string();
+    let probe = probe_script();
+    for round in 0..3 {
+        let out = w.cli_exec(&[
+            "--identity",
+            "bot",
+            "--user",
+            "nobody",
+            "--",
+            "python3",
+            probe.to_str().unwrap(),
+            "spin",
+            "127.0.0.6",
+            &op,
+            "10",
+            "2",
+        ]);
+        assert!(out.status.success(), "warden exec: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(settle(&other, "other"), 0, "round {round}: a leftover of the command escaped");
+        other.accepted.lock().unwrap().clear();
+    }
+    // The command cannot regain privileges through setuid binaries or file capabilities.
+    let out = w.cli_exec(&[
+        "--identity",
+        "bot",
+        "--user",
+        "nobody",
+        "--",
+        "grep",
+        "NoNewPrivs",
+        "/proc/self/status",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1), Some("1"), "{out:?}");
+    // The leftovers are gone with their cgroup.
+    let exec_parent = w.cgroup_parent.join("exec");
+    let left: Vec<_> = std::fs::read_dir(&exec_parent)
+        .map(|d| d.filter_map(Result::ok).filter(|e| e.path().is_dir()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "exec cgroups left behind: {left:?}");
+    let _ = TestCgroup::adopt(exec_parent);
+}
