@@ -11,7 +11,7 @@ const EADDRINUSE: i64 = 98;
 const ECONNREFUSED: i64 = 111;
 
 /// The agent got nowhere: an error, no greeting.
-fn assert_refused(v: &Value, what: &str) {
+pub fn assert_refused(v: &Value, what: &str) {
     assert_eq!(v["ok"], false, "{what}: the agent must not get through: {v}");
     assert!(v["data"].is_null(), "{what}: no bytes from any server: {v}");
 }
@@ -257,4 +257,43 @@ fn exec_leftovers_never_run_untagged() {
         .unwrap_or_default();
     assert!(left.is_empty(), "exec cgroups left behind: {left:?}");
     let _ = TestCgroup::adopt(exec_parent);
+}
+
+/// With an allow list that covers the target's port everywhere (as the default `0.0.0.0/0:443` does for a
+/// target on 443), other spellings of a target on this host must not reach its listener, and the agent
+/// must not be able to stand in for the target by listening on its port.
+#[test]
+fn allow_listed_spellings_of_a_local_target_are_refused() {
+    if !privileged("allow_listed_spellings_of_a_local_target_are_refused") {
+        return;
+    }
+    let idp = Idp::start();
+    let db = Server::start("127.0.0.5", "db");
+    let dp = db.addr.port().to_string();
+    let w = setup("spelling", &idp, &db, &[&format!("0.0.0.0/0:{dp}"), &format!("[::]/0:{dp}")]);
+    let cg = w.cgroup("agent");
+    w.tag(&cg, "bot");
+
+    // connect(0.0.0.0) from a socket bound to 127.0.0.5 goes to 127.0.0.5: the target, around the proxy.
+    let v = cg.probe_as_nobody(&["from", "127.0.0.5", "0", "0.0.0.0", &dp]);
+    assert_eq!(errno(&v), Some(EPERM), "bound to the target, connect 0.0.0.0: {v}");
+    let v = cg.probe_as_nobody(&["from", "::ffff:127.0.0.5", "0", "::ffff:0.0.0.0", &dp]);
+    assert_eq!(errno(&v), Some(EPERM), "bound to the mapped target, connect ::ffff:0.0.0.0: {v}");
+    for host in ["0.0.0.0", "127.0.0.1", "127.0.0.9", "::", "::1", "::ffff:127.0.0.1", "::ffff:0.0.0.0"] {
+        let v = cg.probe_as_nobody(&["connect", host, &dp, "v6"]);
+        assert_eq!(errno(&v), Some(EPERM), "{host}: {v}");
+    }
+    // Standing in for the target (it could be down, or Warden's upstream connect could race to us).
+    for host in ["127.0.0.5", "127.0.0.9", "0.0.0.0", "::", "::1"] {
+        let v = cg.probe_as_nobody(&["reuse-listen", host, &dp]);
+        assert_eq!(errno(&v), Some(EPERM), "listen on {host}:{dp}: {v}");
+    }
+    // The target's own address still goes through the proxy; an untagged process is untouched.
+    assert_reached(&cg.probe_as_nobody(&["connect", "127.0.0.5", &dp]), "db");
+    let v = probe_untagged(&["from", "127.0.0.5", "0", "0.0.0.0", &dp]);
+    assert_reached(&v, "db");
+    assert_eq!(settle(&db, "db"), 2, "the target saw the proxy's connection and the untagged one only");
+    w.wait_record("refusal of a spelling", |r| {
+        r["event"] == "connect.refused" && r["dst"] == format!("0.0.0.0:{dp}")
+    });
 }

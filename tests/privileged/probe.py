@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What a process inside a tagged cgroup tries, for Warden's privileged tests. Prints one JSON line.
 
-probe.py connect HOST PORT [v6]      connect (v6: an AF_INET6 socket, e.g. for ::ffff:a.b.c.d), read the greeting
+probe.py connect HOST PORT [v6]      connect (v6: an AF_INET6 socket; an IPv4 HOST is then mapped), read the greeting
 probe.py tfo HOST PORT               TCP Fast Open: sendto(MSG_FASTOPEN) without connect
 probe.py udp HOST PORT               sendto on an unconnected UDP socket
 probe.py udp-connect HOST PORT       connect a UDP socket
@@ -11,6 +11,7 @@ probe.py thread HOST PORT            connect from a new thread
 probe.py child HOST PORT             connect from a forked child
 probe.py hold HOST PORT SECS         connect, send a line every 100 ms for up to SECS, report how it ended
 probe.py from LOCAL LPORT HOST PORT  bind to LOCAL:LPORT (SO_REUSEADDR) first, then connect
+probe.py from-hold LOCAL LPORT HOST PORT   the same, then hold the connection until a line on stdin
 probe.py tfo6 HOST PORT              TCP Fast Open on an AF_INET6 socket (e.g. to ::ffff:a.b.c.d)
 probe.py unspec H1 P1 H2 P2          connect to H1, connect(AF_UNSPEC), then connect the same socket to H2
 probe.py udp-redirect H1 P1 H2 P2    connect a UDP socket to H1, then sendto H2 on it
@@ -33,6 +34,8 @@ def err(e):
     return {"ok": False, "errno": getattr(e, "errno", None), "error": f"{type(e).__name__}: {e}"}
 
 def connect(host, port, v6=False):
+    if v6 and ":" not in host:
+        host = "::ffff:" + host  # an IPv4 address on an AF_INET6 socket: its mapped form
     fam = socket.AF_INET6 if (v6 or ":" in host) else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.settimeout(10)
@@ -135,7 +138,7 @@ elif op == "hold":
             ended = f"{type(e).__name__}: {e}"; break
         time.sleep(0.1)
     out(ok=True, ended=ended, held_secs=round(time.monotonic() - start, 2), sent=sent)
-elif op == "from":
+elif op in ("from", "from-hold"):
     fam = socket.AF_INET6 if ":" in args[2] else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -145,6 +148,9 @@ elif op == "from":
         s.connect((args[2], int(args[3])))
         data = s.recv(200).decode(errors="replace")
         out(ok=True, data=data, peer=list(s.getpeername()[:2]), local=list(s.getsockname()[:2]))
+        if op == "from-hold":
+            sys.stdin.readline()
+            out(ok=True, peer=list(s.getpeername()[:2]), closed=True)
     except OSError as e:
         out(**err(e))
 elif op == "tfo6":

@@ -349,6 +349,40 @@ fn allow_list(entries: &[AllowEntry]) -> Vec<(ipnet::IpNet, u16)> {
     out
 }
 
+/// This host's interface addresses (IPv4-mapped addresses as IPv4).
+fn host_addresses() -> Vec<std::net::IpAddr> {
+    let Ok(ifaddrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    let mut out: Vec<std::net::IpAddr> = ifaddrs
+        .filter_map(|i| {
+            let a = i.address?;
+            a.as_sockaddr_in()
+                .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip()).to_canonical()))
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Targets plus guard entries for those that live on this host: a connect to any other address of this
+/// host on that port would reach the same listener (when it is bound to a wildcard, or to the address a
+/// connecting socket is bound to), so the kernel refuses those instead of letting the allow list pass them.
+/// Real targets come last, so a guard never shadows a target.
+fn with_guards(targets: Vec<(SocketAddr, u32)>, host: &[std::net::IpAddr]) -> Vec<(SocketAddr, u32)> {
+    let mut out = Vec::new();
+    for (addr, _) in &targets {
+        let ip = addr.ip().to_canonical();
+        if ip.is_loopback() || ip.is_unspecified() || host.contains(&ip) {
+            let all_ones = std::net::Ipv6Addr::from([0xff; 16]);
+            out.push((SocketAddr::new(all_ones.into(), addr.port()), warden_common::GUARD));
+            out.extend(host.iter().map(|h| (SocketAddr::new(*h, addr.port()), warden_common::GUARD)));
+        }
+    }
+    out.extend(targets);
+    out
+}
+
 /// Keeps the kernel's target map and live sessions in step with each applied policy.
 async fn follow_policy(state: Arc<State>) {
     let mut rx = state.policy.subscribe();
@@ -387,6 +421,7 @@ impl State {
                 }
             }
         }
+        let entries = with_guards(entries, &host_addresses());
         if let Err(e) = self.kernel.sync_targets(&entries) {
             tracing::error!(error = %e, "updating the kernel target map failed");
         }
@@ -628,6 +663,44 @@ impl State {
             .field("at", rfc3339(crate::origin::monotonic_to_wall(ev.ktime_ns)));
         if let Err(e) = self.audit.append(rec) {
             tracing::error!(error = %e, "could not record a kernel refusal");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_on_this_host_get_guards_and_win_over_them() {
+        let host: Vec<std::net::IpAddr> = vec!["127.0.0.1".parse().unwrap(), "10.1.2.3".parse().unwrap()];
+        let local: SocketAddr = "127.0.0.5:5432".parse().unwrap();
+        let own: SocketAddr = "10.1.2.3:22".parse().unwrap();
+        let remote: SocketAddr = "192.0.2.9:443".parse().unwrap();
+        let out = with_guards(vec![(local, 1), (own, 2), (remote, 3)], &host);
+        let kernel: HashMap<_, _> = out.iter().map(|(a, id)| (bpf::endpoint(*a), *id)).collect();
+        // The targets themselves, last, so they override any guard on the same endpoint.
+        assert_eq!(kernel[&bpf::endpoint(local)], 1);
+        assert_eq!(kernel[&bpf::endpoint(own)], 2);
+        assert_eq!(kernel[&bpf::endpoint(remote)], 3);
+        // Guards: the port mark, and every host address on each local target's port.
+        assert_eq!(kernel[&warden_common::Endpoint::local_port_guard(5432)], warden_common::GUARD);
+        assert_eq!(kernel[&warden_common::Endpoint::local_port_guard(22)], warden_common::GUARD);
+        assert_eq!(kernel[&bpf::endpoint("10.1.2.3:5432".parse().unwrap())], warden_common::GUARD);
+        assert_eq!(kernel[&bpf::endpoint("127.0.0.1:22".parse().unwrap())], warden_common::GUARD);
+        // A target elsewhere gets none.
+        assert!(!kernel.contains_key(&warden_common::Endpoint::local_port_guard(443)));
+        // 3 targets; 2 marks; 127.0.0.1 and 10.1.2.3 on 5432, 127.0.0.1 on 22 (10.1.2.3:22 is the target).
+        assert_eq!(kernel.len(), 3 + 2 + 3);
+    }
+
+    #[test]
+    fn this_host_spellings() {
+        for s in ["0.0.0.0:1", "127.0.0.1:1", "127.9.9.9:1", "[::]:1", "[::1]:1", "[::ffff:127.0.0.2]:1"] {
+            assert!(bpf::endpoint(s.parse().unwrap()).is_this_host(), "{s}");
+        }
+        for s in ["10.0.0.1:1", "[::2]:1", "[::127.0.0.1]:1", "[2001:db8::1]:1", "128.0.0.1:1"] {
+            assert!(!bpf::endpoint(s.parse().unwrap()).is_this_host(), "{s}");
         }
     }
 }

@@ -62,6 +62,28 @@ impl Endpoint {
     pub const fn is_v4_mapped(&self) -> bool {
         self.ip[0] == 0 && self.ip[1] == 0 && self.ip[2] == 0xffff_u32.to_be()
     }
+
+    /// The key under which the target map marks "a target listens on this host at `port`": an
+    /// all-ones address, which no TCP peer can have. Connects to (and binds of) this host's other
+    /// spellings of that port (0.0.0.0, 127/8, ::, ::1, mapped) are refused, since they reach the same
+    /// listener when it is bound to a wildcard or to the address of the connecting socket.
+    pub const fn local_port_guard(port: u16) -> Self {
+        Self::new([u32::MAX; 4], port)
+    }
+
+    /// An address that always means this host: IPv4 0.0.0.0/8 and 127.0.0.0/8 (plain or mapped),
+    /// IPv6 `::` and `::1`.
+    pub const fn is_this_host(&self) -> bool {
+        if self.is_v4_mapped() {
+            let first = self.ip[3].to_ne_bytes()[0];
+            first == 0 || first == 127
+        } else {
+            self.ip[0] == 0
+                && self.ip[1] == 0
+                && self.ip[2] == 0
+                && (self.ip[3] == 0 || self.ip[3] == 1_u32.to_be())
+        }
+    }
 }
 
 /// What the tag map holds for a tagged cgroup.
@@ -77,10 +99,14 @@ pub struct Binding {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TargetRef {
-    /// The daemon's number for the policy target.
+    /// The daemon's number for the policy target; [`GUARD`] for an endpoint that reaches a target's
+    /// listener under another address (refused, never redirected).
     pub id: u32,
     pub pad: u32,
 }
+
+/// [`TargetRef::id`] of a guard entry: another spelling of a target on this host, refused.
+pub const GUARD: u32 = 0;
 
 /// The proxy's listeners, in slot 0 of the proxy array map.
 #[repr(C)]

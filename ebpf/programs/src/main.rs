@@ -27,8 +27,8 @@ use aya_ebpf::{
     programs::{LsmContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use warden_common::{
-    AF_INET, AF_INET6, AF_NETLINK, AF_UNIX, AllowKey, Binding, Endpoint, Event, MAX_CGROUP_DEPTH, Origin,
-    ProxyConfig, TargetRef, event,
+    AF_INET, AF_INET6, AF_NETLINK, AF_UNIX, AllowKey, Binding, Endpoint, Event, GUARD, MAX_CGROUP_DEPTH,
+    Origin, ProxyConfig, TargetRef, event,
 };
 
 const ALLOW: i32 = 1;
@@ -116,6 +116,19 @@ fn is_allowed(dst: &Endpoint) -> bool {
 #[inline(always)]
 fn is_proxy_port(p: &ProxyConfig, dst: &Endpoint) -> bool {
     (p.v4.port != 0 && dst.port == p.v4.port) || (p.v6.port != 0 && dst.port == p.v6.port)
+}
+
+/// True when `e` reaches a target's listener without being the target's own address: a guard entry, or
+/// this host under another spelling (0.0.0.0, 127/8, ::, ::1) on a port where a target lives on this host.
+#[inline(always)]
+fn shadows_target(e: &Endpoint) -> bool {
+    // SAFETY: read-only lookups of Copy values.
+    unsafe {
+        if let Some(t) = TARGETS.get(e) {
+            return t.id == GUARD;
+        }
+        e.is_this_host() && TARGETS.get(&Endpoint::local_port_guard(e.port)).is_some()
+    }
 }
 
 #[inline(always)]
@@ -210,6 +223,10 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         return DENY;
     }
     if sock_type == SOCK_STREAM {
+        if shadows_target(&dst) {
+            report(event::CONNECT_REFUSED, tag, &dst, family, sock_type, protocol);
+            return DENY;
+        }
         // SAFETY: read-only lookup of a Copy value.
         if let Some(target) = unsafe { TARGETS.get(&dst) } {
             // An IPv4 (or IPv4-mapped) destination goes to the IPv4 listener, IPv6 to the IPv6 one.
@@ -296,15 +313,20 @@ pub fn warden_sendmsg6(ctx: SockAddrContext) -> i32 {
     sendmsg(&ctx, true)
 }
 
-/// Tagged processes may not bind the proxy's port (to impersonate it while the daemon is down).
+/// Tagged processes may not bind the proxy's port (to impersonate it while the daemon is down), nor a
+/// target's endpoint on this host (to stand in for the target when it is down and receive what Warden
+/// sends upstream).
 #[inline(always)]
 fn bind(ctx: &SockAddrContext, v6: bool) -> i32 {
     let Some(tag) = tagged() else { return ALLOW };
-    let Some(proxy) = proxy() else { return ALLOW };
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is this program's context.
     let (local, sock_type, protocol) = unsafe { (destination(sa, v6), (*sa).type_, (*sa).protocol) };
-    if is_proxy_port(&proxy, &local) {
+    // SAFETY: read-only lookup of a Copy value.
+    let target =
+        sock_type == SOCK_STREAM && (unsafe { TARGETS.get(&local) }.is_some() || shadows_target(&local));
+    let proxy_port = proxy().is_some_and(|p| is_proxy_port(&p, &local));
+    if target || proxy_port {
         let family = u32::from(if v6 { AF_INET6 } else { AF_INET });
         report(event::BIND_REFUSED, tag, &local, family, sock_type, protocol);
         return DENY;
