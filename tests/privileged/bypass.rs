@@ -1,6 +1,8 @@
 //! Bypass attempts by an unprivileged agent (uid `nobody`, as `warden exec --user` leaves it) in a tagged
 //! cgroup. Each attack asserts what the agent sees AND that the server it aimed at saw no connection.
 
+use std::io::{BufRead as _, BufReader, Write as _};
+
 use serde_json::Value;
 
 use crate::dataplane::{EPERM, assert_reached, errno, setup};
@@ -296,4 +298,68 @@ fn allow_listed_spellings_of_a_local_target_are_refused() {
     w.wait_record("refusal of a spelling", |r| {
         r["event"] == "connect.refused" && r["dst"] == format!("0.0.0.0:{dp}")
     });
+}
+
+/// Removes every entry of the pinned origin map, as LRU eviction under a flood of connects would.
+fn evict_all_origins(w: &Warden) -> usize {
+    let data = aya::maps::MapData::from_pin(w.bpffs.join("maps/WARDEN_ORIGINS")).expect("pinned origin map");
+    let mut map: aya::maps::HashMap<_, u64, warden_common::Origin> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("origin map type");
+    let keys: Vec<u64> = map.keys().filter_map(Result::ok).collect();
+    for k in &keys {
+        map.remove(k).expect("remove origin");
+    }
+    keys.len()
+}
+
+/// The origin index is keyed by the client's local endpoint. If a redirected socket's origin is evicted
+/// (the LRU map under a flood of connects) while it is open, its index entry must still go when it closes,
+/// so a later connection from the same local endpoint cannot borrow another process's identity and target.
+#[test]
+fn an_origin_never_outlives_its_socket() {
+    if !privileged("an_origin_never_outlives_its_socket") {
+        return;
+    }
+    let idp = Idp::start();
+    let db = Server::start("127.0.0.5", "db");
+    let dp = db.addr.port().to_string();
+    let w = setup("stale", &idp, &db, &[]);
+    let cg = w.cgroup("agent");
+    w.tag(&cg, "bot");
+    let local_port = crate::harness::free_port().to_string();
+
+    let script = probe_script();
+    let mut holder = cg
+        .command_as_nobody(
+            "/usr/bin/python3",
+            &[script.to_str().unwrap(), "from-hold", "127.0.0.1", &local_port, "127.0.0.5", &dp],
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("holder");
+    let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_reached(&first, "db");
+    let start = w.wait_record("session.start", |r| r["event"] == "session.start");
+    assert_eq!(start["cgroup"], cg.rel(), "{start}");
+
+    // Eviction while the connection is open, then it closes.
+    assert!(evict_all_origins(&w) >= 1, "the open connection had an origin");
+    writeln!(holder.stdin.take().unwrap()).unwrap();
+    let _ = lines.next();
+    let _ = holder.wait();
+    w.wait_record("session.end", |r| r["event"] == "session.end" && r["session"] == start["session"]);
+
+    // Another process (here an untagged one, the only kind that can connect to the proxy port) connects to
+    // the proxy from the same local endpoint: it must not be taken for the agent.
+    let pp = w.proxy_port.to_string();
+    let v = probe_untagged(&["from", "127.0.0.1", &local_port, "127.0.0.1", &pp]);
+    assert_refused(&v, "a connection from a dead socket's endpoint");
+    w.wait_record("no-origin refusal", |r| {
+        r["event"] == "connect.refused" && r["peer"] == format!("127.0.0.1:{local_port}")
+    });
+    let starts = w.records().into_iter().filter(|r| r["event"] == "session.start").count();
+    assert_eq!(starts, 1, "only the agent's own connection was a session");
+    assert_eq!(settle(&db, "db"), 1, "the target saw the agent's session only");
 }

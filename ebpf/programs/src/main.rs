@@ -457,17 +457,41 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
     // SAFETY: the sock_ops context is valid for the cookie helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // SAFETY: read-only lookup of a Copy value.
-    let Some(origin) = (unsafe { ORIGINS.get(&cookie) }).copied() else { return 1 };
+    let origin = (unsafe { ORIGINS.get(&cookie) }).copied();
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        // Be told when this socket closes, even if it never establishes.
-        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        if origin.is_some() {
+            // Be told when this socket closes, even if it never establishes.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
     } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        let _ = BY_ADDR.insert(&local_endpoint(&ctx), &origin, 0);
+        let local = local_endpoint(&ctx);
+        if let Some(origin) = origin {
+            let _ = BY_ADDR.insert(&local, &origin, 0);
+        } else if to_proxy_port(&ctx) {
+            // A connection to the proxy without an origin (an untagged client, or one whose origin the LRU
+            // evicted): whatever an earlier socket left under this local endpoint is not its origin.
+            let _ = BY_ADDR.remove(&local);
+        }
     } else if ctx.arg(1) == BPF_TCP_CLOSE {
-        let _ = BY_ADDR.remove(&local_endpoint(&ctx));
+        // Only this socket's own entry: the origin may have been evicted from ORIGINS meanwhile, and the
+        // local endpoint may already serve a newer connection.
+        let local = local_endpoint(&ctx);
+        // SAFETY: read-only lookup of a Copy value.
+        if unsafe { BY_ADDR.get(&local) }.is_some_and(|o| o.cookie == cookie) {
+            let _ = BY_ADDR.remove(&local);
+        }
         let _ = ORIGINS.remove(&cookie);
     }
     1
+}
+
+/// True when a sock_ops socket's peer port is one of the proxy's ports.
+#[inline(always)]
+fn to_proxy_port(ctx: &SockOpsContext) -> bool {
+    // remote_port holds the network-order port in its upper 16 bits (as the kernel documents it,
+    // `bpf_ntohl(remote_port)` is the port).
+    let port = u32::from_be(ctx.remote_port()) as u16;
+    proxy().is_some_and(|p| (p.v4.port != 0 && port == p.v4.port) || (p.v6.port != 0 && port == p.v6.port))
 }
 
 #[cfg(not(test))]
