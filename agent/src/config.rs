@@ -67,6 +67,8 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub grants: GrantsConfig,
     /// Where this config was read from (not a TOML key).
     #[serde(skip)]
     pub path: PathBuf,
@@ -197,6 +199,22 @@ impl Default for AuditServeConfig {
     }
 }
 
+/// `[grants]`: how long approvals may take.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrantsConfig {
+    /// How long a connection is held waiting for `warden grant approve` before it is refused.
+    pub approval_wait: Spanned<String>,
+    /// How long a pending grant waits for approval before it lapses.
+    pub pending_max: Spanned<String>,
+}
+
+impl Default for GrantsConfig {
+    fn default() -> Self {
+        Self { approval_wait: Spanned::new(0..0, "60s".into()), pending_max: Spanned::new(0..0, "1h".into()) }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
@@ -278,6 +296,11 @@ impl Config {
                         "identity `{name}`: issuer must be https (plain http only for loopback test providers)"
                     ),
                 );
+            }
+        }
+        for d in [&self.grants.approval_wait, &self.grants.pending_max] {
+            if let Err(msg) = crate::policy::parse_duration(d.get_ref()) {
+                err(d.span(), format!("grants: {msg}"));
             }
         }
         if !self.audit.serve.listen.is_empty() && self.audit.serve.listen.parse::<SocketAddr>().is_err() {

@@ -230,7 +230,7 @@ pub fn client_cli(command: Command) -> u8 {
         Command::Sessions { action: None, json, config } => {
             (config, Request::Sessions, json.json, sessions_table)
         }
-        Command::Grants { json, config } => (config, Request::Grants, json.json, json_table),
+        Command::Grants { json, config } => (config, Request::Grants, json.json, grants_table),
         Command::Grant { action } => match action {
             GrantAction::Issue { identity, target, cgroup, access, json, config } => {
                 (config, Request::GrantIssue { identity, target, cgroup, access }, json.json, json_record)
@@ -291,6 +291,13 @@ fn sessions_table(data: &Value) -> String {
 
 fn status_text(data: &Value) -> String {
     serde_json::to_string_pretty(data).unwrap_or_default()
+}
+
+fn grants_table(data: &Value) -> String {
+    match serde_json::from_value::<Vec<crate::grants::GrantView>>(data.clone()) {
+        Ok(views) => crate::grants::table(&views).trim_end().to_owned(),
+        Err(_) => json_table(data),
+    }
 }
 
 /// A table of an array of flat JSON objects; columns are the first object's keys.

@@ -199,10 +199,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         anyhow::anyhow!("{}", d.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))
     })?);
     let identities = crate::identity::Identities::new(&identity_configs(&config), audit.clone())?;
-    let grants = crate::grants::Grants::open(
+    let duration = |d: &toml::Spanned<String>| crate::policy::parse_duration(d.get_ref()).unwrap_or_default();
+    let grants = crate::grants::Grants::open_with(
         &config.agent.state_dir,
         audit.clone(),
         Arc::new(crate::grants::SystemClock),
+        crate::grants::GrantsOptions {
+            approval_wait: duration(&config.grants.approval_wait),
+            pending_max: duration(&config.grants.pending_max),
+        },
     )?;
     let bindings = Bindings::open(&config.agent.state_dir)?;
     let state = Arc::new(State {
