@@ -142,3 +142,25 @@ fn the_control_socket_is_for_root_only() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(status["links"].as_array().is_some_and(|l| l.len() >= 10), "{status}");
 }
+
+#[test]
+fn programs_pinned_by_another_build_are_not_adopted_and_keep_enforcing() {
+    if !privileged("programs_pinned_by_another_build_are_not_adopted_and_keep_enforcing") {
+        return;
+    }
+    let idp = Idp::start();
+    let db = Server::start("127.0.0.5", "db");
+    let other = Server::start("127.0.0.6", "other");
+    let mut w = setup("otherbuild", &idp, &db, &[]);
+    let cg = w.cgroup("agent");
+    w.tag(&cg, "bot");
+    w.stop();
+    // As if the pinned programs came from an older warden.
+    std::fs::write(w.dir.path().join("state/bpf-object.sha256"), "0".repeat(64)).unwrap();
+    let out = Command::new(WARDEN).args(["run", "--config"]).arg(&w.config).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("another warden build") && stderr.contains("warden uninstall"), "{stderr}");
+    // The old programs still enforce.
+    assert_eq!(errno(&cg.probe(&["connect", "127.0.0.6", &other.addr.port().to_string()])), Some(EPERM));
+}

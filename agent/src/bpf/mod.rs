@@ -51,6 +51,12 @@ pub enum BpfError {
     },
     #[error("loading the kernel programs failed (are you root, with BTF?): {0}")]
     Load(#[source] Box<aya::EbpfError>),
+    #[error(
+        "the kernel programs pinned under {bpffs_dir} come from another warden build ({pinned}, this one is \
+         {embedded}); they keep enforcing. To load this build's, run `warden uninstall --config FILE` (it lifts \
+         enforcement until the next start) and start again"
+    )]
+    OtherBuild { bpffs_dir: PathBuf, pinned: String, embedded: String },
     #[error("program {name} is missing from the kernel object")]
     MissingProgram { name: &'static str },
     #[error("map {name} is missing from the kernel object")]
@@ -80,6 +86,8 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> BpfError {
 pub struct Settings {
     pub bpffs_dir: PathBuf,
     pub cgroup_root: PathBuf,
+    /// Where the hash of the attached build is kept (`bpf-object.sha256`).
+    pub state_dir: PathBuf,
 }
 
 /// What `install` found and did.
@@ -176,6 +184,16 @@ pub fn install(settings: &Settings) -> Result<Kernel, BpfError> {
     prepare_bpffs(&settings.bpffs_dir)?;
     let maps_dir = settings.bpffs_dir.join("maps");
     let links_dir = settings.bpffs_dir.join("links");
+    // Adopting programs of another build would pair them with this build's idea of the maps: refuse.
+    let embedded = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(EBPF_OBJECT));
+    let hash_file = settings.state_dir.join("bpf-object.sha256");
+    let pinned = std::fs::read_to_string(&hash_file).ok().map(|h| h.trim().to_owned());
+    if let Some(pinned) = pinned
+        && pinned != embedded
+        && !pinned_links(&settings.bpffs_dir).is_empty()
+    {
+        return Err(BpfError::OtherBuild { bpffs_dir: settings.bpffs_dir.clone(), pinned, embedded });
+    }
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&maps_dir)
         .load(EBPF_OBJECT)
@@ -196,6 +214,8 @@ pub fn install(settings: &Settings) -> Result<Kernel, BpfError> {
             Err(e) => return Err(e),
         }
     }
+    std::fs::write(&hash_file, &embedded)
+        .map_err(|source| BpfError::Io { path: hash_file.clone(), source })?;
     let logger = attach_logger(&links_dir);
     Kernel::from_ebpf(&mut ebpf, report, logger)
 }
@@ -395,6 +415,13 @@ pub fn uninstall_cli(config: &Path) -> u8 {
     };
     // A running daemon would keep enforcing through the descriptors it holds: stop it first.
     crate::control::stop_daemon(&config.agent.control_socket);
+    let ports: Vec<u16> = config.proxy_listen().iter().map(SocketAddr::port).collect();
+    if let Err(e) = crate::daemon::reserved_ports::release(&ports) {
+        eprintln!(
+            "warden: could not release the proxy's reserved ports in {}: {e}",
+            crate::daemon::reserved_ports::PATH
+        );
+    }
     match uninstall(&config.agent.bpffs_dir) {
         Ok(removed) => {
             println!(

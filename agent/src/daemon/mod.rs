@@ -166,6 +166,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let kernel = Arc::new(bpf::install(&bpf::Settings {
         bpffs_dir: config.agent.bpffs_dir.clone(),
         cgroup_root: cgroup_root.clone(),
+        state_dir: config.agent.state_dir.clone(),
     })?);
     tracing::info!(adopted = ?kernel.report.adopted, attached = ?kernel.report.attached, "kernel programs in place");
     for (name, why) in &kernel.report.unavailable {
@@ -193,6 +194,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         listeners.push(l);
     }
     kernel.set_proxy(&config.proxy_listen())?;
+    // The kernel must never hand the proxy's port to anyone else as an ephemeral port: a tagged process
+    // could otherwise listen() on it while the daemon is down (autobind runs no bind hook), receive other
+    // processes' redirected connections and keep the daemon from coming back.
+    let proxy_ports: Vec<u16> = config.proxy_listen().iter().map(SocketAddr::port).collect();
+    if let Err(e) = reserved_ports::reserve(&proxy_ports) {
+        tracing::warn!(error = %e, path = reserved_ports::PATH, "could not reserve the proxy's ports; while the daemon is down a tagged process could be handed them by listen() without bind");
+    }
     kernel.sync_allow(&allow_list(&config.allow_entries()))?;
 
     let policy = Arc::new(policy::Store::open(&config, audit.clone()).map_err(|d| {
@@ -352,6 +360,63 @@ fn allow_list(entries: &[AllowEntry]) -> Vec<(ipnet::IpNet, u16)> {
         }
     }
     out
+}
+
+/// `net.ipv4.ip_local_reserved_ports` (IPv4 and IPv6): ports the kernel never picks as ephemeral ports.
+pub mod reserved_ports {
+    pub const PATH: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+    /// The ports in a list such as `8080,9000-9010`.
+    fn parse(text: &str) -> Vec<(u16, u16)> {
+        text.trim()
+            .split(',')
+            .filter_map(|r| {
+                let r = r.trim();
+                let (a, b) = r.split_once('-').unwrap_or((r, r));
+                Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    fn render(ranges: &[(u16, u16)]) -> String {
+        let parts: Vec<String> =
+            ranges.iter().map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
+        parts.join(",")
+    }
+
+    /// `ranges` with `ports` added (`add`) or removed (only where they stand alone, as `reserve` adds them).
+    pub fn edit(text: &str, ports: &[u16], add: bool) -> String {
+        let mut ranges = parse(text);
+        for &p in ports {
+            let covered = ranges.iter().any(|&(a, b)| (a..=b).contains(&p));
+            if add && !covered {
+                ranges.push((p, p));
+            } else if !add {
+                ranges.retain(|&r| r != (p, p));
+            }
+        }
+        render(&ranges)
+    }
+
+    /// Read, edit, write back under an exclusive lock, so two wardens starting at once lose no port.
+    fn update(ports: &[u16], add: bool) -> std::io::Result<()> {
+        use std::io::{Read as _, Seek as _, Write as _};
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(PATH)?;
+        let mut file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| std::io::Error::from(e))?;
+        let mut text = String::new();
+        file.read_to_string(&mut text)?;
+        file.rewind()?;
+        file.write_all(edit(&text, ports, add).as_bytes())
+    }
+
+    pub fn reserve(ports: &[u16]) -> std::io::Result<()> {
+        update(ports, true)
+    }
+
+    pub fn release(ports: &[u16]) -> std::io::Result<()> {
+        update(ports, false)
+    }
 }
 
 /// This host's interface addresses (IPv4-mapped addresses as IPv4).
@@ -697,6 +762,16 @@ mod tests {
         assert!(!kernel.contains_key(&warden_common::Endpoint::local_port_guard(443)));
         // 3 targets; 2 marks; 127.0.0.1 and 10.1.2.3 on 5432, 127.0.0.1 on 22 (10.1.2.3:22 is the target).
         assert_eq!(kernel.len(), 3 + 2 + 3);
+    }
+
+    #[test]
+    fn reserved_port_lists_are_edited_in_place() {
+        use reserved_ports::edit;
+        assert_eq!(edit("", &[15001], true), "15001");
+        assert_eq!(edit("\n", &[15001, 15001], true), "15001");
+        assert_eq!(edit("8080,9000-9010\n", &[9005, 40000], true), "8080,9000-9010,40000");
+        assert_eq!(edit("8080,9000-9010,40000", &[40000, 9005], false), "8080,9000-9010");
+        assert_eq!(edit("15001", &[15001], false), "");
     }
 
     #[test]
