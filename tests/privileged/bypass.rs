@@ -363,3 +363,37 @@ fn an_origin_never_outlives_its_socket() {
     assert_eq!(starts, 1, "only the agent's own connection was a session");
     assert_eq!(settle(&db, "db"), 1, "the target saw the agent's session only");
 }
+
+/// While the daemon is down nothing serves the proxy's port. An agent must not get it either, not even
+/// by letting the kernel pick it (listen() on an unbound socket autobinds without a bind hook): it would
+/// receive every tagged process's redirected connections, and keep the daemon from coming back.
+#[test]
+fn the_proxy_port_cannot_be_taken_while_the_daemon_is_down() {
+    if !privileged("the_proxy_port_cannot_be_taken_while_the_daemon_is_down") {
+        return;
+    }
+    let idp = Idp::start();
+    let db = Server::start("127.0.0.5", "db");
+    let mut w = setup("autobind", &idp, &db, &[]);
+    let cg = w.cgroup("agent");
+    w.tag(&cg, "bot");
+    let pp = w.proxy_port.to_string();
+    let (lo, hi) = {
+        let r = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let mut it = r.split_whitespace().map(|p| p.parse::<u16>().unwrap());
+        (it.next().unwrap(), it.next().unwrap())
+    };
+    w.kill9();
+    let v = cg.probe_as_nobody(&["bind", "0.0.0.0", &pp]);
+    assert_eq!(errno(&v), Some(EPERM), "explicit bind: {v}");
+    if (lo..=hi).contains(&w.proxy_port) {
+        // Thousands of tries cover the ephemeral range many times over.
+        let v = cg.probe_as_nobody(&["autobind", &pp, "4"]);
+        assert_eq!(v["ok"], false, "the kernel handed the agent the proxy's port: {v}");
+        assert!(v["tries"].as_u64().unwrap_or(0) > 20_000, "{v}");
+    } else {
+        println!("note: proxy port {pp} is outside the ephemeral range {lo}-{hi}; autobind cannot pick it");
+    }
+    w.spawn();
+    assert_reached(&cg.probe_as_nobody(&["connect", "127.0.0.5", &db.addr.port().to_string()]), "db");
+}

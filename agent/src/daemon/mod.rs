@@ -407,7 +407,8 @@ pub mod reserved_ports {
         let mut text = String::new();
         file.read_to_string(&mut text)?;
         file.rewind()?;
-        file.write_all(edit(&text, ports, add).as_bytes())
+        // With the newline: an empty write leaves the list as it was, "\n" empties it.
+        file.write_all(format!("{}\n", edit(&text, ports, add)).as_bytes())
     }
 
     pub fn reserve(ports: &[u16]) -> std::io::Result<()> {
