@@ -397,3 +397,63 @@ fn the_proxy_port_cannot_be_taken_while_the_daemon_is_down() {
     w.spawn();
     assert_reached(&cg.probe_as_nobody(&["connect", "127.0.0.5", &db.addr.port().to_string()]), "db");
 }
+
+/// A flood of refused connects: every refusal is still enforced, and each is either recorded or counted
+/// in an `events.lost` record (one agent cannot fill the audit queue that sessions need, nor hide
+/// refusals without a trace); the agent's own sessions still work afterwards.
+#[test]
+fn a_flood_of_refusals_is_enforced_and_accounted_for() {
+    if !privileged("a_flood_of_refusals_is_enforced_and_accounted_for") {
+        return;
+    }
+    let idp = Idp::start();
+    let db = Server::start("127.0.0.5", "db");
+    let other = Server::start("127.0.0.6", "other");
+    let w = setup("flood", &idp, &db, &[]);
+    let cg = w.cgroup("agent");
+    w.tag(&cg, "bot");
+    let total: u64 = 20_000;
+    let v = cg.probe_as_nobody(&["flood", "127.0.0.6", &other.addr.port().to_string(), &total.to_string()]);
+    assert_eq!(v["counts"]["EPERM"].as_u64(), Some(total), "every connect refused: {v}");
+    let cgroup = cg.rel();
+    let accounted = || {
+        let records = w.records();
+        let recorded = records
+            .iter()
+            .filter(|r| r["event"] == "connect.refused" && r["cgroup"] == cgroup.as_str())
+            .count() as u64;
+        let counted: u64 = records
+            .iter()
+            .filter(|r| r["event"] == "events.lost")
+            .map(|r| {
+                r["ring_full"].as_u64().unwrap_or(0)
+                    + r["queue_full"].as_u64().unwrap_or(0)
+                    + r["rate_limited"]
+                        .as_array()
+                        .map_or(0, |l| l.iter().map(|e| e["events"].as_u64().unwrap_or(0)).sum())
+            })
+            .sum();
+        (recorded, counted)
+    };
+    let (recorded, counted) = crate::harness::wait_for(
+        "every refusal recorded or counted",
+        std::time::Duration::from_secs(20),
+        || {
+            let (r, c) = accounted();
+            (r + c >= total).then_some((r, c))
+        },
+    );
+    assert_eq!(recorded + counted, total, "recorded {recorded} + counted {counted}");
+    assert!(recorded >= 200, "the first refusals are recorded in full: {recorded}");
+    let lost = w.wait_record("events.lost", |r| r["event"] == "events.lost");
+    assert!(
+        lost["rate_limited"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|e| e["cgroup"] == cgroup.as_str() && e["identity"] == "bot")),
+        "{lost}"
+    );
+    assert_reached(&cg.probe_as_nobody(&["connect", "127.0.0.5", &db.addr.port().to_string()]), "db");
+    assert_eq!(settle(&other, "other"), 0);
+    let out = w.cli(&["audit", "verify", "--dir", w.audit_dir().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}

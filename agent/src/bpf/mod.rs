@@ -15,7 +15,7 @@ use aya::Btf;
 use aya::Ebpf;
 use aya::EbpfLoader;
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, MapError, RingBuf};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, Program, ProgramError};
 use warden_common::{AllowKey, Binding, Endpoint, Origin, ProxyConfig, TargetRef, names};
@@ -110,6 +110,7 @@ pub struct Kernel {
     proxy: Mutex<Array<MapData, ProxyConfig>>,
     by_addr: HashMap<MapData, Endpoint, Origin>,
     events: Mutex<Option<RingBuf<MapData>>>,
+    lost: PerCpuArray<MapData, u64>,
     logger: Mutex<Option<KernelLogger>>,
     pub report: InstallReport,
 }
@@ -282,6 +283,7 @@ impl Kernel {
             proxy: Mutex::new(take(ebpf, names::PROXY)?),
             by_addr: take(ebpf, names::BY_ADDR)?,
             events: Mutex::new(Some(take(ebpf, names::EVENTS)?)),
+            lost: take(ebpf, names::LOST)?,
             logger: Mutex::new(logger),
             report,
         })
@@ -378,6 +380,11 @@ impl Kernel {
     /// The kernel programs' logger (aya-log); `None` once taken or where unavailable.
     pub fn take_logger(&self) -> Option<KernelLogger> {
         self.logger.lock().expect("logger lock").take()
+    }
+
+    /// How many kernel events found the ring buffer full, since the map was created (all CPUs).
+    pub fn events_lost(&self) -> u64 {
+        self.lost.get(&0, 0).map_or(0, |per_cpu| per_cpu.iter().sum())
     }
 
     /// The ring buffer of kernel events; `None` once taken.

@@ -22,6 +22,8 @@ pub mod names {
     pub const ORIGINS: &str = "WARDEN_ORIGINS";
     pub const BY_ADDR: &str = "WARDEN_BY_ADDR";
     pub const EVENTS: &str = "WARDEN_EVENTS";
+    /// Per-CPU count of events the kernel could not put in the ring buffer (it was full).
+    pub const LOST: &str = "WARDEN_LOST";
     /// Attached only where BPF LSM is enabled; without it the others still enforce.
     pub const OPTIONAL: &[&str] = &["warden_socket_create"];
     /// Every program, in attach order.

@@ -23,7 +23,7 @@ use aya_ebpf::{
         bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
     macros::{cgroup_sock, cgroup_sock_addr, lsm, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{LsmContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use warden_common::{
@@ -67,6 +67,10 @@ static BY_ADDR: LruHashMap<Endpoint, Origin> = LruHashMap::pinned(262_144, 0);
 /// Refusals, for the audit record.
 #[map(name = "WARDEN_EVENTS")]
 static EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
+
+/// Events that found the ring buffer full (slot 0, per CPU): the daemon records how many were lost.
+#[map(name = "WARDEN_LOST")]
+static LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
 /// The binding that applies to the current task: its nearest tagged ancestor (or itself).
 #[inline(always)]
@@ -159,6 +163,9 @@ fn report(kind: u32, tag: (u64, Binding), dst: &Endpoint, family: u32, sock_type
             binding: tag.1.id,
         });
         entry.submit(0);
+    } else if let Some(n) = LOST.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it while this program runs.
+        unsafe { *n += 1 };
     }
 }
 
