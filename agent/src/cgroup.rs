@@ -266,6 +266,9 @@ fn run_in(path: &Path, user: Option<&nix::unistd::User>, command: &[String]) -> 
                 if nix::sys::prctl::set_no_new_privs().is_err() {
                     fail("warden exec: cannot set no_new_privs\n");
                 }
+                if restrict_sockets().is_err() {
+                    fail("warden exec: cannot install the socket filter\n");
+                }
                 // SAFETY: single-threaded child before exec.
                 unsafe {
                     std::env::set_var("HOME", &u.dir);
@@ -289,6 +292,64 @@ fn run_in(path: &Path, user: Option<&nix::unistd::User>, command: &[String]) -> 
         }
         Err(e) => crate::cli::fail(crate::cli::EXIT_FAILED, &format!("fork: {e}")),
     }
+}
+
+/// A seccomp filter for `warden exec --user` commands: socket() only for the families the kernel programs
+/// govern (Unix, IPv4, IPv6, netlink), so vsock (the hypervisor), packet, XDP, Bluetooth... are refused even
+/// where BPF LSM is unavailable; io_uring_setup is refused since IORING_OP_SOCKET would not pass this
+/// filter; 32-bit and x32 system calls (another way to call socket) are refused. Everything else is allowed.
+/// Inherited by every child and kept across exec. Builds no heap data (runs between fork and exec).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "classic BPF opcodes, system call numbers and address families are small positive constants"
+)]
+fn restrict_sockets() -> Result<(), ()> {
+    #[cfg(target_arch = "x86_64")]
+    const ARCH: u32 = 0xc000_003e; // AUDIT_ARCH_X86_64
+    #[cfg(target_arch = "aarch64")]
+    const ARCH: u32 = 0xc000_00b7; // AUDIT_ARCH_AARCH64
+    const X32_BIT: u32 = 0x4000_0000;
+    const LD: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const JGE: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+    const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+    const EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    // struct seccomp_data: nr at 0, arch at 4, args[0] at 16 (its low 32 bits on little-endian).
+    let stmt = |code: u16, k: u32| libc::sock_filter { code, jt: 0, jf: 0, k };
+    let jump = |code: u16, k: u32, jt: u8, jf: u8| libc::sock_filter { code, jt, jf, k };
+    let filter = [
+        stmt(LD, 4),
+        jump(JEQ, ARCH, 1, 0),
+        stmt(RET, EPERM), // another ABI
+        stmt(LD, 0),
+        jump(JGE, X32_BIT, 0, 1),
+        stmt(RET, EPERM), // x32
+        jump(JEQ, libc::SYS_io_uring_setup as u32, 0, 1),
+        stmt(RET, EPERM),
+        jump(JEQ, libc::SYS_socket as u32, 1, 0),
+        stmt(RET, ALLOW),
+        stmt(LD, 16),
+        jump(JEQ, libc::AF_UNIX as u32, 3, 0),
+        jump(JEQ, libc::AF_INET as u32, 2, 0),
+        jump(JEQ, libc::AF_INET6 as u32, 1, 0),
+        jump(JEQ, libc::AF_NETLINK as u32, 0, 1),
+        stmt(RET, ALLOW),
+        stmt(RET, EPERM),
+    ];
+    let prog = libc::sock_fprog {
+        len: u16::try_from(filter.len()).map_err(|_| ())?,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: `prog` points at a valid filter that outlives the call; the kernel copies it.
+    let rc = unsafe { libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &raw const prog, 0, 0) };
+    if rc == 0 { Ok(()) } else { Err(()) }
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+fn restrict_sockets() -> Result<(), ()> {
+    Ok(())
 }
 
 static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);

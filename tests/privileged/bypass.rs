@@ -457,3 +457,49 @@ fn a_flood_of_refusals_is_enforced_and_accounted_for() {
     let out = w.cli(&["audit", "verify", "--dir", w.audit_dir().to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// `warden exec --user`: the command cannot open sockets the kernel programs do not govern (vsock to the
+/// hypervisor, packet, ...) even where BPF LSM is unavailable, nor use io_uring to open them, nor leave its
+/// cgroup; TCP through Warden still works.
+#[test]
+fn exec_agents_cannot_open_other_socket_families_or_leave_their_cgroup() {
+    if !privileged("exec_agents_cannot_open_other_socket_families_or_leave_their_cgroup") {
+        return;
+    }
+    let idp = Idp::start();
+    let db = Server::start("127.0.0.5", "db");
+    let w = setup("execsock", &idp, &db, &[]);
+    let probe = probe_script();
+    let exec = |args: &[&str]| -> Value {
+        let mut all = vec!["--identity", "bot", "--user", "nobody", "--"];
+        all.extend_from_slice(args);
+        let out = w.cli_exec(&all);
+        crate::harness::parse_probe(&out)
+    };
+    let py = |args: &[&str]| -> Value {
+        let mut all = vec!["/usr/bin/python3", probe.to_str().unwrap()];
+        all.extend_from_slice(args);
+        exec(&all)
+    };
+    for kind in ["vsock", "packet", "raw", "mptcp"] {
+        let v = py(&[kind]);
+        assert_eq!(errno(&v), Some(EPERM), "{kind}: {v}");
+    }
+    let uring = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(std::path::Path::parent)
+        .unwrap()
+        .join("examples/uring_connect");
+    if uring.exists() {
+        let v = exec(&[uring.to_str().unwrap(), "127.0.0.6", "9"]);
+        assert_eq!(errno(&v), Some(EPERM), "io_uring: {v}");
+    }
+    let exec_parent = w.cgroup_parent.join("exec");
+    let root = crate::harness::cgroup_root();
+    let v = py(&["cgroup-escape", exec_parent.to_str().unwrap(), root.to_str().unwrap()]);
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(v["cgroup"].as_str().is_some_and(|c| c.contains("/exec/exec-")), "{v}");
+    assert_reached(&py(&["connect", "127.0.0.5", &db.addr.port().to_string()]), "db");
+    assert_eq!(settle(&db, "db"), 1);
+}
