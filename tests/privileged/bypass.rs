@@ -290,8 +290,11 @@ fn allow_listed_spellings_of_a_local_target_are_refused() {
         let v = cg.probe_as_nobody(&["reuse-listen", host, &dp]);
         assert_eq!(errno(&v), Some(EPERM), "listen on {host}:{dp}: {v}");
     }
-    // The target's own address still goes through the proxy; an untagged process is untouched.
+    // The target's own address (also covered by the allow list) still goes through the proxy; an untagged
+    // process is untouched.
     assert_reached(&cg.probe_as_nobody(&["connect", "127.0.0.5", &dp]), "db");
+    let start = w.wait_record("session.start", |r| r["event"] == "session.start");
+    assert_eq!(start["dst"], db.addr.to_string(), "{start}");
     let v = probe_untagged(&["from", "127.0.0.5", "0", "0.0.0.0", &dp]);
     assert_reached(&v, "db");
     assert_eq!(settle(&db, "db"), 2, "the target saw the proxy's connection and the untagged one only");
@@ -502,4 +505,46 @@ fn exec_agents_cannot_open_other_socket_families_or_leave_their_cgroup() {
     assert!(v["cgroup"].as_str().is_some_and(|c| c.contains("/exec/exec-")), "{v}");
     assert_reached(&py(&["connect", "127.0.0.5", &db.addr.port().to_string()]), "db");
     assert_eq!(settle(&db, "db"), 1);
+}
+
+/// A socket made before its process was tagged is judged when it connects, by the process that connects.
+#[test]
+fn a_socket_made_before_tagging_is_judged_at_connect() {
+    if !privileged("a_socket_made_before_tagging_is_judged_at_connect") {
+        return;
+    }
+    let idp = Idp::start();
+    let db = Server::start("127.0.0.5", "db");
+    let other = Server::start("127.0.0.6", "other");
+    let w = setup("late", &idp, &db, &[]);
+    let cg = w.cgroup("agent");
+    w.tag(&cg, "bot");
+    let script = probe_script();
+    for (server, expect_reached) in [(&other, false), (&db, true)] {
+        let port = server.addr.port().to_string();
+        let mut p = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", "/usr/bin/python3"])
+            .arg(&script)
+            .args(["late", &server.addr.ip().to_string(), &port])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("late probe");
+        let mut lines = BufReader::new(p.stdout.take().unwrap()).lines();
+        let ready: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(ready["ready"], true);
+        std::fs::write(cg.path.join("cgroup.procs"), p.id().to_string())
+            .expect("move into the tagged cgroup");
+        writeln!(p.stdin.take().unwrap()).unwrap();
+        let v: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        let _ = p.wait();
+        if expect_reached {
+            assert_reached(&v, "db");
+        } else {
+            assert_eq!(errno(&v), Some(EPERM), "{v}");
+        }
+    }
+    assert_eq!(settle(&other, "other"), 0);
+    assert_eq!(settle(&db, "db"), 1);
+    w.wait_record("session.start", |r| r["event"] == "session.start" && r["uid"] == 65534);
 }

@@ -12,6 +12,7 @@ probe.py child HOST PORT             connect from a forked child
 probe.py hold HOST PORT SECS         connect, send a line every 100 ms for up to SECS, report how it ended
 probe.py from LOCAL LPORT HOST PORT  bind to LOCAL:LPORT (SO_REUSEADDR) first, then connect
 probe.py from-hold LOCAL LPORT HOST PORT   the same, then hold the connection until a line on stdin
+probe.py late HOST PORT              make a socket, wait for a line on stdin, then connect it
 probe.py tfo6 HOST PORT              TCP Fast Open on an AF_INET6 socket (e.g. to ::ffff:a.b.c.d)
 probe.py unspec H1 P1 H2 P2          connect to H1, connect(AF_UNSPEC), then connect the same socket to H2
 probe.py udp-redirect H1 P1 H2 P2    connect a UDP socket to H1, then sendto H2 on it
@@ -151,6 +152,18 @@ elif op in ("from", "from-hold"):
         if op == "from-hold":
             sys.stdin.readline()
             out(ok=True, peer=list(s.getpeername()[:2]), closed=True)
+    except OSError as e:
+        out(**err(e))
+elif op == "late":
+    # A socket made before the process is tagged (or received from elsewhere), connected after.
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(10)
+    out(ready=True)
+    sys.stdin.readline()
+    try:
+        s.connect((args[0], int(args[1])))
+        data = s.recv(200).decode(errors="replace")
+        out(ok=True, data=data, peer=list(s.getpeername()[:2]))
     except OSError as e:
         out(**err(e))
 elif op == "tfo6":
