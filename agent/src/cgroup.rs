@@ -297,7 +297,10 @@ fn run_in(path: &Path, user: Option<&nix::unistd::User>, command: &[String]) -> 
 /// A seccomp filter for `warden exec --user` commands: socket() only for the families the kernel programs
 /// govern (Unix, IPv4, IPv6, netlink), so vsock (the hypervisor), packet, XDP, Bluetooth... are refused even
 /// where BPF LSM is unavailable; io_uring_setup is refused since IORING_OP_SOCKET would not pass this
-/// filter; 32-bit and x32 system calls (another way to call socket) are refused. Everything else is allowed.
+/// filter; 32-bit and x32 system calls (another way to call socket) are refused. ptrace, process_vm_writev
+/// and pidfd_getfd are refused too: they would let the command take a connected socket from, or inject
+/// code into, an untagged process of the same user (writing /proc/PID/mem still can: run each agent as its
+/// own user). Everything else is allowed.
 /// Inherited by every child and kept across exec. Builds no heap data (runs between fork and exec).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[expect(
@@ -326,7 +329,10 @@ fn restrict_sockets() -> Result<(), ()> {
         stmt(LD, 0),
         jump(JGE, X32_BIT, 0, 1),
         stmt(RET, EPERM), // x32
-        jump(JEQ, libc::SYS_io_uring_setup as u32, 0, 1),
+        jump(JEQ, libc::SYS_io_uring_setup as u32, 3, 0),
+        jump(JEQ, libc::SYS_ptrace as u32, 2, 0),
+        jump(JEQ, libc::SYS_process_vm_writev as u32, 1, 0),
+        jump(JEQ, libc::SYS_pidfd_getfd as u32, 0, 1),
         stmt(RET, EPERM),
         jump(JEQ, libc::SYS_socket as u32, 1, 0),
         stmt(RET, ALLOW),

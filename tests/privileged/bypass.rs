@@ -548,3 +548,47 @@ fn a_socket_made_before_tagging_is_judged_at_connect() {
     assert_eq!(settle(&db, "db"), 1);
     w.wait_record("session.start", |r| r["event"] == "session.start" && r["uid"] == 65534);
 }
+
+/// `warden exec --user`: the command cannot take a connected socket from, or attach to, an untagged process
+/// that runs as the same user (pidfd_getfd, ptrace, process_vm_writev).
+#[test]
+fn exec_agents_cannot_take_sockets_from_or_attach_to_same_user_processes() {
+    if !privileged("exec_agents_cannot_take_sockets_from_or_attach_to_same_user_processes") {
+        return;
+    }
+    let idp = Idp::start();
+    let db = Server::start("127.0.0.5", "db");
+    let other = Server::start("127.0.0.6", "other");
+    let w = setup("steal", &idp, &db, &[]);
+    let script = probe_script();
+    let mut holder = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", "/usr/bin/python3"])
+        .arg(&script)
+        .args(["holder", "127.0.0.6", &other.addr.port().to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("holder");
+    let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
+    let held: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let (pid, fd) = (holder.id().to_string(), held["fd"].to_string());
+    let out = w.cli_exec(&[
+        "--identity",
+        "bot",
+        "--user",
+        "nobody",
+        "--",
+        "/usr/bin/python3",
+        script.to_str().unwrap(),
+        "steal",
+        &pid,
+        &fd,
+    ]);
+    let v = crate::harness::parse_probe(&out);
+    writeln!(holder.stdin.take().unwrap()).unwrap();
+    let _ = holder.wait();
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["pidfd_getfd_errno"], EPERM, "{v}");
+    assert_eq!(v["ptrace_errno"], EPERM, "{v}");
+    assert!(v["echo"].is_null(), "{v}");
+}

@@ -13,6 +13,8 @@ probe.py hold HOST PORT SECS         connect, send a line every 100 ms for up to
 probe.py from LOCAL LPORT HOST PORT  bind to LOCAL:LPORT (SO_REUSEADDR) first, then connect
 probe.py from-hold LOCAL LPORT HOST PORT   the same, then hold the connection until a line on stdin
 probe.py late HOST PORT              make a socket, wait for a line on stdin, then connect it
+probe.py holder HOST PORT            connect, print our fd, hold until a line on stdin
+probe.py steal PID FD                pidfd_getfd another process's socket and use it; ptrace(SEIZE) it
 probe.py tfo6 HOST PORT              TCP Fast Open on an AF_INET6 socket (e.g. to ::ffff:a.b.c.d)
 probe.py unspec H1 P1 H2 P2          connect to H1, connect(AF_UNSPEC), then connect the same socket to H2
 probe.py udp-redirect H1 P1 H2 P2    connect a UDP socket to H1, then sendto H2 on it
@@ -166,6 +168,28 @@ elif op == "late":
         out(ok=True, data=data, peer=list(s.getpeername()[:2]))
     except OSError as e:
         out(**err(e))
+elif op == "holder":
+    # An untagged process's connected socket, for 'steal' to take: prints its pid and fd, waits for stdin.
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.connect((args[0], int(args[1])))
+    s.recv(200)
+    out(ok=True, fd=s.fileno())
+    sys.stdin.readline()
+elif op == "steal":
+    # Take another process's connected socket (pidfd_getfd), else attach to it (ptrace), and use it.
+    pid, fd = int(args[0]), int(args[1])
+    res = {}
+    pidfd = libc.syscall(434, pid, 0)
+    got = libc.syscall(438, pidfd, fd, 0) if pidfd >= 0 else -1
+    res["pidfd_getfd_errno"] = 0 if got >= 0 else ctypes.get_errno()
+    if got >= 0:
+        s = socket.socket(fileno=got)
+        s.sendall(b"stolen\n")
+        res["echo"] = s.recv(100).decode(errors="replace")
+    PTRACE_SEIZE = 0x4206
+    r = libc.ptrace(PTRACE_SEIZE, pid, None, None)
+    res["ptrace_errno"] = 0 if r == 0 else ctypes.get_errno()
+    out(ok=got >= 0 or r == 0, **res)
 elif op == "tfo6":
     s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     try:
