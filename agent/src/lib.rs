@@ -9,6 +9,7 @@ pub mod audit;
 pub mod bpf;
 pub mod cgroup;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -29,7 +29,6 @@
 //!   (`grant.revoked` by `policy`, [`GrantEnd::PolicyChanged`]); one whose rule now has a shorter TTL is
 //!   shortened; none is lengthened.
 
-mod clock;
 mod store;
 mod view;
 
@@ -43,7 +42,7 @@ use std::time::{Duration, SystemTime};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
 
-pub use clock::{Clock, SystemClock, TestClock};
+pub use crate::clock::{Clock, SystemClock, TestClock};
 pub use view::{GrantView, table};
 
 use crate::audit::{Audit, AuditError, Record};
@@ -229,12 +228,6 @@ pub struct Lease {
     rx: watch::Receiver<Phase>,
     clock: Arc<dyn Clock>,
     sessions: Arc<AtomicUsize>,
-}
-
-impl std::fmt::Debug for dyn Clock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Clock")
-    }
 }
 
 impl Lease {

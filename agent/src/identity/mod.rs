@@ -12,7 +12,6 @@
 //! Submodules: `verify` (pure token checks), `idp` (discovery, the token request, the JWKS cache, over a
 //! bounded HTTP transport), `files` (reading keys and secrets, mode-checked), `clock`, `error`.
 
-mod clock;
 mod error;
 mod files;
 mod idp;
@@ -26,7 +25,7 @@ use std::time::{Duration, SystemTime};
 use jsonwebtoken::{Algorithm, EncodingKey};
 use tokio::time::Instant;
 
-pub use clock::{Clock, SystemClock, TokioClock};
+pub use crate::clock::{Clock, SystemClock, TestClock};
 pub use error::{IdentityError, Rejection};
 
 use crate::audit::{Audit, Record};

@@ -35,12 +35,12 @@ struct State {
 }
 
 struct FakeIdp {
-    clock: TokioClock,
+    clock: Arc<TestClock>,
     state: Mutex<State>,
 }
 
 impl FakeIdp {
-    fn new(clock: TokioClock) -> Arc<Self> {
+    fn new(clock: Arc<TestClock>) -> Arc<Self> {
         Arc::new(Self {
             clock,
             state: Mutex::new(State {
@@ -208,12 +208,12 @@ fn harness() -> Harness {
         "other-aud".to_owned(),
         IdentityConfig { client_secret_file: Some(secret), ..config("0oa-bot", "api://other") },
     );
-    let clock = TokioClock::starting_at(now());
-    let idp = FakeIdp::new(clock);
+    let clock = Arc::new(TestClock::starting_at(now()));
+    let idp = FakeIdp::new(clock.clone());
     let records = Arc::new(Mutex::new(Vec::new()));
     let sink = records.clone();
     let identities = Identities::builder(&configs)
-        .clock(Arc::new(clock))
+        .clock(clock)
         .record_sink(Arc::new(move |r| sink.lock().unwrap().push(r)))
         .transport(idp.clone())
         .build()

@@ -1,11 +1,12 @@
-//! Wall-clock time for grant expiry, behind a trait so tests run in virtual time.
+//! Wall-clock time, behind a trait so time-dependent logic (token expiry, grant TTLs) runs in virtual
+//! time in tests. Waiting always goes through `tokio::time`.
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-/// Where grants read the wall-clock time. Waiting always goes through `tokio::time`, so a test that
-/// pauses tokio's clock and uses [`TestClock`] moves both together.
-pub trait Clock: Send + Sync + 'static {
+/// Where the daemon reads the wall-clock time (token `exp`/`nbf`/`iat`, grant expiry). A test that pauses
+/// tokio's clock and uses [`TestClock`] moves both together.
+pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
     fn now(&self) -> SystemTime;
 }
 
@@ -33,6 +34,11 @@ pub struct TestClock {
 impl TestClock {
     pub fn new(start: SystemTime) -> Self {
         Self { start, origin: tokio::time::Instant::now(), jumped: Mutex::new(Duration::ZERO) }
+    }
+
+    /// Reads `wall` now, and from then on advances with tokio's clock.
+    pub fn starting_at(wall: SystemTime) -> Self {
+        Self::new(wall)
     }
 
     /// Moves the wall clock forward without moving tokio's timers, as when the host slept or the daemon
