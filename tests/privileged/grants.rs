@@ -25,6 +25,14 @@ fn hold(cg: &TestCgroup, server: &Server, secs: u32) -> std::thread::JoinHandle<
     std::thread::spawn(move || cg.probe(&["hold", "127.0.0.5", &port, &secs]))
 }
 
+/// Waits for a live session (as `warden sessions --json` shows it) and returns it.
+fn live_session(w: &Warden) -> Value {
+    wait_for("a live session", Duration::from_secs(10), || {
+        let list = json(&w.cli(&["sessions", "--json"]));
+        list.as_array()?.first().cloned()
+    })
+}
+
 #[test]
 fn a_grant_expires_on_its_own_cuts_its_session_and_is_not_renewed() {
     if !privileged("a_grant_expires_on_its_own_cuts_its_session_and_is_not_renewed") {
@@ -118,10 +126,7 @@ fn revocation_and_kill_end_live_sessions_at_once() {
 
     // `warden sessions kill` ends one session.
     let h = hold(&cg, &db, 20);
-    let live = wait_for("a live session", Duration::from_secs(10), || {
-        let list = json(&w.cli(&["sessions", "--json"]));
-        list.as_array()?.first().cloned()
-    });
+    let live = live_session(&w);
     assert_eq!(live["target"], "db", "{live}");
     let table = w.cli(&["sessions"]);
     assert!(String::from_utf8_lossy(&table.stdout).contains("SESSION"), "readable table");
@@ -136,9 +141,7 @@ fn revocation_and_kill_end_live_sessions_at_once() {
 
     // `warden grant revoke` ends the grant and every session under it.
     let h = hold(&cg, &db, 20);
-    wait_for("a live session", Duration::from_secs(10), || {
-        json(&w.cli(&["sessions", "--json"])).as_array().filter(|a| !a.is_empty()).map(|_| ())
-    });
+    live_session(&w);
     let grant = json(&w.cli(&["grants", "--json"]))[0].clone();
     let began = Instant::now();
     let out = w.cli(&["grant", "revoke", grant["id"].as_str().unwrap()]);
@@ -180,9 +183,7 @@ fn no_matching_rule_is_refused_and_a_bad_policy_edit_keeps_the_old_policy() {
 
     // A live session the next policy no longer allows is ended.
     let h = hold(&cg, &db, 20);
-    wait_for("a live session", Duration::from_secs(10), || {
-        json(&w.cli(&["sessions", "--json"])).as_array().filter(|a| !a.is_empty()).map(|_| ())
-    });
+    live_session(&w);
     std::fs::write(w.policy_path(), good.replace("agents-research", "another-group")).unwrap();
     let v = h.join().unwrap();
     assert_ne!(v["ended"], "still open", "{v}");
