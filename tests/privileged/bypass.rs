@@ -280,7 +280,18 @@ fn allow_listed_spellings_of_a_local_target_are_refused() {
     assert_eq!(errno(&v), Some(EPERM), "bound to the target, connect 0.0.0.0: {v}");
     let v = cg.probe_as_nobody(&["from", "::ffff:127.0.0.5", "0", "::ffff:0.0.0.0", &dp]);
     assert_eq!(errno(&v), Some(EPERM), "bound to the mapped target, connect ::ffff:0.0.0.0: {v}");
-    for host in ["0.0.0.0", "127.0.0.1", "127.0.0.9", "::", "::1", "::ffff:127.0.0.1", "::ffff:0.0.0.0"] {
+    for host in [
+        "0.0.0.0",
+        "127.0.0.1",
+        "127.0.0.9",
+        "::",
+        "::1",
+        "::ffff:127.0.0.1",
+        "::ffff:0.0.0.0",
+        "::127.0.0.5",        // IPv4-compatible
+        "64:ff9b::127.0.0.5", // NAT64 well-known prefix
+        "::ffff:0:127.0.0.5", // SIIT
+    ] {
         let v = cg.probe_as_nobody(&["connect", host, &dp, "v6"]);
         assert_eq!(errno(&v), Some(EPERM), "{host}: {v}");
     }

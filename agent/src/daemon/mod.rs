@@ -444,6 +444,23 @@ fn with_guards(targets: Vec<(SocketAddr, u32)>, host: &[std::net::IpAddr]) -> Ve
     let mut out = Vec::new();
     for (addr, _) in &targets {
         let ip = addr.ip().to_canonical();
+        if let std::net::IpAddr::V4(v4) = ip {
+            // IPv6 spellings that a translator on the path (NAT64's well-known prefix, SIIT) or an old
+            // stack (IPv4-compatible) turns back into this IPv4 address.
+            let tail = v4.octets();
+            let mut nat64 = [0u8; 16];
+            nat64[..4].copy_from_slice(&[0, 0x64, 0xff, 0x9b]);
+            nat64[12..].copy_from_slice(&tail);
+            let mut siit = [0u8; 16];
+            siit[8..10].copy_from_slice(&[0xff, 0xff]);
+            siit[12..].copy_from_slice(&tail);
+            let mut compat = [0u8; 16];
+            compat[12..].copy_from_slice(&tail);
+            for form in [nat64, siit, compat] {
+                let v6 = std::net::Ipv6Addr::from(form);
+                out.push((SocketAddr::new(v6.into(), addr.port()), warden_common::GUARD));
+            }
+        }
         if ip.is_loopback() || ip.is_unspecified() || host.contains(&ip) {
             let all_ones = std::net::Ipv6Addr::from([0xff; 16]);
             out.push((SocketAddr::new(all_ones.into(), addr.port()), warden_common::GUARD));
@@ -859,8 +876,13 @@ mod tests {
         assert_eq!(kernel[&bpf::endpoint("127.0.0.1:22".parse().unwrap())], warden_common::GUARD);
         // A target elsewhere gets none.
         assert!(!kernel.contains_key(&warden_common::Endpoint::local_port_guard(443)));
-        // 3 targets; 2 marks; 127.0.0.1 and 10.1.2.3 on 5432, 127.0.0.1 on 22 (10.1.2.3:22 is the target).
-        assert_eq!(kernel.len(), 3 + 2 + 3);
+        // IPv6 spellings of IPv4 targets: NAT64, SIIT, IPv4-compatible.
+        for s in ["[64:ff9b::192.0.2.9]:443", "[::ffff:0:192.0.2.9]:443", "[::192.0.2.9]:443"] {
+            assert_eq!(kernel[&bpf::endpoint(s.parse().unwrap())], warden_common::GUARD, "{s}");
+        }
+        // 3 targets; 2 marks; 127.0.0.1 and 10.1.2.3 on 5432, 127.0.0.1 on 22 (10.1.2.3:22 is the target);
+        // 3 IPv6 spellings of each of the 3 IPv4 targets.
+        assert_eq!(kernel.len(), 3 + 2 + 3 + 9);
     }
 
     #[test]
