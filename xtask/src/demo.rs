@@ -82,6 +82,10 @@ impl Drop for Guard {
                 .status();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        // The exec parent cgroup `warden exec` created (its per-task children are already gone).
+        if let Some(root) = cgroup2_root() {
+            let _ = std::fs::remove_dir(root.join("warden-demo"));
+        }
     }
 }
 
@@ -296,4 +300,13 @@ fn config_text(dir: &Path, issuer: &str, keys: &Path) -> String {
 fn serde_session(line: &str) -> Option<String> {
     let rest = &line[line.find("\"session\":\"")? + 11..];
     Some(rest[..rest.find('"')?].to_owned())
+}
+
+/// The cgroup2 mount point, from /proc/self/mountinfo.
+fn cgroup2_root() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        if post.starts_with("cgroup2 ") { pre.split(' ').nth(4).map(PathBuf::from) } else { None }
+    })
 }
