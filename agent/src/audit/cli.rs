@@ -264,7 +264,20 @@ pub fn render_session(session: &str, records: &[Map<String, Value>]) -> String {
             }
             "session.end" => {
                 ended = true;
-                let _ = writeln!(o, "  ended:   {ts}  {}", rest(&[]));
+                // Who and where are in the header already; show what the end adds.
+                let shown = [
+                    "pid",
+                    "uid",
+                    "gid",
+                    "cgroup",
+                    "cgroup_id",
+                    "dst",
+                    "identity",
+                    "target",
+                    "grant",
+                    "decision",
+                ];
+                let _ = writeln!(o, "  ended:   {ts}  {}", rest(&shown));
             }
             other => {
                 let _ = writeln!(o, "  {ts}  {other}: {}", rest(&[]));

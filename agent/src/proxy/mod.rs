@@ -183,7 +183,8 @@ impl Proxy {
             .field("grant", &admission.grant)
             .field("rule", &admission.rule)
             .field("access", &admission.access)
-            .field("decision", "allow");
+            .field("decision", "allow")
+            .field("reason", allow_reason(&admission));
         // The record before the first byte: the upstream handshake (no payload) runs while session.start is
         // made durable; if the record cannot be, the session does not proceed and the upstream connection
         // is dropped unused.
@@ -220,11 +221,12 @@ impl Proxy {
             () = self.shutdown.cancelled() => "daemon_shutdown".into(),
         };
         self.sessions.remove(&id);
-        let end = Record::new("session.end")
+        let end = origin_fields(Record::new("session.end"), &origin)
             .field("session", &id)
-            .field("pid", origin.pid)
+            .field("identity", &admission.identity)
             .field("target", &admission.target)
-            .field("dst", origin.dst.to_string())
+            .field("grant", &admission.grant)
+            .field("decision", "allow")
             .field("bytes_up", counters.up.load(Ordering::Relaxed))
             .field("bytes_down", counters.down.load(Ordering::Relaxed))
             .field("duration_ms", u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX))
@@ -252,6 +254,14 @@ impl Proxy {
         let _ = upstream.set_nodelay(true);
         let _ = client.set_nodelay(true);
         tcp::relay(client, &mut upstream, counters).await.reason().into()
+    }
+}
+
+/// Why a session was allowed, in words.
+fn allow_reason(a: &Admission) -> String {
+    match (&a.rule, &a.access, &a.grant) {
+        (Some(rule), Some(access), Some(grant)) => format!("rule `{rule}` grants {access} (grant {grant})"),
+        _ => "allowed".to_owned(),
     }
 }
 
