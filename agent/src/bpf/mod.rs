@@ -18,7 +18,9 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, Program, ProgramError};
-use warden_common::{AllowKey, Binding, Endpoint, Origin, ProxyConfig, TargetRef, names};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use warden_common::{AllowKey, Binding, Endpoint, Event, Origin, ProxyConfig, TargetRef, names};
 
 /// The kernel programs, built by build.rs from ebpf/programs (empty when built without the toolchain).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/warden-ebpf.o"));
@@ -377,9 +379,26 @@ impl Kernel {
         Ok(())
     }
 
-    /// The kernel programs' logger (aya-log); `None` once taken or where unavailable.
-    pub fn take_logger(&self) -> Option<KernelLogger> {
-        self.logger.lock().expect("logger lock").take()
+    /// The kernel programs' logger (aya-log), as a task forwarding its lines to our log until `shutdown`;
+    /// `None` once taken or where unavailable. Must be called inside a tokio runtime.
+    pub fn take_log_forwarder(
+        &self,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let logger = self.logger.lock().expect("logger lock").take()?;
+        // SAFETY: the logger owns its ring buffer fd, which stays open and the same while the AsyncFd
+        // (which owns the logger) lives.
+        let mut afd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }.ok()?;
+        Some(async move {
+            loop {
+                let mut guard = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    g = afd.readable_mut() => match g { Ok(g) => g, Err(_) => return },
+                };
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        })
     }
 
     /// How many kernel events found the ring buffer full, since the map was created (all CPUs).
@@ -387,9 +406,42 @@ impl Kernel {
         self.lost.get(&0, 0).map_or(0, |per_cpu| per_cpu.iter().sum())
     }
 
-    /// The ring buffer of kernel events; `None` once taken.
-    pub fn take_events(&self) -> Option<RingBuf<MapData>> {
-        self.events.lock().expect("events lock").take()
+    /// The reader of the kernel's events; `None` once taken, or if the ring cannot be polled. Must be
+    /// called inside a tokio runtime.
+    pub fn take_events(&self) -> Option<EventReader> {
+        let ring = self.events.lock().expect("events lock").take()?;
+        // SAFETY: the ring buffer owns its map fd, which stays open and the same for as long as the AsyncFd
+        // (which owns the ring buffer) lives, and as_raw_fd always returns it.
+        match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
+            Ok(afd) => Some(EventReader { afd }),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot poll the kernel event ring; refusals will not be recorded");
+                None
+            }
+        }
+    }
+}
+
+/// The kernel's events (refusals), read from the ring buffer.
+pub struct EventReader {
+    afd: AsyncFd<RingBuf<MapData>>,
+}
+
+impl EventReader {
+    /// Waits until events are ready, then appends every whole one to `out`. Cancel-safe: nothing is
+    /// consumed before the wait ends.
+    pub async fn read(&mut self, out: &mut Vec<Event>) -> std::io::Result<()> {
+        let mut guard = self.afd.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<Event>() {
+                // SAFETY: the kernel wrote a whole `Event` (checked length); read_unaligned copes with any
+                // alignment of the ring's bytes, and every bit pattern is a valid `Event`.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+            }
+        }
+        guard.clear_ready();
+        Ok(())
     }
 }
 

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
-use tokio::io::unix::AsyncFd;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -249,11 +248,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for l in listeners {
         tasks.spawn(proxy.clone().serve(l));
     }
-    if let Some(ring) = kernel.take_events() {
-        tasks.spawn(events(state.clone(), ring));
+    if let Some(reader) = kernel.take_events() {
+        tasks.spawn(events(state.clone(), reader));
     }
-    if let Some(logger) = kernel.take_logger() {
-        tasks.spawn(kernel_logs(logger, shutdown.clone()));
+    if let Some(forward) = kernel.take_log_forwarder(shutdown.clone()) {
+        tasks.spawn(forward);
     }
     tasks.spawn(policy.clone().watch_files(shutdown.clone().cancelled_owned()));
     tasks.spawn(follow_policy(state.clone()));
@@ -659,37 +658,13 @@ impl control::Handler for State {
     }
 }
 
-/// Forwards the kernel programs' aya-log lines to our log.
-async fn kernel_logs(logger: crate::bpf::KernelLogger, shutdown: CancellationToken) {
-    // SAFETY: the logger owns its ring buffer fd, which stays open and the same while the AsyncFd (which
-    // owns the logger) lives.
-    let Ok(mut afd) = (unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) })
-    else {
-        return;
-    };
-    loop {
-        let mut guard = tokio::select! {
-            () = shutdown.cancelled() => return,
-            g = afd.readable_mut() => match g { Ok(g) => g, Err(_) => return },
-        };
-        guard.get_inner_mut().flush();
-        guard.clear_ready();
-    }
-}
-
 /// Reads the kernel's refusal events and records them.
-async fn events(state: Arc<State>, ring: aya::maps::RingBuf<aya::maps::MapData>) {
-    // SAFETY: the ring buffer owns its map fd, which stays open and the same for as long as the AsyncFd
-    // (which owns the ring buffer) lives, and as_raw_fd always returns it.
-    let Ok(mut afd) = (unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) })
-    else {
-        tracing::error!("cannot poll the kernel event ring; refusals will not be recorded");
-        return;
-    };
+async fn events(state: Arc<State>, mut reader: bpf::EventReader) {
     let mut unrecorded = Unrecorded { kernel_seen: state.kernel.events_lost(), ..Unrecorded::default() };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut batch = Vec::new();
     loop {
-        let mut guard = tokio::select! {
+        tokio::select! {
             () = state.shutdown.cancelled() => {
                 unrecorded.record(&state);
                 return;
@@ -698,17 +673,9 @@ async fn events(state: Arc<State>, ring: aya::maps::RingBuf<aya::maps::MapData>)
                 unrecorded.record(&state);
                 continue;
             }
-            g = afd.readable_mut() => match g { Ok(g) => g, Err(_) => return },
-        };
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            if item.len() < std::mem::size_of::<warden_common::Event>() {
-                continue;
-            }
-            // SAFETY: the kernel wrote a whole `Event` (checked length); read_unaligned copes with any
-            // alignment of the ring's bytes, and every bit pattern is a valid `Event`.
-            let ev: warden_common::Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            drop(item);
+            r = reader.read(&mut batch) => if r.is_err() { return },
+        }
+        for ev in batch.drain(..) {
             if !unrecorded.admit(ev.tagged_cgroup, std::time::Instant::now()) {
                 continue;
             }
@@ -716,7 +683,6 @@ async fn events(state: Arc<State>, ring: aya::maps::RingBuf<aya::maps::MapData>)
                 unrecorded.queue_full += 1;
             }
         }
-        guard.clear_ready();
     }
 }
 
