@@ -223,7 +223,7 @@ pub fn main() -> ExitCode {
         Command::Exec { identity, task, user, config, command } => {
             crate::cgroup::exec_cli(&config.config, &identity, task.as_deref(), user.as_deref(), &command)
         }
-        Command::Uninstall(c) => crate::bpf::uninstall_cli(&c.config),
+        Command::Uninstall(c) => crate::daemon::uninstall_cli(&c.config),
         other => crate::control::client_cli(other),
     };
     ExitCode::from(code)

@@ -467,33 +467,6 @@ pub fn uninstall(bpffs_dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
     Ok(removed)
 }
 
-pub fn uninstall_cli(config: &Path) -> u8 {
-    let config = match crate::config::Config::load(config) {
-        Ok(c) => c,
-        Err(e) => return crate::cli::fail(crate::cli::EXIT_INVALID, &e),
-    };
-    // A running daemon would keep enforcing through the descriptors it holds: stop it first.
-    crate::control::stop_daemon(&config.agent.control_socket);
-    let ports: Vec<u16> = config.proxy_listen().iter().map(SocketAddr::port).collect();
-    if let Err(e) = crate::daemon::reserved_ports::release(&ports) {
-        eprintln!(
-            "warden: could not release the proxy's reserved ports in {}: {e}",
-            crate::daemon::reserved_ports::PATH
-        );
-    }
-    match uninstall(&config.agent.bpffs_dir) {
-        Ok(removed) => {
-            println!(
-                "warden: removed {} pinned links and maps under {}",
-                removed.len(),
-                config.agent.bpffs_dir.display()
-            );
-            0
-        }
-        Err(e) => crate::cli::fail(crate::cli::EXIT_FAILED, &e),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

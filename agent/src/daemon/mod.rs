@@ -65,6 +65,32 @@ pub fn check_cli(config: &Path) -> u8 {
     }
 }
 
+/// `warden uninstall`: stops a running daemon, releases the proxy's reserved ports, then detaches and unpins
+/// every kernel program and map: the one command that lifts enforcement.
+pub fn uninstall_cli(config: &Path) -> u8 {
+    let config = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => return crate::cli::fail(crate::cli::EXIT_INVALID, &e),
+    };
+    // A running daemon would keep enforcing through the descriptors it holds: stop it first.
+    crate::control::stop_daemon(&config.agent.control_socket);
+    let ports: Vec<u16> = config.proxy_listen().iter().map(SocketAddr::port).collect();
+    if let Err(e) = reserved_ports::release(&ports) {
+        eprintln!("warden: could not release the proxy's reserved ports in {}: {e}", reserved_ports::PATH);
+    }
+    match bpf::uninstall(&config.agent.bpffs_dir) {
+        Ok(removed) => {
+            println!(
+                "warden: removed {} pinned links and maps under {}",
+                removed.len(),
+                config.agent.bpffs_dir.display()
+            );
+            0
+        }
+        Err(e) => crate::cli::fail(crate::cli::EXIT_FAILED, &e),
+    }
+}
+
 pub fn run_cli(config_path: &Path) -> u8 {
     let config = match Config::load(config_path) {
         Ok(c) => c,
