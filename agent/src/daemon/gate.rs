@@ -9,7 +9,7 @@ use super::State;
 use crate::control::{Refused, Request};
 use crate::grants::{GrantEnd, GrantKey};
 use crate::origin::ConnOrigin;
-use crate::policy::{Access, Decision, Protocol, Subject};
+use crate::policy::{self, Access, Decision, Protocol, Subject};
 use crate::proxy::{Admission, Gate, IdentityView, Refusal};
 
 pub struct DaemonGate {
@@ -74,7 +74,7 @@ impl Gate for DaemonGate {
             };
             // Only opaque TCP has a handler so far. A postgres or ssh target relayed as opaque bytes would let
             // a `read` grant write and would need the agent to hold the credential: refuse instead.
-            let protocol = policy.target(&target).map_or(Protocol::Tcp, |t| t.protocol);
+            let protocol = policy.target(&target).map_or(Protocol::Tcp, policy::Target::protocol);
             if protocol != Protocol::Tcp {
                 return Err(Refusal {
                     code: "unsupported_protocol",

@@ -952,6 +952,8 @@ mod tests {
             mask: vec!["email".into()],
             approval,
             commands: None,
+            forward: false,
+            sftp: false,
         }
     }
 

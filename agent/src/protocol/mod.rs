@@ -1,4 +1,209 @@
-//! Protocol handlers a session runs once admitted. Opaque TCP today; PostgreSQL and SSH handlers plug
-//! in here, chosen by the target's protocol.
+//! Protocol handlers a session runs once admitted, chosen by the target's kind: opaque TCP, and (being
+//! built) PostgreSQL and SSH. This module holds what every handler shares with the proxy: what a handler
+//! reads before the gate decides ([`Hello`]), the byte counters, why a session ended ([`End`]) and why
+//! one was refused ([`RefusalCode`]).
+//!
+//! A handler owns its wire format, its state machine, how it refuses (a TCP reset, a PostgreSQL
+//! `ErrorResponse`, an SSH disconnect message) and the records it writes.
 
 pub mod tcp;
+
+use std::fmt;
+use std::sync::atomic::AtomicU64;
+
+use serde::Serialize;
+
+/// What a protocol must read from the client before the gate can decide: nothing for opaque TCP; the
+/// startup message's database and user for PostgreSQL. Recorded in `session.start` / `session.refused`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Hello {
+    /// PostgreSQL: the database the client asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// The user name the client gave (PostgreSQL startup `user`, SSH user); recorded, never trusted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Protocol details worth recording (e.g. the SSH client's version and the auth methods offered).
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Bytes a session moved, shared with `warden sessions` while it runs and read for `session.end`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Client → upstream.
+    pub up: AtomicU64,
+    /// Upstream → client.
+    pub down: AtomicU64,
+}
+
+/// Why a session ended. Recorded as `session.end`'s `reason` (the `as_str` spelling) with the cause's
+/// details; each cause is its own variant so a kill, a revocation, a policy change and an expiry are never
+/// confused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// The client closed first (then the upstream finished too).
+    ClientClosed,
+    UpstreamClosed,
+    ClientError,
+    UpstreamError,
+    /// The upstream could not be reached (`detail`: the error).
+    UpstreamUnreachable {
+        detail: String,
+    },
+    UpstreamTimeout,
+    /// The client broke the protocol (malformed or oversized messages, a handshake deadline missed).
+    ProtocolError {
+        detail: String,
+    },
+    /// The upstream refused Warden's login or broke the protocol (a host key mismatch, bad credentials).
+    UpstreamRefused {
+        detail: String,
+    },
+    GrantExpired,
+    GrantRevoked {
+        by: String,
+    },
+    PolicyChanged {
+        reason: String,
+    },
+    KilledByOperator,
+    /// The audit record can no longer be written: the session cannot go on unrecorded.
+    AuditUnavailable,
+    DaemonShutdown,
+}
+
+impl End {
+    /// The stable spelling recorded as `reason`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::ClientClosed => "client_closed",
+            Self::UpstreamClosed => "upstream_closed",
+            Self::ClientError => "client_error",
+            Self::UpstreamError => "upstream_error",
+            Self::UpstreamUnreachable { .. } => "upstream_unreachable",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::ProtocolError { .. } => "protocol_error",
+            Self::UpstreamRefused { .. } => "upstream_refused",
+            Self::GrantExpired => "grant_expired",
+            Self::GrantRevoked { .. } => "grant_revoked",
+            Self::PolicyChanged { .. } => "policy_changed",
+            Self::KilledByOperator => "killed_by_operator",
+            Self::AuditUnavailable => "audit_unavailable",
+            Self::DaemonShutdown => "daemon_shutdown",
+        }
+    }
+
+    /// The cause's detail, recorded as `detail` when there is one.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            Self::UpstreamUnreachable { detail }
+            | Self::ProtocolError { detail }
+            | Self::UpstreamRefused { detail } => Some(detail),
+            Self::GrantRevoked { by } => Some(by),
+            Self::PolicyChanged { reason } => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// Whether the session ended because something outside it cut it (grant, operator, daemon), as
+    /// opposed to finishing on its own: a handler tells the client why where its protocol can.
+    pub fn is_cut(&self) -> bool {
+        matches!(
+            self,
+            Self::GrantExpired
+                | Self::GrantRevoked { .. }
+                | Self::PolicyChanged { .. }
+                | Self::KilledByOperator
+                | Self::AuditUnavailable
+                | Self::DaemonShutdown
+        )
+    }
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ClientClosed => f.write_str("the client closed the session"),
+            Self::UpstreamClosed => f.write_str("the upstream closed the session"),
+            Self::ClientError => f.write_str("the client connection failed"),
+            Self::UpstreamError => f.write_str("the upstream connection failed"),
+            Self::UpstreamUnreachable { detail } => write!(f, "the upstream is unreachable: {detail}"),
+            Self::UpstreamTimeout => f.write_str("the upstream did not answer in time"),
+            Self::ProtocolError { detail } => write!(f, "protocol error: {detail}"),
+            Self::UpstreamRefused { detail } => write!(f, "the upstream refused warden: {detail}"),
+            Self::GrantExpired => f.write_str("the grant expired"),
+            Self::GrantRevoked { by } => write!(f, "the grant was revoked by {by}"),
+            Self::PolicyChanged { reason } => write!(f, "the policy no longer allows this session: {reason}"),
+            Self::KilledByOperator => f.write_str("an operator ended the session"),
+            Self::AuditUnavailable => f.write_str("the audit record cannot be written"),
+            Self::DaemonShutdown => f.write_str("warden is shutting down"),
+        }
+    }
+}
+
+/// Why a connection or a request inside a session was refused; recorded as `code`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefusalCode {
+    /// The cgroup is tagged but this daemon does not know its binding.
+    UnknownBinding,
+    /// The destination is no longer a target in the policy.
+    UnknownTarget,
+    /// The identity could not be verified (token fetch or verification failed).
+    Identity,
+    /// No rule grants this identity this target and access.
+    Policy,
+    /// A grant could not be had (spent, pending approval, revoked).
+    Grant,
+    /// Too many concurrent sessions (daemon-wide or for this cgroup).
+    Overloaded,
+    /// The handler's hello could not be read (malformed, timed out).
+    Protocol,
+    /// PostgreSQL: the requested database is not in the target's `databases`.
+    Database,
+    /// Inside a session: the request is not within the grant (a write under `read`, a masked column, a
+    /// command outside the allow-list, a forwarding request).
+    NotGranted,
+}
+
+impl RefusalCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnknownBinding => "unknown_binding",
+            Self::UnknownTarget => "unknown_target",
+            Self::Identity => "identity",
+            Self::Policy => "policy",
+            Self::Grant => "grant",
+            Self::Overloaded => "overloaded",
+            Self::Protocol => "protocol",
+            Self::Database => "database",
+            Self::NotGranted => "not_granted",
+        }
+    }
+}
+
+impl fmt::Display for RefusalCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for RefusalCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn end_reasons_keep_their_recorded_spellings() {
+        assert_eq!(End::KilledByOperator.as_str(), "killed_by_operator");
+        assert_eq!(End::PolicyChanged { reason: "x".into() }.as_str(), "policy_changed");
+        assert_eq!(End::GrantRevoked { by: "operator".into() }.detail(), Some("operator"));
+        assert!(End::GrantExpired.is_cut() && !End::ClientClosed.is_cut());
+        assert_eq!(serde_json::to_value(RefusalCode::UnknownTarget).unwrap(), "unknown_target");
+    }
+}
