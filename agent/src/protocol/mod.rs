@@ -10,8 +10,142 @@ pub mod tcp;
 
 use std::fmt;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{Audit, Record};
+use crate::origin::ConnOrigin;
+use crate::policy::{Target, Terms};
+
+/// The identity a session runs as, as recorded.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct IdentityView {
+    /// The configured identity name.
+    pub name: String,
+    pub sub: String,
+    pub client_id: String,
+    pub groups: Vec<String>,
+}
+
+/// Why a connection, or a request inside a session, was refused: recorded, and told to the client in the
+/// protocol's own terms where it allows (a reset for opaque TCP).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub code: RefusalCode,
+    pub reason: String,
+    pub target: Option<String>,
+    pub identity: Option<Arc<IdentityView>>,
+}
+
+impl Refusal {
+    pub fn new(code: RefusalCode, reason: impl Into<String>) -> Self {
+        Self { code, reason: reason.into(), target: None, identity: None }
+    }
+}
+
+/// What a handler asks the gate mid-session (SSH decides per channel and per command).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ask<'a> {
+    /// Run one command (`exec` channel request).
+    Exec { command: &'a str },
+    /// An interactive shell (with or without a PTY).
+    Shell,
+    /// Port forwarding (`direct-tcpip` for `-L`/`-W`, `tcpip-forward` for `-R`) or agent forwarding.
+    Forward { what: &'a str },
+    /// A subsystem such as `sftp`.
+    Subsystem { name: &'a str },
+}
+
+/// Answers a handler's mid-session questions against the current policy and the session's grant.
+pub trait Authorize: Send + Sync {
+    fn authorize(&self, session: &Session, ask: &Ask<'_>) -> Result<(), Refusal>;
+}
+
+/// Ends a session from outside it, once, with the first cause given: a grant's end, an operator's kill, a
+/// policy change, the audit writer failing, the daemon stopping. Cheap to clone; every clone sees the same.
+#[derive(Debug, Clone, Default)]
+pub struct Cut {
+    inner: Arc<CutInner>,
+}
+
+#[derive(Debug, Default)]
+struct CutInner {
+    end: OnceLock<End>,
+    fired: CancellationToken,
+}
+
+impl Cut {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cuts the session with `end`; false (and `end` is dropped) if it was already cut for another cause.
+    pub fn cut(&self, end: End) -> bool {
+        let first = self.inner.end.set(end).is_ok();
+        self.inner.fired.cancel();
+        first
+    }
+
+    /// The cause, once cut.
+    pub fn cause(&self) -> Option<&End> {
+        self.inner.end.get()
+    }
+
+    /// Resolves with the cause when the session is cut.
+    pub async fn cut_with(&self) -> End {
+        self.inner.fired.cancelled().await;
+        self.inner.end.get().cloned().unwrap_or(End::KilledByOperator)
+    }
+}
+
+/// One admitted session, as a protocol handler sees it once `session.start` is durable.
+pub struct Session {
+    pub id: String,
+    pub origin: ConnOrigin,
+    pub target: Arc<Target>,
+    /// What the grant allows: access, masks, command allow-list, forwarding, sftp.
+    pub terms: Terms,
+    pub identity: Option<IdentityView>,
+    pub grant: Option<String>,
+    pub audit: Audit,
+    pub counters: Arc<Counters>,
+    /// Resolves when something outside the session ends it; a handler tells the client why, then returns
+    /// that cause. The proxy drops a handler that does not return soon after.
+    pub cut: Cut,
+    pub authorize: Arc<dyn Authorize>,
+}
+
+impl Session {
+    /// A record of this session's with the fields every session record carries.
+    pub fn record(&self, event: &str) -> Record {
+        let o = &self.origin;
+        Record::new(event)
+            .field("session", &self.id)
+            .field("pid", o.pid)
+            .field("uid", o.uid)
+            .field("cgroup", &o.cgroup)
+            .field("identity", &self.identity)
+            .field("target", &self.target.name)
+            .field("dst", o.dst.to_string())
+            .field("grant", &self.grant)
+    }
+
+    /// Asks the gate whether `ask` is within this session's grant now.
+    pub fn ask(&self, ask: &Ask<'_>) -> Result<(), Refusal> {
+        self.authorize.authorize(self, ask)
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("target", &self.target.name)
+            .finish_non_exhaustive()
+    }
+}
 
 /// What a protocol must read from the client before the gate can decide: nothing for opaque TCP; the
 /// startup message's database and user for PostgreSQL. Recorded in `session.start` / `session.refused`.
@@ -197,6 +331,14 @@ impl Serialize for RefusalCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_first_cause_wins() {
+        let cut = Cut::new();
+        assert!(cut.cut(End::PolicyChanged { reason: "target removed".into() }));
+        assert!(!cut.cut(End::KilledByOperator));
+        assert_eq!(cut.clone().cut_with().await.as_str(), "policy_changed");
+    }
 
     #[test]
     fn end_reasons_keep_their_recorded_spellings() {
