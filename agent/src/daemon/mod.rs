@@ -230,15 +230,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     state.apply_static_bindings();
     state.sync_targets(&policy.current()).await;
 
+    let protocols = crate::protocol::Handlers::new(&state.config.agent.state_dir, &audit)?;
     let proxy = Arc::new(Proxy {
-        kernel: kernel.clone(),
-        cgroup_root,
+        origins: Arc::new(crate::origin::KernelOrigins { kernel: kernel.clone(), cgroup_root }),
+        protocols,
         audit: audit.clone(),
         sessions: state.sessions.clone(),
         gate: Arc::new(gate::DaemonGate { state: state.clone() }),
         audit_failed: audit.failed(),
         shutdown: shutdown.clone(),
         limit: Arc::new(Semaphore::new(MAX_SESSIONS)),
+        tasks: tokio_util::task::TaskTracker::new(),
     });
     let mut tasks = tokio::task::JoinSet::new();
     for l in listeners {
@@ -280,10 +282,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("stopping: sessions end, kernel programs stay attached (fail closed)");
     shutdown.cancel();
     // Give sessions a moment to write their end records, then stop the writer.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !state.sessions.is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), proxy.drained()).await;
     let _ =
         tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} })
             .await;
@@ -376,7 +375,9 @@ impl State {
     fn end_disallowed_sessions(&self, policy: &Policy) {
         let subjects = self.subjects.lock().expect("subjects lock").clone();
         let ended = self.grants.revalidate(policy, |g| subjects.get(&g.identity).cloned());
-        let n = self.sessions.kill_where(|s| policy.target(&s.target).is_none());
+        let gone =
+            crate::protocol::End::PolicyChanged { reason: "its target was removed from the policy".into() };
+        let n = self.sessions.kill_where(|s| policy.target(&s.target).is_none(), &gone);
         if !ended.is_empty() || n > 0 {
             tracing::info!(grants = ended.len(), sessions = n, "ended what the new policy no longer allows");
         }

@@ -1,23 +1,119 @@
-//! Protocol handlers a session runs once admitted, chosen by the target's kind: opaque TCP, and (being
-//! built) PostgreSQL and SSH. This module holds what every handler shares with the proxy: what a handler
-//! reads before the gate decides ([`Hello`]), the byte counters, why a session ended ([`End`]) and why
-//! one was refused ([`RefusalCode`]).
+//! Protocol handlers, chosen by the target's kind: opaque TCP, and (being built) PostgreSQL and SSH. This
+//! module owns the dispatch from a [`TargetKind`] to its handler ([`Handlers`], [`Greeting`]) and what
+//! every handler shares with the proxy: what a handler reads before the gate decides ([`Hello`]), the byte
+//! counters, why a session ended ([`End`]), why one was refused ([`RefusalCode`], [`Refusal`]), the
+//! session a handler runs ([`Session`], [`Cut`]) and its mid-session questions ([`Ask`], [`Authorize`]).
 //!
 //! A handler owns its wire format, its state machine, how it refuses (a TCP reset, a PostgreSQL
-//! `ErrorResponse`, an SSH disconnect message) and the records it writes.
+//! `ErrorResponse`, an SSH disconnect message) and the records it writes. A new protocol is a module
+//! `protocol/<name>/` with the shape of `tcp` (`new`, `hello`, and a greeting with `hello`, `refuse`,
+//! `connect`, `run`), a [`TargetKind`] variant, and one arm per method below.
 
+pub mod ssh;
 pub mod tcp;
 
 use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use tokio::net::TcpStream;
+
 use crate::audit::{Audit, Record};
 use crate::origin::ConnOrigin;
-use crate::policy::{Target, Terms};
+use crate::policy::{Target, TargetKind, Terms};
+
+/// Every protocol's handler, with the state it shares across sessions.
+#[derive(Debug)]
+pub struct Handlers {
+    tcp: tcp::Tcp,
+}
+
+/// A protocol handler could not start (its keys or state could not be loaded).
+#[derive(Debug, thiserror::Error)]
+pub enum HandlersError {}
+
+/// The client's hello could not be read, or its protocol has no handler; recorded as `session.refused`
+/// with code `protocol`. The handler has already told the client, or closed the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum HelloError {
+    #[error(
+        "target {target} speaks {protocol}, whose protocol handler this warden does not have yet; only \
+         `protocol: tcp` targets are proxied"
+    )]
+    Unsupported { target: String, protocol: &'static str },
+    #[error(transparent)]
+    Tcp(#[from] tcp::HelloError),
+}
+
+impl Handlers {
+    /// Every handler's shared state (`state_dir` holds what must outlive a restart, e.g. a local CA).
+    pub fn new(_state_dir: &Path, _audit: &Audit) -> Result<Self, HandlersError> {
+        Ok(Self { tcp: tcp::Tcp::new() })
+    }
+
+    /// Step 3 of a connection: the target's handler reads what the gate needs from the client. `Ok(None)`
+    /// when the connection was fully handled without a session (a PostgreSQL CancelRequest).
+    pub async fn hello(
+        &self,
+        client: TcpStream,
+        target: &Arc<Target>,
+        origin: &ConnOrigin,
+    ) -> Result<Option<Greeting>, HelloError> {
+        match &target.kind {
+            TargetKind::Tcp => Ok(self.tcp.hello(client, target, origin).await?.map(Greeting::Tcp)),
+            // A postgres or ssh target relayed as opaque bytes would let a `read` grant write and would need
+            // the agent to hold the credential: refuse until their handlers land.
+            TargetKind::Postgres(_) | TargetKind::Ssh(_) => {
+                tcp::reset(client);
+                Err(HelloError::Unsupported {
+                    target: target.name.clone(),
+                    protocol: target.protocol().as_str(),
+                })
+            }
+        }
+    }
+}
+
+/// A client connection its handler has greeted, waiting for the gate's decision and then its upstream.
+#[derive(Debug)]
+pub enum Greeting {
+    Tcp(tcp::Greeting),
+}
+
+impl Greeting {
+    /// What the handler read before the decision.
+    pub fn hello(&self) -> &Hello {
+        match self {
+            Self::Tcp(g) => g.hello(),
+        }
+    }
+
+    /// Tells the client it was refused, in its protocol's terms.
+    pub async fn refuse(self, refusal: &Refusal) {
+        match self {
+            Self::Tcp(g) => g.refuse(refusal).await,
+        }
+    }
+
+    /// The upstream connection (a TCP connect, or a pooled upstream): no payload before `run`.
+    pub async fn connect(&mut self, dst: SocketAddr, terms: &Terms) -> Result<(), End> {
+        match self {
+            Self::Tcp(g) => g.connect(dst, terms).await,
+        }
+    }
+
+    /// The session, until it ends on its own or is cut.
+    pub async fn run(self, session: Session) -> End {
+        match self {
+            Self::Tcp(g) => g.run(session).await,
+        }
+    }
+}
 
 /// The identity a session runs as, as recorded.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -295,6 +391,8 @@ pub enum RefusalCode {
     Protocol,
     /// PostgreSQL: the requested database is not in the target's `databases`.
     Database,
+    /// Warden cannot take the session now: it is shutting down, or the audit record cannot be written.
+    Unavailable,
     /// Inside a session: the request is not within the grant (a write under `read`, a masked column, a
     /// command outside the allow-list, a forwarding request).
     NotGranted,
@@ -311,6 +409,7 @@ impl RefusalCode {
             Self::Overloaded => "overloaded",
             Self::Protocol => "protocol",
             Self::Database => "database",
+            Self::Unavailable => "unavailable",
             Self::NotGranted => "not_granted",
         }
     }

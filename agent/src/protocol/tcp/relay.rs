@@ -1,9 +1,9 @@
-//! Opaque TCP: relays bytes both ways, counting them, honouring half-close.
+//! The opaque relay: bytes both ways, counted, honouring half-close.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use super::Counters;
-use super::End;
+pub use crate::protocol::Counters;
+use crate::protocol::End;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
