@@ -5,13 +5,10 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use serde_json::Value;
-
 use super::State;
-use crate::control::{Refused, Request};
 use crate::grants::{GrantEnd, GrantKey};
 use crate::origin::ConnOrigin;
-use crate::policy::{Access, Decision, Subject, Target};
+use crate::policy::{Decision, Subject, Target};
 use crate::protocol::{Ask, Authorize, End, Hello, IdentityView, Refusal, RefusalCode, Session};
 use crate::proxy::{Admission, Gate};
 
@@ -19,7 +16,7 @@ pub struct DaemonGate {
     pub state: Arc<State>,
 }
 
-fn subject(v: &crate::identity::VerifiedIdentity) -> Subject {
+pub(super) fn subject(v: &crate::identity::VerifiedIdentity) -> Subject {
     Subject {
         client_id: v.client_id.clone(),
         sub: v.sub.clone(),
@@ -159,52 +156,5 @@ fn within(terms: &crate::policy::Terms, ask: &Ask<'_>) -> Result<(), String> {
             Err(format!("rule `{rule}` does not allow sftp; it needs `sftp: true`"))
         }
         Ask::Shell | Ask::Forward { .. } | Ask::Subsystem { .. } => Ok(()),
-    }
-}
-
-/// `warden grants` and `warden grant issue|approve|revoke`.
-pub async fn grant_request(state: &State, request: Request) -> Result<Value, Refused> {
-    fn to_value<T: serde::Serialize>(v: T) -> Value {
-        serde_json::to_value(v).unwrap_or_default()
-    }
-    match request {
-        Request::Grants => Ok(to_value(state.grants.list())),
-        Request::GrantApprove { id } => {
-            state.grants.approve(&id, "operator").await.map(to_value).map_err(|e| Refused(e.to_string()))
-        }
-        Request::GrantRevoke { id } => {
-            state.grants.revoke(&id, "operator").await.map(to_value).map_err(|e| Refused(e.to_string()))
-        }
-        Request::GrantIssue { identity, target, cgroup, access } => {
-            let access = access
-                .map(|a| Access::parse(&a).ok_or_else(|| Refused(format!("unknown access `{a}`"))))
-                .transpose()?;
-            let path =
-                crate::cgroup::resolve(&state.cgroup_root, &cgroup).map_err(|e| Refused(e.to_string()))?;
-            let cgroup = crate::cgroup::relative(&state.cgroup_root, &path);
-            let verified = state
-                .identities
-                .verified(&identity)
-                .await
-                .map_err(|e| Refused(format!("identity `{identity}` could not be verified: {e}")))?;
-            let terms = match state.policy.current().decide(&subject(&verified), &target, access) {
-                Decision::Allow(t) => t,
-                Decision::Deny { reason } => return Err(Refused(reason)),
-            };
-            let key = GrantKey {
-                identity,
-                client_id: verified.client_id.clone(),
-                cgroup,
-                target,
-                access: terms.access,
-            };
-            state
-                .grants
-                .issue(key, &terms, "operator")
-                .await
-                .map(to_value)
-                .map_err(|e| Refused(e.to_string()))
-        }
-        _ => Err(Refused("not a grant request".into())),
     }
 }

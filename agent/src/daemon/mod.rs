@@ -5,7 +5,9 @@
 mod bindings;
 mod events;
 mod gate;
+mod handler;
 pub mod reserved_ports;
+mod tagging;
 mod targets;
 
 use std::collections::HashMap;
@@ -14,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -23,7 +24,7 @@ use crate::audit::{Audit, Record};
 use crate::bpf::{self, Kernel};
 use crate::cli::{EXIT_FAILED, EXIT_INTERNAL, EXIT_INVALID, EXIT_NOPERM, fail};
 use crate::config::{AllowEntry, Config};
-use crate::control::{self, Refused, Request};
+
 use crate::policy::{self, Policy};
 use crate::proxy::{Proxy, Sessions};
 pub use bindings::{Binding, Bindings};
@@ -270,7 +271,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let handler = state.clone();
         let stop = shutdown.clone();
         tasks.spawn(async move {
-            if let Err(e) = control::serve(&socket, handler, stop).await {
+            if let Err(e) = crate::control::serve(&socket, handler, stop).await {
                 tracing::error!(error = %e, "control socket stopped");
             }
         });
@@ -380,138 +381,6 @@ impl State {
         let n = self.sessions.kill_where(|s| policy.target(&s.target).is_none(), &gone);
         if !ended.is_empty() || n > 0 {
             tracing::info!(grants = ended.len(), sessions = n, "ended what the new policy no longer allows");
-        }
-    }
-
-    /// Re-applies bindings from the config (creating their cgroups) and every runtime binding to the
-    /// kernel's tag map.
-    fn apply_static_bindings(&self) {
-        for b in &self.config.binding {
-            let b = b.get_ref();
-            let path = match crate::cgroup::resolve(&self.cgroup_root, &b.cgroup) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(cgroup = %b.cgroup, error = %e, "static binding skipped");
-                    continue;
-                }
-            };
-            if let Err(e) = crate::cgroup::create(&path) {
-                tracing::error!(cgroup = %b.cgroup, error = %e, "static binding skipped");
-                continue;
-            }
-            if let Err(e) = self.tag(&path, b.identity.get_ref(), None, true) {
-                tracing::error!(cgroup = %b.cgroup, error = %e.0, "static binding skipped");
-            }
-        }
-        for b in self.bindings.all() {
-            let path = self.cgroup_root.join(b.cgroup.trim_start_matches('/'));
-            match crate::cgroup::id(&path) {
-                Ok(id) => {
-                    if let Err(e) = self.kernel.set_tag(id, b.id) {
-                        tracing::error!(cgroup = %b.cgroup, error = %e, "restoring a tag failed");
-                    }
-                }
-                Err(_) => {
-                    // The cgroup is gone (e.g. a `warden exec` that ended while we were down).
-                    let _ = self.bindings.remove(&b.cgroup);
-                }
-            }
-        }
-    }
-
-    fn tag(
-        &self,
-        path: &Path,
-        identity: &str,
-        task: Option<String>,
-        from_config: bool,
-    ) -> Result<Binding, Refused> {
-        if !self.config.identity.contains_key(identity) {
-            return Err(Refused(format!(
-                "unknown identity `{identity}`; add an [identity.{identity}] section to the config"
-            )));
-        }
-        let cgroup_id =
-            crate::cgroup::check_taggable(&self.cgroup_root, path).map_err(|e| Refused(e.to_string()))?;
-        let rel = crate::cgroup::relative(&self.cgroup_root, path);
-        let binding = self
-            .bindings
-            .add(&rel, cgroup_id, identity, task, from_config)
-            .map_err(|e| Refused(format!("saving the binding: {e}")))?;
-        self.kernel.set_tag(cgroup_id, binding.id).map_err(|e| Refused(e.to_string()))?;
-        let _ = self.audit.append(
-            Record::new("binding.added")
-                .field("cgroup", &rel)
-                .field("cgroup_id", cgroup_id)
-                .field("identity", identity)
-                .field("task", &binding.task)
-                .field("source", if from_config { "config" } else { "control" }),
-        );
-        Ok(binding)
-    }
-
-    fn untag(&self, cgroup: &str) -> Result<Value, Refused> {
-        let path = crate::cgroup::resolve(&self.cgroup_root, cgroup).map_err(|e| Refused(e.to_string()))?;
-        let rel = crate::cgroup::relative(&self.cgroup_root, &path);
-        let removed = self.bindings.remove(&rel).map_err(|e| Refused(format!("saving bindings: {e}")))?;
-        let Some(b) = removed else { return Err(Refused(format!("cgroup {rel} is not tagged"))) };
-        self.kernel.remove_tag(b.cgroup_id).map_err(|e| Refused(e.to_string()))?;
-        // A new task in a cgroup of the same name starts afresh (its grants are not inherited).
-        if let Err(e) = self.grants.forget_cgroup(&rel) {
-            tracing::warn!(cgroup = %rel, error = %e, "could not forget the cgroup's spent grants");
-        }
-        let _ = self
-            .audit
-            .append(Record::new("binding.removed").field("cgroup", &rel).field("identity", &b.identity));
-        Ok(json!({ "cgroup": rel, "identity": b.identity }))
-    }
-
-    fn status(&self) -> Value {
-        json!({
-            "pid": std::process::id(),
-            "links": bpf::pinned_links(&self.config.agent.bpffs_dir),
-            "adopted": self.kernel.report.adopted,
-            "attached": self.kernel.report.attached,
-            "bindings": self.bindings.all(),
-            "kernel_tags": self.kernel.tags().len(),
-            "live_origins": self.kernel.live_origins(),
-            "sessions": self.sessions.len(),
-            "targets": self.policy.current().targets().map(|t| t.name.clone()).collect::<Vec<_>>(),
-            "proxy_listen": self.config.proxy_listen().iter().map(ToString::to_string).collect::<Vec<_>>(),
-        })
-    }
-}
-
-impl control::Handler for State {
-    async fn handle(&self, request: Request) -> Result<Value, Refused> {
-        match request {
-            Request::Status => Ok(self.status()),
-            Request::Tag { cgroup, identity, task } => {
-                let path =
-                    crate::cgroup::resolve(&self.cgroup_root, &cgroup).map_err(|e| Refused(e.to_string()))?;
-                let b = self.tag(&path, &identity, task, false)?;
-                Ok(serde_json::to_value(b).unwrap_or_default())
-            }
-            Request::Untag { cgroup } => self.untag(&cgroup),
-            Request::Sessions => Ok(serde_json::to_value(self.sessions.views()).unwrap_or_default()),
-            Request::KillSession { id } => {
-                if self.sessions.kill(&id) {
-                    let _ = self
-                        .audit
-                        .append(Record::new("session.killed").field("session", &id).field("by", "operator"));
-                    Ok(json!({ "session": id, "killed": true }))
-                } else {
-                    Err(Refused(format!("no live session `{id}`")))
-                }
-            }
-            Request::Grants
-            | Request::GrantIssue { .. }
-            | Request::GrantApprove { .. }
-            | Request::GrantRevoke { .. } => gate::grant_request(self, request).await,
-            Request::Stop => {
-                self.shutdown.cancel();
-                Ok(json!({ "stopping": true }))
-            }
         }
     }
 }
