@@ -1,8 +1,11 @@
 //! Wall-clock time, behind a trait so time-dependent logic (token expiry, grant TTLs) runs in virtual
-//! time in tests. Waiting always goes through `tokio::time`.
+//! time in tests ([`TestClock`], compiled for unit tests only). Waiting always goes through `tokio::time`.
 
+#[cfg(test)]
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+#[cfg(test)]
+use std::time::Duration;
+use std::time::SystemTime;
 
 /// Where the daemon reads the wall-clock time (token `exp`/`nbf`/`iat`, grant expiry). A test that pauses
 /// tokio's clock and uses [`TestClock`] moves both together.
@@ -24,6 +27,7 @@ impl Clock for SystemClock {
 ///
 /// With `tokio::time::pause()`, `tokio::time::advance(d)` (or an auto-advancing sleep) moves this clock
 /// by `d` and fires the timers that were waiting for it: expiry tests need no real waiting.
+#[cfg(test)]
 #[derive(Debug)]
 pub struct TestClock {
     start: SystemTime,
@@ -31,6 +35,7 @@ pub struct TestClock {
     jumped: Mutex<Duration>,
 }
 
+#[cfg(test)]
 impl TestClock {
     pub fn new(start: SystemTime) -> Self {
         Self { start, origin: tokio::time::Instant::now(), jumped: Mutex::new(Duration::ZERO) }
@@ -48,6 +53,7 @@ impl TestClock {
     }
 }
 
+#[cfg(test)]
 impl Clock for TestClock {
     fn now(&self) -> SystemTime {
         let jumped = *self.jumped.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -31,7 +31,10 @@ fn lines(dir: &Path) -> Vec<(PathBuf, Vec<String>)> {
 }
 
 fn all_records(dir: &Path) -> Vec<Map<String, Value>> {
-    lines(dir).into_iter().flat_map(|(_, l)| l).map(|l| serde_json::from_str(&l).unwrap()).collect()
+    warden_test_support::audit_records(dir)
+        .into_iter()
+        .map(|r| if let Value::Object(m) = r { m } else { panic!("a record that is not an object: {r}") })
+        .collect()
 }
 
 async fn run_writer(opts: AuditOptions, n: u64) -> Vec<u64> {
@@ -159,12 +162,18 @@ async fn a_checkpoint_is_written_every_checkpoint_seconds() {
     let shutdown = CancellationToken::new();
     let (audit, handle) = Audit::start_with(&opts, shutdown.clone()).unwrap();
     audit.append_durable(Record::new("one")).await.unwrap();
-    tokio::time::advance(Duration::from_secs(31)).await;
+    tokio::time::advance(Duration::from_secs(20)).await;
+    audit.append_durable(Record::new("two")).await.unwrap();
+    let checkpoints = |dir: &Path| all_records(dir).iter().filter(|r| r["event"] == "checkpoint").count();
+    let before = checkpoints(&opts.config.dir);
+    tokio::time::advance(Duration::from_secs(11)).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !all_records(&opts.config.dir).iter().any(|r| r["event"] == "checkpoint") {
+    while checkpoints(&opts.config.dir) == before {
         assert!(std::time::Instant::now() < deadline, "no checkpoint after checkpoint_seconds");
         tokio::task::yield_now().await;
     }
+    // The control: before checkpoint_seconds had passed since the writer started, none was due.
+    assert_eq!(before, 0, "a checkpoint was written before checkpoint_seconds passed");
     shutdown.cancel();
     handle.await.unwrap();
 }

@@ -2,7 +2,7 @@
 //! holds each connection under a lease, the way the daemon does, and tells the client why it ends.
 //! (The full path through eBPF, the proxy and the `warden` CLI is covered by the daemon's tests.)
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,15 +24,7 @@ fn audit(root: &Path) -> Audit {
 
 async fn records(audit: &Audit, event: &str) -> Vec<Value> {
     audit.append_durable(Record::new("test.flush")).await.unwrap();
-    let mut files: Vec<PathBuf> =
-        std::fs::read_dir(audit.dir()).unwrap().map(|e| e.unwrap().path()).collect();
-    files.sort();
-    files
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .flat_map(|t| t.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect::<Vec<_>>())
-        .filter(|r| r["event"] == event)
-        .collect()
+    warden_test_support::audit_records(audit.dir()).into_iter().filter(|r| r["event"] == event).collect()
 }
 
 fn terms(ttl: Duration, approval: Approval) -> Terms {

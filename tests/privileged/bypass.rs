@@ -504,10 +504,20 @@ fn exec_agents_cannot_open_other_socket_families_or_leave_their_cgroup() {
         .and_then(std::path::Path::parent)
         .unwrap()
         .join("examples/uring_connect");
-    if uring.exists() {
-        let v = exec(&[uring.to_str().unwrap(), "127.0.0.6", "9"]);
-        assert_eq!(errno(&v), Some(EPERM), "io_uring: {v}");
+    if !uring.exists() {
+        // `cargo test --test privileged` does not build examples; build the probe rather than skip the check.
+        let built = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-p", "warden", "--example", "uring_connect"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            built && uring.exists(),
+            "cannot build {} (agent/examples/uring_connect.rs)",
+            uring.display()
+        );
     }
+    let v = exec(&[uring.to_str().unwrap(), "127.0.0.6", "9"]);
+    assert_eq!(errno(&v), Some(EPERM), "io_uring: {v}");
     let exec_parent = w.cgroup_parent.join("exec");
     let root = crate::harness::cgroup_root();
     let v = py(&["cgroup-escape", exec_parent.to_str().unwrap(), root.to_str().unwrap()]);

@@ -6,7 +6,6 @@
 #![allow(dead_code, reason = "each test file uses a different part of the harness")]
 #![expect(clippy::unnecessary_debug_formatting, reason = "paths go into TOML as quoted strings")]
 
-use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -16,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use warden_test_support::{IdentityToml, WardenToml};
 
 pub const WARDEN: &str = env!("CARGO_BIN_EXE_warden");
 
@@ -23,20 +23,10 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
 }
 
-/// True when this test can run. Otherwise prints `skipping: <reason>`; under CI=true that is a failure.
+/// True when this test can run here; otherwise it fails, saying why, unless `WARDEN_ALLOW_SKIP=1` is set
+/// (then it returns false and the test returns early). See `warden_test_support::require`.
 pub fn can_run(test: &str, needs: &[(&str, bool)]) -> bool {
-    for (what, ok) in needs {
-        if !ok {
-            let msg = format!("skipping: {test}: {what}");
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "{msg} (CI=true: a skipped privileged test fails the run)"
-            );
-            println!("{msg}");
-            return false;
-        }
-    }
-    true
+    warden_test_support::require(test, needs)
 }
 
 pub fn is_root() -> bool {
@@ -56,13 +46,7 @@ pub fn privileged(test: &str) -> bool {
 
 /// The cgroup2 mount.
 pub fn cgroup_root() -> PathBuf {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    text.lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            if post.starts_with("cgroup2 ") { pre.split(' ').nth(4).map(PathBuf::from) } else { None }
-        })
-        .expect("cgroup2 is mounted")
+    warden_test_support::cgroup_root().expect("cgroup2 is mounted")
 }
 
 /// Waits for `f` to give a value, up to `deadline`.
@@ -260,25 +244,30 @@ impl WardenBuilder {
         std::fs::create_dir_all(&cgroup_parent).expect("cgroup parent");
         std::fs::create_dir_all(dir.path().join("policies")).unwrap();
         std::fs::write(dir.path().join("policies/policy.yaml"), &self.policy).unwrap();
-        let allow = self.allow.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ");
-        let mut config = format!(
-            "[agent]\nstate_dir = {state:?}\nbpffs_dir = {bpffs:?}\nexec_parent = {exec:?}\nproxy_listen = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]\ncontrol_socket = {sock:?}\npolicies = {pol:?}\nallow = [{allow}]\nhost = \"test-{name}\"\n\n[audit]\ndir = {audit:?}\ncheckpoint_seconds = 1\n\n",
-            state = dir.path().join("state"),
-            bpffs = bpffs,
-            exec = format!("{cgroup_parent_rel}/exec"),
-            sock = dir.path().join("control.sock"),
-            pol = dir.path().join("policies"),
-            audit = dir.path().join("state/audit"),
-            name = self.name,
+        let mut toml = WardenToml::in_dir(
+            dir.path(),
+            dir.path().join("policies"),
+            bpffs.clone(),
+            &format!("{cgroup_parent_rel}/exec"),
+            port,
         );
-        for (id, issuer) in &self.identities {
-            let _ = write!(
-                config,
-                "[identity.{}]\nissuer = {issuer:?}\nclient_id = {:?}\n{}\nscopes = [\"warden.connect\"]\naudience = {:?}\ngroups = {:?}\n\n",
-                id.name, id.client_id, id.auth, id.audience, id.groups
-            );
-        }
-        config.push_str(&self.extra);
+        toml.allow.clone_from(&self.allow);
+        toml.host = format!("test-{}", self.name);
+        toml.audit_extra.push("checkpoint_seconds = 1".into());
+        toml.identities = self
+            .identities
+            .iter()
+            .map(|(id, issuer)| IdentityToml {
+                name: id.name.clone(),
+                issuer: issuer.clone(),
+                client_id: id.client_id.clone(),
+                auth: id.auth.clone(),
+                audience: id.audience.clone(),
+                groups: id.groups.clone(),
+            })
+            .collect();
+        toml.extra.clone_from(&self.extra);
+        let config = toml.render();
         let config_path = dir.path().join("warden.toml");
         std::fs::write(&config_path, config).unwrap();
         let log = dir.path().join("daemon.log");
@@ -380,22 +369,7 @@ impl Warden {
 
     /// Every audit record so far, in order.
     pub fn records(&self) -> Vec<Value> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(self.audit_dir())
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .map(|e| e.path())
-                    .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        files.sort();
-        files
-            .iter()
-            .flat_map(|f| {
-                std::fs::read_to_string(f).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>()
-            })
-            .filter_map(|l| serde_json::from_str(&l).ok())
-            .collect()
+        warden_test_support::audit_records(&self.audit_dir())
     }
 
     /// Waits for a record matching `pred`.
@@ -437,24 +411,7 @@ impl Drop for Warden {
 
 /// Kills every process in a cgroup tree and removes it.
 pub fn kill_tree(path: &Path) -> std::io::Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    for e in std::fs::read_dir(path)?.filter_map(Result::ok) {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            kill_tree(&e.path())?;
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let procs = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
-        if procs.trim().is_empty() || Instant::now() > deadline {
-            break;
-        }
-        let _ = std::fs::write(path.join("cgroup.kill"), "1");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    std::fs::remove_dir(path)
+    warden_test_support::remove_cgroup_tree(path)
 }
 
 /// A cgroup a test made; killed and removed on drop.

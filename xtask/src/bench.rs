@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
+use warden_test_support::{IdentityToml, WardenToml, remove_cgroup_tree};
 
 use crate::demo::{run_cmd_output, start_idp, start_warden, stop_child};
 use crate::{build_warden, nix_is_root, root};
@@ -981,32 +982,25 @@ fn policy(target: SocketAddr) -> String {
 }
 
 fn warden_config(dir: &Path, state: &Path, tag: &str, port: u16, issuer: &str, keys: &Path) -> String {
-    format!(
-        r#"# Warden bench config (written by `cargo xtask bench`)
-[agent]
-state_dir = "{state}"
-bpffs_dir = "/sys/fs/bpf/{tag}"
-exec_parent = "{tag}"
-proxy_listen = ["127.0.0.1:{port}", "[::1]:{port}"]
-control_socket = "{dir}/control.sock"
-policies = "{dir}/policy.yaml"
-allow = []
-host = "bench-host"
-
-[identity.{IDENTITY}]
-issuer = "{issuer}"
-client_id = "agent-pkjwt-rs"
-private_key_file = "{key}"
-scopes = ["warden.connect"]
-audience = "api://warden"
-
-[audit]
-dir = "{state}/audit"
-"#,
-        dir = dir.display(),
-        state = state.display(),
-        key = keys.join("agent-pkjwt-rs.pem").display()
-    )
+    let mut t = WardenToml::in_dir(
+        dir,
+        dir.join("policy.yaml"),
+        PathBuf::from(format!("/sys/fs/bpf/{tag}")),
+        tag,
+        port,
+    );
+    t.comment = "Warden bench config (written by `cargo xtask bench`)".into();
+    t.state_dir = state.to_path_buf();
+    t.audit_dir = state.join("audit");
+    t.host = "bench-host".into();
+    t.identities.push(IdentityToml::private_key(
+        IDENTITY,
+        issuer,
+        "agent-pkjwt-rs",
+        &keys.join("agent-pkjwt-rs.pem"),
+        "api://warden",
+    ));
+    t.render()
 }
 
 fn haproxy_config(port: u16, target: SocketAddr) -> String {
@@ -1243,33 +1237,7 @@ fn is_tmpfs(path: &Path) -> bool {
 
 /// The cgroup2 mount point.
 fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
-    text.lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            post.starts_with("cgroup2 ").then(|| pre.split(' ').nth(4).map(PathBuf::from)).flatten()
-        })
-        .context("cgroup2 is not mounted")
-}
-
-/// Kills whatever is left in a cgroup tree and removes it.
-fn remove_cgroup_tree(path: &Path) -> std::io::Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    for e in std::fs::read_dir(path)?.filter_map(Result::ok) {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            remove_cgroup_tree(&e.path())?;
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default().trim().is_empty()
-        && Instant::now() < deadline
-    {
-        let _ = std::fs::write(path.join("cgroup.kill"), "1");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    std::fs::remove_dir(path)
+    warden_test_support::cgroup_root().context("cgroup2 is not mounted")
 }
 
 /// The bpffs directories of other Warden instances on this machine (tests, the demo).

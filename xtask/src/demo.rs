@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use warden_test_support::{IdentityToml, WardenToml};
 
 use crate::{build_warden, nix_is_root, root, run as sh};
 
@@ -28,31 +29,24 @@ rules:
 ";
 
 fn config(dir: &Path, issuer: &str, key: &Path) -> String {
-    format!(
-        r#"# Warden demo config (embedded in `cargo xtask demo`)
-[agent]
-state_dir = "{dir}/state"
-bpffs_dir = "/sys/fs/bpf/warden-demo"
-exec_parent = "warden-demo"
-proxy_listen = ["127.0.0.1:15001", "[::1]:15001"]
-control_socket = "{dir}/control.sock"
-policies = "{dir}/policy.yaml"
-allow = ["dns"]
-host = "demo-host"
-
-[identity.research-bot]
-issuer = "{issuer}"
-client_id = "agent-pkjwt-rs"
-private_key_file = "{key}"
-scopes = ["warden.connect"]
-audience = "api://warden"
-
-[audit]
-dir = "{dir}/state/audit"
-"#,
-        dir = dir.display(),
-        key = key.display()
-    )
+    let mut t = WardenToml::in_dir(
+        dir,
+        dir.join("policy.yaml"),
+        "/sys/fs/bpf/warden-demo".into(),
+        "warden-demo",
+        15001,
+    );
+    t.comment = "Warden demo config (embedded in `cargo xtask demo`)".into();
+    t.allow = vec!["dns".into()];
+    t.host = "demo-host".into();
+    t.identities.push(IdentityToml::private_key(
+        "research-bot",
+        issuer,
+        "agent-pkjwt-rs",
+        key,
+        "api://warden",
+    ));
+    t.render()
 }
 
 struct Guard {

@@ -267,9 +267,23 @@ mod tests {
 
     #[test]
     fn reserved_keys_and_order_are_enforced() {
+        let (good, _) = encode(1, "t", "h", "e", &fields(), GENESIS_PREV).unwrap();
+        assert!(check_line(&good).is_ok(), "the control: a line as encoded passes");
+        // A field named like a reserved key repeats it: the parsed object no longer re-serialises the same.
         let mut f = Map::new();
         f.insert("seq".into(), Value::from(1));
         let (line, _) = encode(1, "t", "h", "e", &f, GENESIS_PREV).unwrap();
-        assert!(check_line(&line).is_err());
+        assert_eq!(check_line(&line).unwrap_err(), LineError::NotCanonical);
+        // The same keys in another order, still canonical JSON: refused for the order, naming it.
+        let parsed: Map<String, Value> = serde_json::from_slice(&good).unwrap();
+        let mut swapped = Map::new();
+        for key in ["seq", "host", "ts"] {
+            swapped.insert(key.into(), parsed[key].clone());
+        }
+        for (k, v) in &parsed {
+            swapped.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        let err = check_line(&serde_json::to_vec(&swapped).unwrap()).unwrap_err();
+        assert_eq!(err, LineError::KeyOrder { position: 1, expected: "ts", found: "host".into() });
     }
 }

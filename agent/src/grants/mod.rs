@@ -42,7 +42,9 @@ use std::time::{Duration, SystemTime};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
 
-pub use crate::clock::{Clock, SystemClock, TestClock};
+#[cfg(test)]
+pub use crate::clock::TestClock;
+pub use crate::clock::{Clock, SystemClock};
 pub use view::{GrantView, table};
 
 use crate::audit::{Audit, AuditError, Record};
@@ -918,20 +920,10 @@ mod tests {
     /// Every record written so far (a durable marker flushes the queue first).
     async fn records(audit: &Audit, root: &Path) -> Vec<Value> {
         audit.append_durable(Record::new("test.flush")).await.unwrap();
-        let mut files: Vec<PathBuf> =
-            std::fs::read_dir(root.join("audit")).unwrap().map(|e| e.unwrap().path()).collect();
-        files.sort();
-        let mut out = Vec::new();
-        for f in files {
-            let Ok(text) = std::fs::read_to_string(&f) else { continue };
-            out.extend(text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()));
-        }
-        out.into_iter().filter(|r| r.get("event").is_some()).collect()
+        warden_test_support::audit_records(&root.join("audit"))
     }
 
-    fn events<'a>(records: &'a [Value], event: &str) -> Vec<&'a Value> {
-        records.iter().filter(|r| r["event"] == event).collect()
-    }
+    use warden_test_support::events;
 
     fn key(cgroup: &str) -> GrantKey {
         GrantKey {
@@ -1222,7 +1214,7 @@ mod tests {
         let t = terms(MIN, Approval::None);
         drop(f.grants.acquire(key("task-1"), &t).await.unwrap());
         tokio::time::advance(2 * MIN).await;
-        assert!(f.grants.acquire(key("task-1"), &t).await.is_err());
+        assert!(matches!(f.grants.acquire(key("task-1"), &t).await, Err(GrantRefusal::Spent { .. })));
         f.grants.forget_cgroup("task-1").unwrap();
         assert!(f.grants.acquire(key("task-1"), &t).await.is_ok());
     }

@@ -25,7 +25,9 @@ use std::time::{Duration, SystemTime};
 use jsonwebtoken::{Algorithm, EncodingKey};
 use tokio::time::Instant;
 
-pub use crate::clock::{Clock, SystemClock, TestClock};
+#[cfg(test)]
+pub use crate::clock::TestClock;
+pub use crate::clock::{Clock, SystemClock};
 pub use error::{IdentityError, Rejection};
 
 use crate::audit::{Audit, Record};
