@@ -214,6 +214,7 @@ pub struct WardenBuilder {
     allow: Vec<String>,
     identities: Vec<(IdentitySpec, String)>,
     extra: String,
+    agent_extra: String,
 }
 
 impl Warden {
@@ -224,6 +225,7 @@ impl Warden {
             allow: vec![],
             identities: vec![],
             extra: String::new(),
+            agent_extra: String::new(),
         }
     }
 }
@@ -241,6 +243,12 @@ impl WardenBuilder {
 
     pub fn identity(mut self, spec: IdentitySpec, issuer: &str) -> Self {
         self.identities.push((spec, issuer.into()));
+        self
+    }
+
+    /// Lines added to the `[agent]` section (e.g. `log_format = "json"`).
+    pub fn agent_extra(mut self, toml: &str) -> Self {
+        self.agent_extra.push_str(toml);
         self
     }
 
@@ -262,7 +270,7 @@ impl WardenBuilder {
         std::fs::write(dir.path().join("policies/policy.yaml"), &self.policy).unwrap();
         let allow = self.allow.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ");
         let mut config = format!(
-            "[agent]\nstate_dir = {state:?}\nbpffs_dir = {bpffs:?}\nexec_parent = {exec:?}\nproxy_listen = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]\ncontrol_socket = {sock:?}\npolicies = {pol:?}\nallow = [{allow}]\nhost = \"test-{name}\"\n\n[audit]\ndir = {audit:?}\ncheckpoint_seconds = 1\n\n",
+            "[agent]\nstate_dir = {state:?}\nbpffs_dir = {bpffs:?}\nexec_parent = {exec:?}\nproxy_listen = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]\ncontrol_socket = {sock:?}\npolicies = {pol:?}\nallow = [{allow}]\nhost = \"test-{name}\"\n{agent_extra}\n[audit]\ndir = {audit:?}\ncheckpoint_seconds = 1\n\n",
             state = dir.path().join("state"),
             bpffs = bpffs,
             exec = format!("{cgroup_parent_rel}/exec"),
@@ -270,6 +278,7 @@ impl WardenBuilder {
             pol = dir.path().join("policies"),
             audit = dir.path().join("state/audit"),
             name = self.name,
+            agent_extra = self.agent_extra,
         );
         for (id, issuer) in &self.identities {
             let _ = write!(
