@@ -28,8 +28,8 @@ fn scrape(port: u16) -> Exposition {
     prometheus_text::parse(body).unwrap_or_else(|e| panic!("not the Prometheus text format: {e}\n{body}"))
 }
 
-fn status(w: &Warden) -> Value {
-    let out = w.cli(&["status", "--json"]);
+fn status(daemon: &Warden) -> Value {
+    let out = daemon.cli(&["status", "--json"]);
     assert!(out.status.success(), "warden status --json: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("status is JSON")
 }
@@ -42,21 +42,21 @@ fn metrics_status_and_json_logs_follow_a_session() {
     let idp = Idp::start();
     let db = Server::start("127.0.0.5", "db");
     let port = free_port();
-    let w = Warden::builder("observe")
+    let warden = Warden::builder("observe")
         .policy(&tcp_policy("db", db.addr, "5m"))
         .identity(IdentitySpec::pkjwt(&idp, "bot"), &idp.issuer)
         .agent_extra("log_format = \"json\"\n")
         .config_extra(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"))
         .start();
-    let m = wait_for("the metrics endpoint", Duration::from_secs(10), || {
+    let first_scrape = wait_for("the metrics endpoint", Duration::from_secs(10), || {
         TcpStream::connect(("127.0.0.1", port)).ok().map(|_| scrape(port))
     });
-    assert_eq!(m.value("warden_bpf_map_entries", &[("map", "tags")]), Some(0.0));
-    assert!(m.value("warden_bpf_map_entries", &[("map", "targets")]).unwrap() >= 1.0);
-    assert_eq!(m.value("warden_sessions_total", &[]), None, "no session yet");
+    assert_eq!(first_scrape.value("warden_bpf_map_entries", &[("map", "tags")]), Some(0.0));
+    assert!(first_scrape.value("warden_bpf_map_entries", &[("map", "targets")]).unwrap() >= 1.0);
+    assert_eq!(first_scrape.value("warden_sessions_total", &[]), None, "no session yet");
 
-    let cg = w.cgroup("agent");
-    w.tag(&cg, "bot");
+    let cg = warden.cgroup("agent");
+    warden.tag(&cg, "bot");
     assert_eq!(scrape(port).value("warden_bpf_map_entries", &[("map", "tags")]), Some(1.0));
 
     // A session held open: it is live in the metrics and in status, with its origin in the kernel's map.
@@ -71,7 +71,7 @@ fn metrics_status_and_json_logs_follow_a_session() {
     let first = lines.next().expect("holder output").expect("holder line");
     let held: Value = serde_json::from_str(&first).expect("holder JSON");
     assert_eq!(held["ok"], true, "{held}");
-    let start = w.wait_record("session.start", |r| r["event"] == "session.start");
+    let start = warden.wait_record("session.start", |r| r["event"] == "session.start");
     let live = scrape(port);
     let db_tcp = [("target", "db"), ("protocol", "tcp")];
     assert_eq!(live.value("warden_sessions_live", &db_tcp), Some(1.0));
@@ -87,33 +87,33 @@ fn metrics_status_and_json_logs_follow_a_session() {
     );
     assert!(live.value("warden_token_fetch_duration_seconds_count", &[("identity", "bot")]).unwrap() >= 1.0);
 
-    let s = status(&w);
-    assert!(!s["programs"]["pinned"].as_array().unwrap().is_empty(), "{s}");
-    assert_eq!(s["programs"]["missing"], serde_json::json!([]), "{s}");
-    let cgroup = &s["cgroups"][0];
-    assert_eq!(cgroup["cgroup"], cg.rel(), "{s}");
-    assert_eq!(cgroup["identity"], "bot", "{s}");
-    assert_eq!(cgroup["tagged_in_kernel"], true, "{s}");
-    let ident = &s["identities"][0];
-    assert_eq!(ident["name"], "bot", "{s}");
-    assert_eq!(ident["valid"], true, "{s}");
-    assert!(ident["valid_until"].is_string(), "{s}");
-    assert_eq!(s["grants"]["live"], 1, "{s}");
-    assert_eq!(s["grants"]["list"][0]["target"], "db", "{s}");
-    assert_eq!(s["sessions"]["live"], 1, "{s}");
-    assert_eq!(s["sessions"]["list"][0]["session"], start["session"], "{s}");
-    assert!(s["audit"]["seq"].as_u64().unwrap() >= start["seq"].as_u64().unwrap(), "{s}");
-    assert_eq!(s["audit"]["hash"].as_str().map(str::len), Some(64), "{s}");
-    assert!(s["audit"]["queue"]["capacity"].as_u64().unwrap() > 0, "{s}");
-    assert_eq!(s["shipping"]["enabled"], false, "{s}");
-    assert_eq!(s["kernel"]["tags"], 1, "{s}");
+    let st = status(&warden);
+    assert!(!st["programs"]["pinned"].as_array().unwrap().is_empty(), "{st}");
+    assert_eq!(st["programs"]["missing"], serde_json::json!([]), "{st}");
+    let cgroup = &st["cgroups"][0];
+    assert_eq!(cgroup["cgroup"], cg.rel(), "{st}");
+    assert_eq!(cgroup["identity"], "bot", "{st}");
+    assert_eq!(cgroup["tagged_in_kernel"], true, "{st}");
+    let ident = &st["identities"][0];
+    assert_eq!(ident["name"], "bot", "{st}");
+    assert_eq!(ident["valid"], true, "{st}");
+    assert!(ident["valid_until"].is_string(), "{st}");
+    assert_eq!(st["grants"]["live"], 1, "{st}");
+    assert_eq!(st["grants"]["list"][0]["target"], "db", "{st}");
+    assert_eq!(st["sessions"]["live"], 1, "{st}");
+    assert_eq!(st["sessions"]["list"][0]["session"], start["session"], "{st}");
+    assert!(st["audit"]["seq"].as_u64().unwrap() >= start["seq"].as_u64().unwrap(), "{st}");
+    assert_eq!(st["audit"]["hash"].as_str().map(str::len), Some(64), "{st}");
+    assert!(st["audit"]["queue"]["capacity"].as_u64().unwrap() > 0, "{st}");
+    assert_eq!(st["shipping"]["enabled"], false, "{st}");
+    assert_eq!(st["kernel"]["tags"], 1, "{st}");
     // checkpoint_seconds = 1 in the harness: a checkpoint follows within seconds.
-    let s = wait_for("a checkpoint in status", Duration::from_secs(10), || {
-        let s = status(&w);
-        s["audit"]["last_checkpoint"]["seq"].is_u64().then_some(s)
+    let st = wait_for("a checkpoint in status", Duration::from_secs(10), || {
+        let now = status(&warden);
+        now["audit"]["last_checkpoint"]["seq"].is_u64().then_some(now)
     });
-    assert!(s["audit"]["last_checkpoint"]["time"].is_string(), "{s}");
-    let text = w.cli(&["status"]);
+    assert!(st["audit"]["last_checkpoint"]["time"].is_string(), "{st}");
+    let text = warden.cli(&["status"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("tagged cgroups: 1") && text.contains("sessions: 1 live"), "{text}");
     assert!(text.contains("bot: token valid until"), "{text}");
@@ -121,7 +121,7 @@ fn metrics_status_and_json_logs_follow_a_session() {
     // The session ends: counted with its outcome; its origin leaves the kernel's map.
     writeln!(holder.stdin.take().unwrap()).unwrap();
     let _ = holder.wait();
-    w.wait_record("session.end", |r| r["event"] == "session.end" && r["session"] == start["session"]);
+    warden.wait_record("session.end", |r| r["event"] == "session.end" && r["session"] == start["session"]);
     let ended = wait_for("the origin to leave the map", Duration::from_secs(10), || {
         let m = scrape(port);
         (m.value("warden_bpf_map_entries", &[("map", "origins")]) == Some(0.0)).then_some(m)
@@ -131,22 +131,23 @@ fn metrics_status_and_json_logs_follow_a_session() {
     assert_eq!(ended.value("warden_session_duration_seconds_count", &db_tcp), Some(1.0));
     assert_eq!(
         ended.value("warden_session_bytes_total", &[("target", "db"), ("direction", "down")]),
-        Some("hello db\n".len() as f64)
+        Some(9.0),
+        "the greeting `hello db\\n`"
     );
     assert!(ended.value("warden_audit_records_total", &[]).unwrap() >= 3.0);
     assert!(ended.value("warden_audit_fsync_duration_seconds_count", &[]).unwrap() >= 1.0);
 
     // A kernel refusal is counted by kind and code.
     let other = Server::start("127.0.0.6", "other");
-    let v = cg.probe(&["connect", "127.0.0.6", &other.addr.port().to_string()]);
-    assert_eq!(v["ok"], false, "{v}");
+    let refused = cg.probe(&["connect", "127.0.0.6", &other.addr.port().to_string()]);
+    assert_eq!(refused["ok"], false, "{refused}");
     wait_for("the kernel refusal in the metrics", Duration::from_secs(10), || {
         let n = scrape(port).value("warden_refusals_total", &[("kind", "kernel"), ("code", "connect")])?;
         (n >= 1.0).then_some(())
     });
 
     // The log: every line is JSON; the session's lines carry its span with identity and target.
-    let log = w.log();
+    let log = warden.log();
     let mut session_lines = 0;
     for line in log.lines().filter(|l| l.starts_with('{')) {
         let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));

@@ -156,6 +156,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         proxy_listen = ?config.proxy_listen(),
         policies = %config.agent.policies.display(),
         identities = ?config.identity.keys().collect::<Vec<_>>(),
+        config = %crate::logging::effective_config(&config),
         "starting warden"
     );
 

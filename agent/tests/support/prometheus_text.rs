@@ -7,6 +7,9 @@
 
 use std::collections::BTreeMap;
 
+/// One histogram series' labels (without `le`) and its buckets (`le`, cumulative count).
+type Series = BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>>;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
     pub name: String,
@@ -156,7 +159,7 @@ impl Exposition {
                 continue;
             }
             let bucket = format!("{name}_bucket");
-            let mut series: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+            let mut series: Series = BTreeMap::new();
             for s in self.samples.iter().filter(|s| s.name == bucket) {
                 let le = parse_value(s.labels.get("le").ok_or(format!("{bucket} without le"))?)?;
                 let key: Vec<(String, String)> = s
