@@ -74,6 +74,11 @@ pub struct MapLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CauseLabels {
     pub cause: &'static str,
 }
@@ -138,6 +143,8 @@ pub struct Metrics {
 
     pub bpf_map_entries: Family<MapLabels, Gauge>,
     pub events_lost: Family<CauseLabels, Counter>,
+    /// 1, labelled with the version: which build a scrape came from.
+    pub build_info: Family<BuildLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -181,7 +188,9 @@ impl Metrics {
             audit_fsync_duration: Histogram::new(exponential_buckets(0.0001, 2.5, 12)),
             bpf_map_entries: Family::default(),
             events_lost: Family::default(),
+            build_info: Family::default(),
         };
+        m.build_info.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
         m.register()
     }
 
@@ -280,6 +289,7 @@ impl Metrics {
             "Kernel refusals not recorded one by one (ring_full, queue_full, rate_limited); all were enforced",
             self.events_lost.clone(),
         );
+        r.register("build_info", "The running warden's version (always 1)", self.build_info.clone());
         self
     }
 
@@ -456,6 +466,7 @@ mod tests {
             "warden_audit_fsync_duration_seconds_count 1",
             "warden_events_lost_total{cause=\"ring_full\"} 7",
             "warden_bpf_map_entries{map=\"tags\"} 2",
+            concat!("warden_build_info{version=\"", env!("CARGO_PKG_VERSION"), "\"} 1"),
         ] {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
         }
