@@ -215,7 +215,10 @@ pub enum AuditAction {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // `run` sets up its log once it has read `agent.log_format`.
+    if !matches!(cli.command, Command::Run(_)) {
+        init_tracing();
+    }
     let code = match cli.command {
         Command::Run(c) => crate::daemon::run_cli(&c.config),
         Command::Check(c) => crate::daemon::check_cli(&c.config),
@@ -230,9 +233,7 @@ pub fn main() -> ExitCode {
 }
 
 fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("WARDEN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    crate::logging::init(crate::config::LogFormat::Plain);
 }
 
 /// Prints an error for the operator and returns the exit code.

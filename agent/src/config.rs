@@ -89,6 +89,28 @@ pub struct AgentConfig {
     pub allow: Vec<Spanned<String>>,
     /// Host name written in every audit record; defaults to the machine's host name.
     pub host: Option<String>,
+    /// `plain` (default) or `json` (one JSON object per line); `WARDEN_LOG_FORMAT` overrides it.
+    pub log_format: LogFormat,
+}
+
+/// `agent.log_format`: how `warden run` writes its log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Plain,
+    Json,
+}
+
+impl LogFormat {
+    /// `plain` or `json`, as in the config.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "plain" => Some(Self::Plain),
+            "json" => Some(Self::Json),
+            _ => None,
+        }
+    }
 }
 
 impl Default for AgentConfig {
@@ -106,6 +128,7 @@ impl Default for AgentConfig {
             policies: "/etc/warden/policies".into(),
             allow: vec![Spanned::new(0..0, "0.0.0.0/0:443".into()), Spanned::new(0..0, "dns".into())],
             host: None,
+            log_format: LogFormat::Plain,
         }
     }
 }
@@ -218,6 +241,7 @@ impl Default for GrantsConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
+    /// Where `/metrics` is served (Prometheus); empty: off.
     pub listen: String,
 }
 
@@ -302,6 +326,12 @@ impl Config {
             if let Err(msg) = crate::policy::parse_duration(d.get_ref()) {
                 err(d.span(), format!("grants: {msg}"));
             }
+        }
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            err(
+                0..0,
+                format!("metrics.listen: `{}` is not an ip:port (e.g. 127.0.0.1:9464)", self.metrics.listen),
+            );
         }
         if !self.audit.serve.listen.is_empty() && self.audit.serve.listen.parse::<SocketAddr>().is_err() {
             err(0..0, format!("audit.serve.listen: `{}` is not an ip:port", self.audit.serve.listen));
@@ -395,6 +425,26 @@ mod tests {
         assert_eq!(d.len(), 3, "{d:?}");
         assert_eq!(d[0].line, 2);
         assert_eq!(d[2].line, 6);
+    }
+
+    #[test]
+    fn log_format_and_metrics_listen_are_checked() {
+        let c = Config::parse(Path::new("w.toml"), "[agent]\nlog_format = \"json\"\n").unwrap();
+        assert_eq!(c.agent.log_format, LogFormat::Json);
+        assert_eq!(Config::parse(Path::new("w.toml"), "").unwrap().agent.log_format, LogFormat::Plain);
+        let ConfigError::Invalid(d) =
+            Config::parse(Path::new("w.toml"), "[agent]\nlog_format = \"xml\"\n").unwrap_err()
+        else {
+            panic!()
+        };
+        assert_eq!(d[0].line, 2, "{d:?}");
+        assert!(d[0].message.contains("plain") && d[0].message.contains("json"), "{d:?}");
+        let ConfigError::Invalid(d) =
+            Config::parse(Path::new("w.toml"), "[metrics]\nlisten = \"9464\"\n").unwrap_err()
+        else {
+            panic!()
+        };
+        assert!(d[0].message.contains("metrics.listen"), "{d:?}");
     }
 
     #[test]

@@ -290,7 +290,7 @@ fn sessions_table(data: &Value) -> String {
 }
 
 fn status_text(data: &Value) -> String {
-    serde_json::to_string_pretty(data).unwrap_or_default()
+    crate::daemon::status::render(data)
 }
 
 fn grants_table(data: &Value) -> String {

@@ -15,6 +15,8 @@ pub mod control;
 pub mod daemon;
 pub mod grants;
 pub mod identity;
+pub mod logging;
+pub mod metrics;
 pub mod origin;
 pub mod policy;
 pub mod protocol;

@@ -142,6 +142,7 @@ async fn rig() -> Rig {
         shutdown: CancellationToken::new(),
         limit: Arc::new(Semaphore::new(16)),
         tasks: TaskTracker::new(),
+        metrics: warden::metrics::unserved(),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let listen = listener.local_addr().unwrap();

@@ -18,6 +18,8 @@ pub struct WardenToml {
     pub policies: PathBuf,
     pub allow: Vec<String>,
     pub host: String,
+    /// Raw `key = value` lines appended to `[agent]`.
+    pub agent_extra: String,
     pub audit_dir: PathBuf,
     /// Extra `key = value` lines for `[audit]` (e.g. `checkpoint_seconds = 1`).
     pub audit_extra: Vec<String>,
@@ -71,6 +73,7 @@ impl WardenToml {
             policies,
             allow: Vec::new(),
             host: "test-host".into(),
+            agent_extra: String::new(),
             audit_dir: dir.join("state/audit"),
             audit_extra: Vec::new(),
             identities: Vec::new(),
@@ -88,7 +91,7 @@ impl WardenToml {
         let port = self.proxy_port;
         let _ = write!(
             out,
-            "[agent]\nstate_dir = {}\nbpffs_dir = {}\nexec_parent = {}\nproxy_listen = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]\ncontrol_socket = {}\npolicies = {}\nallow = [{}]\nhost = {}\n\n",
+            "[agent]\nstate_dir = {}\nbpffs_dir = {}\nexec_parent = {}\nproxy_listen = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]\ncontrol_socket = {}\npolicies = {}\nallow = [{}]\nhost = {}\n{}\n",
             p(&self.state_dir),
             p(&self.bpffs_dir),
             quote(&self.exec_parent),
@@ -96,6 +99,7 @@ impl WardenToml {
             p(&self.policies),
             list(&self.allow),
             quote(&self.host),
+            self.agent_extra,
         );
         for id in &self.identities {
             let _ = write!(

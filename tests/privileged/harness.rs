@@ -198,6 +198,7 @@ pub struct WardenBuilder {
     allow: Vec<String>,
     identities: Vec<(IdentitySpec, String)>,
     extra: String,
+    agent_extra: String,
 }
 
 impl Warden {
@@ -208,6 +209,7 @@ impl Warden {
             allow: vec![],
             identities: vec![],
             extra: String::new(),
+            agent_extra: String::new(),
         }
     }
 }
@@ -225,6 +227,12 @@ impl WardenBuilder {
 
     pub fn identity(mut self, spec: IdentitySpec, issuer: &str) -> Self {
         self.identities.push((spec, issuer.into()));
+        self
+    }
+
+    /// Lines added to the `[agent]` section (e.g. `log_format = "json"`).
+    pub fn agent_extra(mut self, toml: &str) -> Self {
+        self.agent_extra.push_str(toml);
         self
     }
 
@@ -252,6 +260,7 @@ impl WardenBuilder {
             port,
         );
         toml.allow.clone_from(&self.allow);
+        toml.agent_extra.clone_from(&self.agent_extra);
         toml.host = format!("test-{}", self.name);
         toml.audit_extra.push("checkpoint_seconds = 1".into());
         toml.identities = self

@@ -9,4 +9,5 @@ mod dataplane;
 mod grants;
 mod harness;
 mod identity;
+mod observe;
 mod operator;

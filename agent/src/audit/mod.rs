@@ -83,6 +83,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::AuditConfig;
 
 pub use files::{Bound, export_lines, mark_exported, read_exported};
+pub use writer::Head;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -166,6 +167,8 @@ struct Msg {
 struct Shared {
     /// Why appends are refused (writer failed or stopped); `None` while healthy.
     stopped: Mutex<Option<String>>,
+    /// Where the chain stands after the last batch.
+    head: Mutex<Head>,
 }
 
 /// A handle to the writer; cheap to clone.
@@ -190,6 +193,8 @@ pub struct AuditOptions {
     pub state_dir: PathBuf,
     pub host: String,
     pub clock: Clock,
+    /// Where the writer counts records, bytes and fsync latency.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AuditOptions {
@@ -199,7 +204,15 @@ impl AuditOptions {
             state_dir: state_dir.to_path_buf(),
             host,
             clock: Arc::new(OffsetDateTime::now_utc),
+            metrics: crate::metrics::unserved(),
         }
+    }
+
+    /// The same options, counting into `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Audit files in `root/audit`, the signing key in `root`, host `test-host`, default settings.
@@ -244,6 +257,7 @@ impl Audit {
             retain_until_exported: opts.config.retain_until_exported,
             checkpoint_records: opts.config.checkpoint_records,
             clock: opts.clock.clone(),
+            metrics: opts.metrics.clone(),
         };
         let (mut w, recovery) = writer::Writer::open(settings, key)?;
         let mut first = vec![
@@ -284,7 +298,7 @@ impl Audit {
         }
         w.retain_now().map_err(|reason| AuditError::Stopped { reason })?;
         let (tx, rx) = mpsc::channel(opts.config.queue.max(1));
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared { head: Mutex::new(w.head()), ..Shared::default() });
         let failed = CancellationToken::new();
         let audit =
             Audit { tx, shared: shared.clone(), failed: failed.clone(), dir: opts.config.dir.clone() };
@@ -307,6 +321,17 @@ impl Audit {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Where the chain stands after the last batch written (seq, hash, last checkpoint).
+    pub fn head(&self) -> Head {
+        self.shared.head.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    /// Records queued for the writer now, and how many the queue holds.
+    pub fn queue(&self) -> (usize, usize) {
+        let max = self.tx.max_capacity();
+        (max - self.tx.capacity(), max)
     }
 
     fn send(&self, msg: Msg) -> Result<(), AuditError> {
@@ -431,6 +456,9 @@ async fn run(
         let Some(writer) = w.take() else { break };
         let (back, fatal) = commit(writer, batch, force, durable).await;
         w = back;
+        if let (Some(wr), Ok(mut head)) = (&w, shared.head.lock()) {
+            *head = wr.head();
+        }
         sync_by = match &w {
             Some(wr) if wr.is_dirty() => sync_by.or_else(|| Some(tokio::time::Instant::now() + SYNC_DELAY)),
             _ => None,

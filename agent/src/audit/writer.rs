@@ -5,9 +5,11 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
+use serde::Serialize;
 use serde_json::{Map, Value};
 use time::{Date, OffsetDateTime};
 
@@ -42,6 +44,7 @@ pub struct Settings {
     pub retain_until_exported: bool,
     pub checkpoint_records: u64,
     pub clock: Clock,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub struct Writer {
@@ -61,6 +64,21 @@ pub struct Writer {
     buf: Vec<u8>,
     /// Written but not yet fdatasync'd (a batch nobody waited on).
     dirty: bool,
+    /// Records encoded into `buf` since the last write (for the metrics).
+    buffered: u64,
+    /// The last checkpoint: its seq and time.
+    last_checkpoint: Option<(u64, String)>,
+}
+
+/// Where the chain stands, for `warden status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Head {
+    /// The last record's seq and hash (`None` before the first record).
+    pub seq: Option<u64>,
+    pub hash: Option<String>,
+    /// The last checkpoint record: its own seq and time.
+    pub checkpoint_seq: Option<u64>,
+    pub checkpoint_time: Option<String>,
 }
 
 /// The outcome of one batch: a result per record, in order, and the reason the writer must stop, if any.
@@ -92,6 +110,7 @@ impl Writer {
         }
         let now = (s.clock)();
         let key_id = sign::key_id(&key.verifying_key());
+        let last_checkpoint = tail.as_ref().and_then(|t| t.scan.last_checkpoint.clone());
         let (file, path, file_len, next_seq, prev, unsigned) = if let Some(t) = tail {
             let last = t.scan.last.as_ref().map(|l| (l.seq, l.hash.clone()));
             let (seq, hash) = last.unwrap_or((0, GENESIS_PREV.to_owned()));
@@ -122,6 +141,8 @@ impl Writer {
             unsigned,
             buf: Vec::with_capacity(64 * 1024),
             dirty: false,
+            buffered: 0,
+            last_checkpoint,
         };
         Ok((w, recovery))
     }
@@ -201,6 +222,10 @@ impl Writer {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.prev = hash;
+        self.buffered += 1;
+        if event == "checkpoint" {
+            self.last_checkpoint = Some((seq, ts));
+        }
         Ok(seq)
     }
 
@@ -230,10 +255,11 @@ impl Writer {
         if buf.is_empty() {
             return if sync { self.sync() } else { Ok(()) };
         }
-        let result =
-            self.file.write_all(buf).and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
+        let records = std::mem::take(&mut self.buffered);
+        let result = self.file.write_all(buf).and_then(|()| if sync { self.timed_sync() } else { Ok(()) });
         match result {
             Ok(()) => {
+                self.s.metrics.audit_written(records, buf.len() as u64);
                 self.file_len += buf.len() as u64;
                 self.dirty = !sync;
                 buf.clear();
@@ -252,9 +278,28 @@ impl Writer {
         if !self.dirty {
             return Ok(());
         }
-        self.file.sync_data().map_err(|e| format!("cannot sync {}: {e}", self.path.display()))?;
+        self.timed_sync().map_err(|e| format!("cannot sync {}: {e}", self.path.display()))?;
         self.dirty = false;
         Ok(())
+    }
+
+    /// fdatasync, timed for the metrics.
+    fn timed_sync(&self) -> std::io::Result<()> {
+        let started = std::time::Instant::now();
+        let r = self.file.sync_data();
+        self.s.metrics.audit_synced(started.elapsed());
+        r
+    }
+
+    /// Where the chain stands now.
+    pub fn head(&self) -> Head {
+        let last = self.next_seq.checked_sub(1);
+        Head {
+            seq: last,
+            hash: last.map(|_| self.prev.clone()),
+            checkpoint_seq: self.last_checkpoint.as_ref().map(|c| c.0),
+            checkpoint_time: self.last_checkpoint.as_ref().map(|c| c.1.clone()),
+        }
     }
 
     /// Whether records were written but not yet made durable.
@@ -351,6 +396,7 @@ struct Scan {
     last_event: Option<String>,
     unsigned: u64,
     bad_reason: Option<String>,
+    last_checkpoint: Option<(u64, String)>,
 }
 
 /// Reads a file and finds the longest prefix of whole, valid, chained lines.
@@ -366,6 +412,7 @@ fn scan_file(path: &Path) -> Result<Scan, AuditError> {
         last_event: None,
         unsigned: 0,
         bad_reason: None,
+        last_checkpoint: None,
     };
     let mut offset = 0usize;
     while offset < bytes.len() {
@@ -389,6 +436,7 @@ fn scan_file(path: &Path) -> Result<Scan, AuditError> {
         }
         if parsed.event == "checkpoint" {
             scan.unsigned = 0;
+            scan.last_checkpoint = Some((parsed.seq, parsed.ts.clone()));
         } else {
             scan.unsigned += 1;
             scan.last_event = Some(parsed.event.clone());

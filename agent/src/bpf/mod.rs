@@ -343,6 +343,16 @@ impl Kernel {
         tags.iter().filter_map(Result::ok).map(|(k, v)| (k, v.id)).collect()
     }
 
+    /// Entries in the target map (targets and their guards).
+    pub fn target_entries(&self) -> usize {
+        self.targets.lock().expect("target map lock").keys().flatten().count()
+    }
+
+    /// Entries in the allow list.
+    pub fn allow_entries(&self) -> usize {
+        self.allow.lock().expect("allow map lock").keys().flatten().count()
+    }
+
     /// Makes the target map exactly `targets` (endpoint → target number).
     pub fn sync_targets(&self, targets: &[(SocketAddr, u32)]) -> Result<(), BpfError> {
         let mut map = self.targets.lock().expect("target map lock");

@@ -31,13 +31,29 @@ pub(super) async fn events(state: Arc<State>, mut reader: bpf::EventReader) {
             r = reader.read(&mut batch) => if r.is_err() { return },
         }
         for ev in batch.drain(..) {
+            state.metrics.refused(crate::metrics::RefusalKind::Kernel, kernel_code(ev.kind));
             if !unrecorded.admit(ev.tagged_cgroup, std::time::Instant::now()) {
+                state.metrics.events_lost("rate_limited", 1);
                 continue;
             }
             if !state.record_event(&ev) {
                 unrecorded.queue_full += 1;
+                state.metrics.events_lost("queue_full", 1);
             }
         }
+    }
+}
+
+/// A kernel event's refusal code, for the metrics.
+fn kernel_code(kind: u32) -> &'static str {
+    match kind {
+        event::CONNECT_REFUSED => "connect",
+        event::SENDMSG_REFUSED => "sendmsg",
+        event::PROXY_REFUSED => "proxy_port",
+        event::ORIGIN_FULL => "origin_full",
+        event::SOCKET_REFUSED => "socket",
+        event::BIND_REFUSED => "bind",
+        _ => "unknown",
     }
 }
 

@@ -119,7 +119,11 @@ impl Authorize for DaemonGate {
     fn authorize(&self, session: &Session, ask: &Ask<'_>) -> Result<(), Refusal> {
         let target = session.target.name.as_str();
         let identity = session.identity.as_ref().map(|i| Arc::new(i.clone()));
-        let no = |code, reason: String| refusal(code, reason, target, identity.as_ref());
+        // Refused mid-session: counted as the protocol's refusal (the handler answers in its own terms).
+        let no = |code: RefusalCode, reason: String| {
+            self.state.metrics.refused(crate::metrics::RefusalKind::Protocol, code.as_str());
+            refusal(code, reason, target, identity.as_ref())
+        };
         let Some(name) = session.identity.as_ref().map(|i| i.name.as_str()) else {
             return Err(no(RefusalCode::Identity, "the session has no verified identity".into()));
         };

@@ -6,7 +6,6 @@ use serde_json::{Value, json};
 use super::State;
 use super::gate::subject;
 use crate::audit::Record;
-use crate::bpf;
 use crate::control::{self, Refused, Request};
 use crate::grants::GrantKey;
 use crate::policy::{Access, Decision};
@@ -18,18 +17,7 @@ fn refused(e: impl std::fmt::Display) -> Refused {
 
 impl State {
     fn status(&self) -> Value {
-        json!({
-            "pid": std::process::id(),
-            "links": bpf::pinned_links(&self.config.agent.bpffs_dir),
-            "adopted": self.kernel.report.adopted,
-            "attached": self.kernel.report.attached,
-            "bindings": self.bindings.all(),
-            "kernel_tags": self.kernel.tags().len(),
-            "live_origins": self.kernel.live_origins(),
-            "sessions": self.sessions.len(),
-            "targets": self.policy.current().targets().map(|t| t.name.clone()).collect::<Vec<_>>(),
-            "proxy_listen": self.config.proxy_listen().iter().map(ToString::to_string).collect::<Vec<_>>(),
-        })
+        super::status::status(self)
     }
 }
 

@@ -7,6 +7,7 @@ mod events;
 mod gate;
 mod handler;
 pub mod reserved_ports;
+pub mod status;
 mod tagging;
 mod targets;
 
@@ -98,6 +99,7 @@ pub fn run_cli(config_path: &Path) -> u8 {
         Ok(c) => c,
         Err(e) => return fail(EXIT_INVALID, &e),
     };
+    crate::logging::init(config.agent.log_format);
     // Every policy error before anything is bound or attached.
     match config.policy_files().map(|f| policy::load(&f)) {
         Ok(Ok(_)) => {}
@@ -137,6 +139,7 @@ pub struct State {
     /// The subject each identity was last verified as, to re-decide live grants when the policy changes.
     pub subjects: Mutex<HashMap<String, crate::policy::Subject>>,
     pub shutdown: CancellationToken,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -153,11 +156,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         proxy_listen = ?config.proxy_listen(),
         policies = %config.agent.policies.display(),
         identities = ?config.identity.keys().collect::<Vec<_>>(),
+        config = %crate::logging::effective_config(&config),
         "starting warden"
     );
 
     let writer_stop = CancellationToken::new();
-    let (audit, writer) = Audit::start(&config.audit, &config.agent.state_dir, host, writer_stop.clone())?;
+    let metrics = crate::metrics::unserved();
+    let audit_options = crate::audit::AuditOptions::new(&config.audit, &config.agent.state_dir, host);
+    let (audit, writer) =
+        Audit::start_with(&audit_options.with_metrics(metrics.clone()), writer_stop.clone())?;
 
     let kernel = Arc::new(bpf::install(&bpf::Settings {
         bpffs_dir: config.agent.bpffs_dir.clone(),
@@ -202,7 +209,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let policy = Arc::new(policy::Store::open(&config, audit.clone()).map_err(|d| {
         anyhow::anyhow!("{}", d.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))
     })?);
-    let identities = crate::identity::Identities::new(&identity_configs(&config), audit.clone())?;
+    let identities = crate::identity::Identities::builder(&identity_configs(&config))
+        .audit(audit.clone())
+        .metrics(metrics.clone())
+        .build()?;
     let duration = |d: &toml::Spanned<String>| crate::policy::parse_duration(d.get_ref()).unwrap_or_default();
     let grants = crate::grants::Grants::open_with(
         &config.agent.state_dir,
@@ -211,6 +221,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         crate::grants::GrantsOptions {
             approval_wait: duration(&config.grants.approval_wait),
             pending_max: duration(&config.grants.pending_max),
+            metrics: metrics.clone(),
         },
     )?;
     let bindings = Bindings::open(&config.agent.state_dir)?;
@@ -226,6 +237,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         grants,
         subjects: Mutex::new(HashMap::new()),
         shutdown: shutdown.clone(),
+        metrics: metrics.clone(),
         config,
     });
     state.apply_static_bindings();
@@ -242,6 +254,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
         limit: Arc::new(Semaphore::new(MAX_SESSIONS)),
         tasks: tokio_util::task::TaskTracker::new(),
+        metrics: metrics.clone(),
     });
     let mut tasks = tokio::task::JoinSet::new();
     for l in listeners {
@@ -256,6 +269,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tasks.spawn(policy.clone().watch_files(shutdown.clone().cancelled_owned()));
     tasks.spawn(follow_policy(state.clone()));
     tasks.spawn(targets::resolve_periodically(state.clone()));
+    if !state.config.metrics.listen.is_empty() {
+        let weak = Arc::downgrade(&state);
+        metrics.set_sampler(Box::new(move |m| {
+            if let Some(state) = weak.upgrade() {
+                status::sample(&state, m);
+            }
+        }));
+        tasks.spawn(crate::metrics::serve::run(
+            state.config.metrics.listen.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
     if !state.config.audit.serve.listen.is_empty() {
         let serve = state.config.audit.serve.clone();
         let dir = state.config.audit.dir.clone();

@@ -140,11 +140,17 @@ pub struct GrantsOptions {
     pub approval_wait: Duration,
     /// How long a pending grant waits for approval before it lapses.
     pub pending_max: Duration,
+    /// Where issued, expired and revoked grants are counted.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Default for GrantsOptions {
     fn default() -> Self {
-        Self { approval_wait: Duration::from_secs(60), pending_max: Duration::from_secs(3600) }
+        Self {
+            approval_wait: Duration::from_secs(60),
+            pending_max: Duration::from_secs(3600),
+            metrics: crate::metrics::unserved(),
+        }
     }
 }
 
@@ -356,6 +362,7 @@ impl Grants {
                 let pending = terms.approval == Approval::Required;
                 let grant = inner.new_grant(&state, key, terms, "auto".into(), now, pending);
                 let record = issued_record(&grant);
+                inner.options.metrics.grant_issued(&grant.key.target);
                 let rx = grant.phase.subscribe();
                 let id = grant.id.clone();
                 state.grants.insert(id.clone(), grant);
@@ -453,6 +460,7 @@ impl Grants {
             }
             let grant = inner.new_grant(&state, key, terms, format!("operator {by}"), now, false);
             let record = issued_record(&grant);
+            inner.options.metrics.grant_issued(&grant.key.target);
             let v = view(&grant, now);
             let id = grant.id.clone();
             state.grants.insert(id.clone(), grant);
@@ -714,6 +722,7 @@ impl Inner {
         }
         for id in due {
             let Some(g) = state.grants.remove(&id) else { continue };
+            self.options.metrics.grant_expired(&g.key.target);
             match g.expires_at {
                 Some(at) => {
                     self.record(expired_record(&g, "ttl reached"));
@@ -738,6 +747,12 @@ impl Inner {
     fn end(&self, id: &str, why: &GrantEnd, spend: bool) -> Option<Record> {
         let mut state = self.lock();
         let g = state.grants.remove(id)?;
+        match why {
+            GrantEnd::Expired => self.options.metrics.grant_expired(&g.key.target),
+            GrantEnd::Revoked { .. } | GrantEnd::PolicyChanged { .. } => {
+                self.options.metrics.grant_revoked(&g.key.target);
+            }
+        }
         let now = self.clock.now();
         let how = match why {
             GrantEnd::Expired => "expired".to_owned(),
@@ -1057,7 +1072,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_unapproved_connection_is_refused_after_the_wait_with_the_command_to_run() {
-        let f = fixture(GrantsOptions { approval_wait: Duration::from_secs(5), pending_max: 10 * MIN });
+        let f = fixture(GrantsOptions {
+            approval_wait: Duration::from_secs(5),
+            pending_max: 10 * MIN,
+            ..GrantsOptions::default()
+        });
         let t = terms(10 * MIN, Approval::Required);
         let err = f.grants.acquire(key("task-1"), &t).await.unwrap_err();
         let id = f.grants.list()[0].id.clone();

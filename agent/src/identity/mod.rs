@@ -111,6 +111,18 @@ struct Inner {
     clock: Arc<dyn Clock>,
     settings: Settings,
     sink: RecordSink,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// One identity's token as `warden status` shows it: never the token, only when it is good until.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenState {
+    pub name: String,
+    pub client_id: String,
+    /// The cached verified token's `exp`; `None` before the first token.
+    pub valid_until: Option<SystemTime>,
+    /// The last failed attempt: when, and why (the error's message, which never holds a credential).
+    pub last_error: Option<(SystemTime, String)>,
 }
 
 /// One identity: its resolved config, its cached verified identity and its single-flight state.
@@ -128,6 +140,8 @@ struct Slot {
     completed: AtomicU64,
     /// A background refresh is running.
     refreshing: AtomicBool,
+    /// The last failed attempt, for `warden status`.
+    last_error: Mutex<Option<(SystemTime, String)>>,
     flight: tokio::sync::Mutex<Flight>,
 }
 
@@ -162,6 +176,7 @@ pub struct Builder {
     clock: Arc<dyn Clock>,
     settings: Settings,
     transport: Option<Arc<dyn Transport>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Builder {
@@ -180,6 +195,13 @@ impl Builder {
     #[must_use]
     pub fn record_sink(mut self, sink: RecordSink) -> Self {
         self.sink = Some(sink);
+        self
+    }
+
+    /// Token fetches and verifications are counted here.
+    #[must_use]
+    pub fn metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -248,12 +270,16 @@ impl Builder {
                 current: Mutex::new(None),
                 completed: AtomicU64::new(0),
                 refreshing: AtomicBool::new(false),
+                last_error: Mutex::new(None),
                 flight: tokio::sync::Mutex::new(Flight::default()),
             };
             slots.insert(name, slot);
         }
         let sink = self.sink.unwrap_or_else(|| Arc::new(|_| {}));
-        Ok(Identities { inner: Arc::new(Inner { slots, clock: self.clock, settings: self.settings, sink }) })
+        let metrics = self.metrics.unwrap_or_else(crate::metrics::unserved);
+        Ok(Identities {
+            inner: Arc::new(Inner { slots, clock: self.clock, settings: self.settings, sink, metrics }),
+        })
     }
 }
 
@@ -326,7 +352,22 @@ impl Identities {
             clock: Arc::new(SystemClock),
             settings: Settings::default(),
             transport: None,
+            metrics: None,
         }
+    }
+
+    /// Every identity's token state, by name.
+    pub fn states(&self) -> Vec<TokenState> {
+        self.inner
+            .slots
+            .values()
+            .map(|slot| TokenState {
+                name: slot.name.clone(),
+                client_id: slot.client_id.clone(),
+                valid_until: slot.cached().map(|c| c.identity.expires_at),
+                last_error: slot.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
+            })
+            .collect()
     }
 
     /// Whether an identity of this name is configured.
@@ -411,8 +452,17 @@ impl Identities {
         slot: &Slot,
         flight: &mut Flight,
     ) -> Result<Arc<VerifiedIdentity>, IdentityError> {
+        let started = Instant::now();
         let result = self.obtain(slot).await;
         let attempt = slot.completed.fetch_add(1, Ordering::AcqRel) + 1;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(IdpFailure::Unreachable(_)) => "idp_unreachable",
+            Err(IdpFailure::BadDiscovery(_)) => "bad_discovery",
+            Err(IdpFailure::Refused { .. }) => "token_request_refused",
+            Err(IdpFailure::Rejected(_)) => "token_rejected",
+        };
+        self.inner.metrics.token_fetched(&slot.name, outcome, started.elapsed());
         match result {
             Ok(cached) => {
                 tracing::info!(
@@ -430,6 +480,8 @@ impl Identities {
             Err(failure) => {
                 let error = Self::error_for(slot, failure);
                 self.record(slot, &error);
+                *slot.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some((self.inner.clock.now(), error.to_string()));
                 let consecutive = flight.failure.as_ref().map_or(0, |f| f.consecutive) + 1;
                 let settings = &self.inner.settings;
                 let holdoff = settings
@@ -469,7 +521,11 @@ impl Identities {
     async fn obtain_once(&self, slot: &Slot) -> Result<Cached, IdpFailure> {
         let clock = self.inner.clock.as_ref();
         let token = slot.issuer.request_token(&slot.client_id, &slot.auth, &slot.scopes, clock).await?;
-        let parsed = verify::parse(token.expose()).map_err(IdpFailure::Rejected)?;
+        let metrics = &self.inner.metrics;
+        let parsed = verify::parse(token.expose()).map_err(|r| {
+            metrics.token_verified(&slot.name, r.reason.as_str());
+            IdpFailure::Rejected(r)
+        })?;
         let keys = slot.issuer.keys(parsed.kid.as_deref()).await?;
         let expected = verify::Expected {
             issuer: &slot.issuer.id,
@@ -479,7 +535,11 @@ impl Identities {
             leeway: self.inner.settings.leeway,
         };
         let now = clock.now();
-        let claims = verify::verify(&parsed, &keys, &expected, now).map_err(IdpFailure::Rejected)?;
+        let claims = verify::verify(&parsed, &keys, &expected, now).map_err(|r| {
+            metrics.token_verified(&slot.name, r.reason.as_str());
+            IdpFailure::Rejected(r)
+        })?;
+        metrics.token_verified(&slot.name, "ok");
         let mut groups: Vec<String> = Vec::with_capacity(claims.groups.len() + slot.local_groups.len());
         for g in claims.groups.into_iter().chain(slot.local_groups.iter().cloned()) {
             if !groups.contains(&g) {

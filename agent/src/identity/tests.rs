@@ -490,3 +490,55 @@ fn insecure_or_unusable_credentials_stop_the_build() {
     configs.insert("bot".to_owned(), insecure);
     assert_eq!(Identities::builder(&configs).build().unwrap_err().reason(), "config");
 }
+
+/// A writer into a shared buffer, for capturing log lines.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_credential_reaches_a_log_line_the_status_or_a_debug_print() {
+    let log = LogBuffer::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .json()
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let h = harness();
+    for name in ["bot", "post", "jwt"] {
+        h.identities.verified(name).await.unwrap();
+    }
+    h.idp.with(|s| s.up = false);
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert!(h.identities.verified("bot").await.is_err());
+    let states = h.identities.states();
+    assert!(states.iter().filter(|s| s.name != "other-aud").all(|s| s.valid_until.is_some()), "{states:?}");
+    assert!(states.iter().any(|s| s.name == "bot" && s.last_error.is_some()), "{states:?}");
+
+    let issued = h.idp.with(|s| s.issued.clone());
+    assert!(!issued.is_empty());
+    let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    assert!(log.contains("identity verified"), "the log was captured: {log}");
+    let printed = [log, format!("{:?}", h.identities), format!("{states:?}")];
+    let pem = String::from_utf8(testdata("client_rsa.pem")).unwrap();
+    let key_body = pem.lines().nth(1).unwrap().to_owned();
+    for text in &printed {
+        assert!(!text.contains(SECRET), "the client secret was printed: {text}");
+        assert!(!text.contains(&key_body), "the private key was printed: {text}");
+        for token in &issued {
+            assert!(!text.contains(token.as_str()), "an access token was printed: {text}");
+        }
+        assert!(!text.contains("eyJ"), "a JWT (token or client assertion) was printed: {text}");
+    }
+}

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::audit::{Audit, Record};
+use crate::metrics::{Metrics, RefusalKind};
 use crate::origin::{ConnOrigin, Origins};
 use crate::policy::{Target, Terms};
 use crate::protocol::{
@@ -87,6 +88,7 @@ pub struct Proxy {
     pub limit: Arc<Semaphore>,
     /// The connections in flight, so a stop can wait for their end records.
     pub tasks: TaskTracker,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Proxy {
@@ -119,6 +121,7 @@ impl Proxy {
     async fn connection(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
         let Some(origin) = self.origins.lookup(peer) else {
             tracing::warn!(%peer, "connection to the proxy with no origin; closing");
+            self.metrics.refused(RefusalKind::Gate, "no_origin");
             let _ = self.audit.append(
                 Record::new("connect.refused")
                     .field("decision", "deny")
@@ -141,13 +144,23 @@ impl Proxy {
             return;
         };
         let id = new_session_id();
-        let span = tracing::info_span!("session", session = %id, pid = origin.pid, cgroup = %origin.cgroup, dst = %origin.dst);
+        let span = tracing::info_span!("session", session = %id, pid = origin.pid, cgroup = %origin.cgroup, dst = %origin.dst, identity = tracing::field::Empty, target = tracing::field::Empty);
         self.clone().session(id, origin, client).instrument(span).await;
         drop(permit);
     }
 
     fn record_refusal(&self, origin: &ConnOrigin, refusal: &Refusal, hello: Option<&Hello>) {
+        let span = tracing::Span::current();
+        if let Some(i) = &refusal.identity {
+            span.record("identity", i.name.as_str());
+        }
+        if let Some(t) = &refusal.target {
+            span.record("target", t.as_str());
+        }
         tracing::info!(code = %refusal.code, reason = %refusal.reason, "session refused");
+        let kind =
+            if refusal.code == RefusalCode::Protocol { RefusalKind::Protocol } else { RefusalKind::Gate };
+        self.metrics.refused(kind, refusal.code.as_str());
         let mut rec = origin_fields(Record::new("session.refused"), origin)
             .field("target", &refusal.target)
             .field("identity", refusal.identity.as_deref())
@@ -171,6 +184,7 @@ impl Proxy {
                 return crate::protocol::tcp::reset(client);
             }
         };
+        tracing::Span::current().record("target", target.name.as_str());
         // 3. The hello, under a deadline.
         let hello = tokio::select! {
             () = self.shutdown.cancelled() => return,
@@ -208,6 +222,9 @@ impl Proxy {
                 return self.record_refusal(&origin, &refusal, Some(&hello));
             }
         };
+        if let Some(i) = &admission.identity {
+            tracing::Span::current().record("identity", i.name.as_str());
+        }
         // 5. The record before the first byte: the upstream handshake (no payload) runs while session.start is
         // made durable; if the record cannot be, the session does not proceed and the upstream connection
         // is dropped unused.
@@ -229,6 +246,7 @@ impl Proxy {
             tokio::join!(self.audit.append_durable(start), greeting.connect(origin.dst, &admission.terms));
         if let Err(e) = recorded {
             tracing::error!(error = %e, "session.start could not be recorded; refusing");
+            self.metrics.refused(RefusalKind::Gate, RefusalCode::Unavailable.as_str());
             return greeting
                 .refuse(&Refusal::new(RefusalCode::Unavailable, "the audit record cannot be written"))
                 .await;
@@ -250,6 +268,7 @@ impl Proxy {
             counters: counters.clone(),
             cut: cut.clone(),
         });
+        self.metrics.session_started(&target.name, target.protocol().as_str());
         let end = if let Err(end) = connected {
             end
         } else {
@@ -284,6 +303,14 @@ impl Proxy {
             rec = rec.field("detail", detail);
         }
         tracing::info!(reason = end.as_str(), "session ended");
+        self.metrics.session_ended(
+            &target.name,
+            target.protocol().as_str(),
+            end.as_str(),
+            started.elapsed(),
+            counters.up.load(Ordering::Relaxed),
+            counters.down.load(Ordering::Relaxed),
+        );
         if let Err(e) = self.audit.append(rec) {
             tracing::error!(error = %e, "could not record session.end");
         }
