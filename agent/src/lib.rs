@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod exec;
 pub mod grants;
 pub mod identity;
 pub mod origin;

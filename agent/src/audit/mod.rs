@@ -61,8 +61,7 @@
 //! `warden audit export --mark` raises it to the last record it wrote. With `retain_until_exported`,
 //! retention deletes only files whose every record is at or below the mark.
 
-pub mod cli;
-mod files;
+pub mod files;
 pub mod format;
 pub mod serve;
 pub mod sign;
