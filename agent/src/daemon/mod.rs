@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -31,11 +31,6 @@ pub use targets::Targets;
 
 /// Sessions beyond this are refused (and recorded) rather than queued.
 const MAX_SESSIONS: usize = 16_384;
-
-/// RFC 3339 UTC with nanoseconds, as in the audit record.
-pub fn rfc3339(t: SystemTime) -> String {
-    crate::audit::format_ts(time::OffsetDateTime::from(t))
-}
 
 /// The daemon's shared state.
 pub struct State {
@@ -118,14 +113,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         anyhow::anyhow!("{}", d.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))
     })?);
     let identities = crate::identity::Identities::new(&identity_configs(&config), audit.clone())?;
-    let duration = |d: &toml::Spanned<String>| crate::policy::parse_duration(d.get_ref()).unwrap_or_default();
     let grants = crate::grants::Grants::open_with(
         &config.agent.state_dir,
         audit.clone(),
         Arc::new(crate::grants::SystemClock),
         crate::grants::GrantsOptions {
-            approval_wait: duration(&config.grants.approval_wait),
-            pending_max: duration(&config.grants.pending_max),
+            approval_wait: config.grants.approval_wait.0,
+            pending_max: config.grants.pending_max.0,
         },
     )?;
     let bindings = Bindings::open(&config.agent.state_dir)?;

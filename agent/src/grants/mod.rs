@@ -47,7 +47,8 @@ pub use view::{GrantView, table};
 
 use crate::audit::{Audit, AuditError, Record};
 use crate::policy::{Access, Approval, Decision, Policy, Subject, Terms};
-use store::{StoredGrant, StoredSpent, parse_rfc3339, rfc3339};
+use crate::timestamp;
+use store::{StoredGrant, StoredSpent};
 
 /// How long timers sleep at most before looking at the wall clock again (it may jump).
 const MAX_NAP: Duration = Duration::from_secs(1);
@@ -292,7 +293,7 @@ impl Grants {
         let now = clock.now();
         let mut state = State::default();
         for s in stored.spent {
-            let ended_at = parse_rfc3339(&s.ended_at).unwrap_or(now);
+            let ended_at = timestamp::parse(&s.ended_at).unwrap_or(now);
             let task = Task { identity: s.identity, cgroup: s.cgroup, target: s.target };
             state.spent.insert(task, Spent { grant: s.grant, how: s.how, ended_at });
         }
@@ -348,7 +349,7 @@ impl Grants {
                     id: spent.grant.clone(),
                     target: key.target.clone(),
                     how: spent.how.clone(),
-                    at: rfc3339(spent.ended_at),
+                    at: timestamp::format_system(spent.ended_at),
                 });
             } else {
                 let pending = terms.approval == Approval::Required;
@@ -420,7 +421,7 @@ impl Grants {
                     .map(|(t, _)| t.target.clone())
                     .unwrap_or_default(),
                 how: s.how.clone(),
-                at: rfc3339(s.ended_at),
+                at: timestamp::format_system(s.ended_at),
             },
             None => GrantRefusal::Lapsed {
                 id: id.to_owned(),
@@ -490,7 +491,7 @@ impl Grants {
                 .field("cgroup", &g.key.cgroup)
                 .field("target", &g.key.target)
                 .field("access", g.key.access.as_str())
-                .field("expires_at", rfc3339(expires_at));
+                .field("expires_at", timestamp::format_system(expires_at));
             let v = view(g, now);
             if let Err(e) = inner.persist(&state) {
                 if let Some(g) = state.grants.get_mut(id) {
@@ -642,7 +643,7 @@ impl Inner {
                 target: t.target.clone(),
                 grant: s.grant.clone(),
                 how: s.how.clone(),
-                ended_at: rfc3339(s.ended_at),
+                ended_at: timestamp::format_system(s.ended_at),
             })
             .collect();
         store::write(&self.path, &store::Stored::new(grants, spent))
@@ -809,8 +810,8 @@ fn view(g: &Grant, now: SystemTime) -> GrantView {
         commands: g.commands.clone(),
         approval: g.approval.as_str().to_owned(),
         issued_by: g.issued_by.clone(),
-        requested_at: rfc3339(g.requested_at),
-        expires_at: g.expires_at.map(rfc3339),
+        requested_at: timestamp::format_system(g.requested_at),
+        expires_at: g.expires_at.map(timestamp::format_system),
         remaining_secs: g.expires_at.map(|at| at.duration_since(now).unwrap_or_default().as_secs()),
         sessions: g.sessions.load(Ordering::Relaxed),
     }
@@ -830,8 +831,8 @@ fn stored(g: &Grant) -> StoredGrant {
         commands: g.commands.clone(),
         approval: g.approval.as_str().to_owned(),
         issued_by: g.issued_by.clone(),
-        requested_at: rfc3339(g.requested_at),
-        expires_at: g.expires_at.map(rfc3339),
+        requested_at: timestamp::format_system(g.requested_at),
+        expires_at: g.expires_at.map(timestamp::format_system),
     }
 }
 
@@ -841,11 +842,11 @@ fn restore(s: StoredGrant, now: SystemTime) -> Option<Grant> {
         tracing::warn!(grant = %s.id, access = %s.access, "dropping a stored grant with an unknown access");
         return None;
     };
-    let requested_at = parse_rfc3339(&s.requested_at)?;
+    let requested_at = timestamp::parse(&s.requested_at)?;
     let ttl = Duration::from_secs(s.ttl_secs);
     let expires_at = match &s.expires_at {
         None => None,
-        Some(t) => Some(parse_rfc3339(t)?.min(now + ttl)),
+        Some(t) => Some(timestamp::parse(t)?.min(now + ttl)),
     };
     let phase = expires_at.map_or(Phase::Pending, |expires_at| Phase::Active { expires_at });
     Some(Grant {
@@ -883,7 +884,7 @@ fn issued_record(g: &Grant) -> Record {
         .field("ttl_secs", g.ttl.as_secs())
         .field("approval", g.approval.as_str())
         .field("issued_by", &g.issued_by)
-        .field("expires_at", g.expires_at.map(rfc3339))
+        .field("expires_at", g.expires_at.map(timestamp::format_system))
 }
 
 fn expired_record(g: &Grant, reason: &str) -> Record {
@@ -896,7 +897,7 @@ fn expired_record(g: &Grant, reason: &str) -> Record {
         .field("target", &g.key.target)
         .field("access", g.key.access.as_str())
         .field("rule", &g.rule)
-        .field("expires_at", g.expires_at.map(rfc3339))
+        .field("expires_at", g.expires_at.map(timestamp::format_system))
         .field("sessions", g.sessions.load(Ordering::Relaxed))
 }
 

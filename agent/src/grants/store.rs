@@ -4,7 +4,6 @@
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
@@ -54,17 +53,6 @@ pub struct StoredSpent {
     pub how: String,
     /// RFC 3339.
     pub ended_at: String,
-}
-
-/// RFC 3339 in UTC, as the audit record writes times.
-pub fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| String::from("1970-01-01T00:00:00Z"))
-}
-
-pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok().map(SystemTime::from)
 }
 
 pub fn path(state_dir: &Path) -> PathBuf {
