@@ -85,7 +85,7 @@ pub fn effective_config(c: &Config) -> Value {
             "serve": { "listen": c.audit.serve.listen, "key_file": c.audit.serve.key_file.display().to_string() },
         },
         "metrics": { "listen": c.metrics.listen },
-        "grants": { "approval_wait": c.grants.approval_wait.get_ref(), "pending_max": c.grants.pending_max.get_ref() },
+        "grants": { "approval_wait": format!("{}s", c.grants.approval_wait.0.as_secs()), "pending_max": format!("{}s", c.grants.pending_max.0.as_secs()) },
     })
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use warden_common::event;
 
-use super::{State, rfc3339};
+use super::State;
 use crate::audit::Record;
 use crate::bpf;
 
@@ -181,7 +181,7 @@ impl State {
         rec = rec
             .field("decision", "deny")
             .field("reason", reason)
-            .field("at", rfc3339(crate::origin::monotonic_to_wall(ev.ktime_ns)));
+            .field("at", crate::timestamp::format_system(crate::origin::monotonic_to_wall(ev.ktime_ns)));
         if let Err(e) = self.audit.append(rec) {
             tracing::debug!(error = %e, "could not record a kernel refusal");
             return false;

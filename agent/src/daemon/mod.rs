@@ -13,9 +13,9 @@ mod targets;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{Audit, Record};
 use crate::bpf::{self, Kernel};
-use crate::cli::{EXIT_FAILED, EXIT_INTERNAL, EXIT_INVALID, EXIT_NOPERM, fail};
 use crate::config::{AllowEntry, Config};
 
 use crate::policy::{self, Policy};
@@ -33,96 +32,6 @@ pub use targets::Targets;
 
 /// Sessions beyond this are refused (and recorded) rather than queued.
 const MAX_SESSIONS: usize = 16_384;
-
-/// RFC 3339 UTC with nanoseconds, as in the audit record.
-pub fn rfc3339(t: SystemTime) -> String {
-    crate::audit::format_ts(time::OffsetDateTime::from(t))
-}
-
-pub fn check_cli(config: &Path) -> u8 {
-    let config = match Config::load(config) {
-        Ok(c) => c,
-        Err(e) => return fail(EXIT_INVALID, &e),
-    };
-    let files = match config.policy_files() {
-        Ok(f) => f,
-        Err(e) => return fail(EXIT_INVALID, &format!("{}: {e}", config.agent.policies.display())),
-    };
-    match policy::load(&files) {
-        Ok(p) => {
-            println!(
-                "{}: ok ({} policy files, {} targets, {} rules)",
-                config.path.display(),
-                files.len(),
-                p.targets().count(),
-                p.rules().len()
-            );
-            0
-        }
-        Err(diags) => {
-            for d in &diags {
-                eprintln!("{d}");
-            }
-            EXIT_INVALID
-        }
-    }
-}
-
-/// `warden uninstall`: stops a running daemon, releases the proxy's reserved ports, then detaches and unpins
-/// every kernel program and map: the one command that lifts enforcement.
-pub fn uninstall_cli(config: &Path) -> u8 {
-    let config = match Config::load(config) {
-        Ok(c) => c,
-        Err(e) => return crate::cli::fail(crate::cli::EXIT_INVALID, &e),
-    };
-    // A running daemon would keep enforcing through the descriptors it holds: stop it first.
-    crate::control::stop_daemon(&config.agent.control_socket);
-    let ports: Vec<u16> = config.proxy_listen().iter().map(SocketAddr::port).collect();
-    if let Err(e) = reserved_ports::release(&ports) {
-        eprintln!("warden: could not release the proxy's reserved ports in {}: {e}", reserved_ports::PATH);
-    }
-    match bpf::uninstall(&config.agent.bpffs_dir) {
-        Ok(removed) => {
-            println!(
-                "warden: removed {} pinned links and maps under {}",
-                removed.len(),
-                config.agent.bpffs_dir.display()
-            );
-            0
-        }
-        Err(e) => crate::cli::fail(crate::cli::EXIT_FAILED, &e),
-    }
-}
-
-pub fn run_cli(config_path: &Path) -> u8 {
-    let config = match Config::load(config_path) {
-        Ok(c) => c,
-        Err(e) => return fail(EXIT_INVALID, &e),
-    };
-    crate::logging::init(config.agent.log_format);
-    // Every policy error before anything is bound or attached.
-    match config.policy_files().map(|f| policy::load(&f)) {
-        Ok(Ok(_)) => {}
-        Ok(Err(diags)) => {
-            for d in &diags {
-                eprintln!("{d}");
-            }
-            return EXIT_INVALID;
-        }
-        Err(e) => return fail(EXIT_INVALID, &format!("{}: {e}", config.agent.policies.display())),
-    }
-    if !nix::unistd::geteuid().is_root() {
-        return fail(EXIT_NOPERM, &"warden run must run as root (it attaches kernel programs)");
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => return fail(EXIT_INTERNAL, &e),
-    };
-    match runtime.block_on(run(config)) {
-        Ok(()) => 0,
-        Err(e) => fail(EXIT_FAILED, &format!("{e:#}")),
-    }
-}
 
 /// The daemon's shared state.
 pub struct State {
@@ -213,14 +122,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .audit(audit.clone())
         .metrics(metrics.clone())
         .build()?;
-    let duration = |d: &toml::Spanned<String>| crate::policy::parse_duration(d.get_ref()).unwrap_or_default();
     let grants = crate::grants::Grants::open_with(
         &config.agent.state_dir,
         audit.clone(),
         Arc::new(crate::grants::SystemClock),
         crate::grants::GrantsOptions {
-            approval_wait: duration(&config.grants.approval_wait),
-            pending_max: duration(&config.grants.pending_max),
+            approval_wait: config.grants.approval_wait.0,
+            pending_max: config.grants.pending_max.0,
             metrics: metrics.clone(),
         },
     )?;

@@ -8,9 +8,10 @@ use std::fmt::Write as _;
 use serde_json::{Value, json};
 use warden_common::names;
 
-use super::{State, rfc3339};
+use super::State;
 use crate::bpf;
 use crate::metrics::Metrics;
+use crate::timestamp::format_system as rfc3339;
 
 /// The status document.
 pub fn status(state: &State) -> Value {

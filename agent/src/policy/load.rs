@@ -29,38 +29,6 @@ pub fn load(files: &[PathBuf]) -> Result<Policy, Vec<Diagnostic>> {
     loader.finish(files)
 }
 
-/// Parses a TTL such as `90s`, `15m`, `2h` or `1h30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let hint = "write a number and a unit: s, m or h (e.g. 90s, 15m, 2h)";
-    let mut total: u64 = 0;
-    let mut digits = String::new();
-    for c in s.trim().chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            _ => return Err(format!("`{s}` is not a duration; {hint}")),
-        };
-        let n: u64 = digits.parse().map_err(|_| format!("`{s}` is not a duration; {hint}"))?;
-        total = n
-            .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(|| format!("`{s}` is too long"))?;
-        digits.clear();
-    }
-    if !digits.is_empty() || s.trim().is_empty() {
-        return Err(format!("`{s}` is not a duration; {hint}"));
-    }
-    if total == 0 {
-        return Err(format!("`{s}` is zero; a grant needs a positive ttl"));
-    }
-    Ok(Duration::from_secs(total))
-}
-
 /// A located problem, before it knows its file.
 type Found = (Pos, String);
 
@@ -232,7 +200,8 @@ impl Loader {
                 .and_then(|n| f.string(n, "access").map(|s| (s, n.pos)));
             let ttl = f.required(&fields, "ttl", item.pos, "grant entry").and_then(|n| {
                 let s = f.string(n, "ttl")?;
-                parse_duration(&s)
+                crate::duration::parse(&s)
+                    .map_err(|e| e.to_string())
                     .and_then(|d| {
                         if d > MAX_TTL {
                             Err(format!("ttl `{s}` is longer than 24h; grants are meant to be short"))
@@ -593,17 +562,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
-        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        for bad in ["", "15", "m", "15 minutes", "1.5h", "0s", "-3m", "1d"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn addresses() {

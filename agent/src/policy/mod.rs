@@ -30,7 +30,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use load::{load, parse_duration};
+pub use load::load;
 pub use store::Store;
 
 /// What a policy protects, as the daemon and the protocol handlers need it: where it is, and what kind of

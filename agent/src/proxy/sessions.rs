@@ -97,7 +97,7 @@ impl Sessions {
                 target: s.target.clone(),
                 dst: s.dst.to_string(),
                 grant: s.grant.clone(),
-                started: crate::daemon::rfc3339(s.started),
+                started: crate::timestamp::format_system(s.started),
                 bytes_up: s.counters.up.load(Ordering::Relaxed),
                 bytes_down: s.counters.down.load(Ordering::Relaxed),
                 cgroup: s.cgroup.clone(),
