@@ -33,6 +33,13 @@ fi
 # The postgresql package starts a cluster via systemd where there is one; the tests run their own.
 # The OpenID provider the identity tests run (npm oidc-provider, pinned by tests/idp/package-lock.json).
 (cd "$(dirname "$0")/../tests/idp" && npm ci --no-audit --no-fund)
+# An S3-compatible server with Object Lock for the audit-shipping tests (moto in server mode, on loopback).
+MOTO_VERSION="5.2.1"
+if ! python3 -m pip show moto 2>/dev/null | grep -q "^Version: ${MOTO_VERSION}$" || ! command -v moto_server >/dev/null 2>&1; then
+  command -v pip3 >/dev/null 2>&1 || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q --no-install-recommends python3-pip; }
+  log "installing moto[server] ${MOTO_VERSION}"
+  python3 -m pip install -q "moto[server]==${MOTO_VERSION}" || python3 -m pip install -q --break-system-packages "moto[server]==${MOTO_VERSION}"
+fi
 
 # The pinned nightly with rust-src, for the eBPF programs.
 NIGHTLY_COMMIT="e50aa6fba"   # the commit nightly-2026-05-20 names (rustc 1.97.0-nightly, LLVM 22)

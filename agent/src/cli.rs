@@ -166,6 +166,9 @@ pub enum AuditAction {
         pubkey: Option<PathBuf>,
         #[command(flatten)]
         config: ConfigArg,
+        /// With --s3: verify the chain in the bucket (and, with --dir, compare the local files with it).
+        #[command(flatten)]
+        s3: crate::audit::ship::S3Args,
     },
     /// Stream records for auditors.
     Export {
@@ -184,6 +187,9 @@ pub enum AuditAction {
         dir: Option<PathBuf>,
         #[command(flatten)]
         config: ConfigArg,
+        /// With --s3: stream the records from the bucket instead.
+        #[command(flatten)]
+        s3: crate::audit::ship::S3Args,
     },
     /// A readable account of one session.
     Show {

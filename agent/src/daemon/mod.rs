@@ -186,7 +186,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let writer_stop = CancellationToken::new();
-    let (audit, writer) = Audit::start(&config.audit, &config.agent.state_dir, host, writer_stop.clone())?;
+    let (audit, writer) =
+        Audit::start(&config.audit, &config.agent.state_dir, host.clone(), writer_stop.clone())?;
+    let _shipper = crate::audit::ship::spawn(
+        &config.audit.ship,
+        &audit,
+        &config.agent.state_dir,
+        &host,
+        shutdown.clone(),
+    )
+    .await?;
 
     let kernel = Arc::new(bpf::install(&bpf::Settings {
         bpffs_dir: config.agent.bpffs_dir.clone(),
