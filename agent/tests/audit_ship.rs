@@ -165,11 +165,16 @@ const PREFIX: &str = "hosts/test-host/";
 
 impl Host {
     fn start(root: tempfile::TempDir, max_file_bytes: u64) -> Self {
+        Self::start_with(root, max_file_bytes, |_| {})
+    }
+
+    fn start_with(root: tempfile::TempDir, max_file_bytes: u64, f: impl FnOnce(&mut AuditOptions)) -> Self {
         let mut opts = AuditOptions::in_dir(root.path());
         opts.config.max_file_bytes = max_file_bytes;
         opts.config.checkpoint_records = 100;
         opts.config.retain_days = 0;
         opts.config.ship.bucket = toml::Spanned::new(0..0, "on".into());
+        f(&mut opts);
         let stop_writer = CancellationToken::new();
         let (audit, writer) = Audit::start_with(&opts, stop_writer.clone()).unwrap();
         Self { root, audit, writer: Some(writer), stop_writer, shipper: None, stats: Arc::default() }
@@ -563,4 +568,237 @@ async fn a_missing_segment_or_lock_fails_verify() {
     // No published key and none given.
     let (report, _) = verify_bucket(&store, &loc(&store), None, None).await.unwrap();
     assert!(report.problem.unwrap().what.contains("--pubkey"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warden_audit_verify_and_export_read_the_bucket() {
+    let root = tempfile::tempdir().unwrap();
+    let creds = credentials(root.path());
+    let store = bucket(&creds).await;
+    let mut host = Host::start(root, 0);
+    host.ship(&store, Duration::from_secs(3600));
+    host.sessions(0, 20).await;
+    host.seal_and_wait().await;
+    let dir = host.dir();
+    let root = host.stop().await;
+    let url = format!("s3://{}/{}", store.bucket(), PREFIX.trim_end_matches('/'));
+    let endpoint = format!("http://127.0.0.1:{}", moto());
+    let warden = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_warden"))
+            .args(["audit"])
+            .args(args)
+            .args(["--endpoint", &endpoint, "--path-style", "--credentials"])
+            .arg(&creds)
+            .env("WARDEN_CONFIG", root.path().join("no-such.toml"))
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = warden(&["verify", "--s3", &url]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("intact in s3://"), "{out}");
+    assert!(out.contains("Object Lock COMPLIANCE"), "{out}");
+
+    let (code, out, err) = warden(&["export", "--s3", &url, "--since", "5", "--until", "9"]);
+    assert_eq!(code, Some(0), "{err}");
+    let seqs: Vec<u64> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![5, 6, 7, 8, 9]);
+
+    // A local file changed after shipping: the comparison fails and names it.
+    let first = dir.join("audit-00000000000000000000.jsonl");
+    let text = std::fs::read_to_string(&first).unwrap();
+    std::fs::write(&first, text.replacen("orders-db", "orders-dX", 1)).unwrap();
+    let (code, out, _) = warden(&["verify", "--s3", &url, "--dir", dir.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("TAMPERED") && out.contains("audit-00000000000000000000.jsonl"), "{out}");
+}
+
+/// haproxy terminating TLS in front of moto, with a certificate from a CA made here.
+struct TlsFront {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+    (params.self_signed(&key).unwrap(), key)
+}
+
+fn tls_front(dir: &Path, ca: &(rcgen::Certificate, rcgen::KeyPair)) -> TlsFront {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    let cert = params.signed_by(&key, &ca.0, &ca.1).unwrap();
+    let pem = dir.join("front.pem");
+    std::fs::write(&pem, format!("{}{}", cert.pem(), key.serialize_pem())).unwrap();
+    let port = free_port();
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 100\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend s3\n  bind 127.0.0.1:{port} ssl crt {}\n  default_backend moto\n\
+             backend moto\n  server moto 127.0.0.1:{}\n",
+            pem.display(),
+            moto()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("haproxy (scripts/setup.sh installs it)");
+    let front = TlsFront { child, port };
+    let end = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < end, "haproxy did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    front
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_endpoints_are_trusted_through_the_ca_file_only() {
+    let root = tempfile::tempdir().unwrap();
+    let creds = credentials(root.path());
+    let ours = ca("storage CA");
+    let front = tls_front(root.path(), &ours);
+    let ca_file = root.path().join("ca.pem");
+    std::fs::write(&ca_file, ours.0.pem()).unwrap();
+    let other_file = root.path().join("other.pem");
+    std::fs::write(&other_file, ca("someone else").0.pem()).unwrap();
+    let conn = |ca: Option<&Path>| Connection {
+        endpoint: Some(format!("https://127.0.0.1:{}", front.port)),
+        ca_file: ca.map(Path::to_path_buf),
+        ..connection(0, &creds)
+    };
+    let name = format!("audit-tls-{}", std::process::id());
+    let store = Store::connect(&conn(Some(&ca_file)), &name).await.unwrap();
+    store.create_locked_bucket().await.unwrap();
+    let body = b"over tls\n".to_vec();
+    let until = OffsetDateTime::now_utc() + Duration::from_secs(3600);
+    assert!(matches!(
+        store.put_locked("k", body.clone(), &Checksums::of(&body), until, &[]).await.unwrap(),
+        Put::Created { .. }
+    ));
+    assert_eq!(store.get("k", None).await.unwrap().0, body);
+
+    for ca in [Some(other_file.as_path()), None] {
+        let store = Store::connect(&conn(ca), &name).await.unwrap();
+        let err = store.head("k", None).await.unwrap_err().to_string();
+        assert!(err.to_lowercase().contains("certificate"), "{ca:?}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_host_does_not_ship_its_own_bookkeeping() {
+    let root = tempfile::tempdir().unwrap();
+    let creds = credentials(root.path());
+    let store = bucket(&creds).await;
+    let mut host = Host::start(root, 0);
+    host.ship(&store, Duration::from_secs(3600));
+    host.sessions(0, 10).await;
+    host.seal_and_wait().await;
+    // The key's publication record may have landed after that seal; ship it too.
+    if host.audit.seal().await.unwrap() {
+        let want = host.last_sealed().unwrap();
+        wait_until("the second seal to ship", Duration::from_secs(60), || {
+            read_shipped(&host.dir()).unwrap().is_some_and(|m| m >= want)
+        })
+        .await;
+    }
+    // Only audit.shipped records and checkpoints are new now: nothing to seal, nothing to put.
+    let requests = host.stats.requests.load(Ordering::Relaxed);
+    for _ in 0..3 {
+        assert!(!host.audit.seal().await.unwrap(), "sealed a file of bookkeeping only");
+    }
+    assert_eq!(host.stats.requests.load(Ordering::Relaxed), requests);
+    let _root = host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_never_deletes_an_unshipped_file() {
+    let root = tempfile::tempdir().unwrap();
+    let creds = credentials(root.path());
+    let store = bucket(&creds).await;
+    // A wall clock the test moves two days past the files' mtimes, so retention (1 day) finds them due.
+    let ahead = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let ahead2 = ahead.clone();
+    let mut host = Host::start_with(root, 0, move |o| {
+        o.config.retain_days = 1;
+        o.clock = Arc::new(move || {
+            OffsetDateTime::now_utc() + time::Duration::seconds(ahead2.load(Ordering::SeqCst))
+        });
+    });
+    for round in 0..3 {
+        host.sessions(round * 10, 10).await;
+        assert!(host.audit.seal().await.unwrap());
+    }
+    let jsonl = |dir: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| Path::new(n).extension().is_some_and(|x| x == "jsonl"))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = jsonl(&host.dir());
+    ahead.store(2 * 86_400, Ordering::SeqCst);
+    host.sessions(100, 1).await;
+    assert!(host.audit.seal().await.unwrap(), "a rotation, which runs retention");
+    let kept = jsonl(&host.dir());
+    assert!(
+        before.iter().all(|f| kept.contains(f)),
+        "retention deleted an unshipped file: {before:?} -> {kept:?}"
+    );
+    assert!(records(&host.dir(), "retention.deleted").is_empty());
+
+    // Once shipped, the next rotation deletes them (shipped counts as exported).
+    host.ship(&store, Duration::from_secs(3600));
+    let want = host.last_sealed().unwrap();
+    wait_until("the backlog to ship", Duration::from_secs(60), || {
+        read_shipped(&host.dir()).unwrap().is_some_and(|m| m >= want)
+    })
+    .await;
+    host.sessions(200, 1).await;
+    assert!(host.audit.seal().await.unwrap());
+    let deleted = records(&host.dir(), "retention.deleted");
+    assert!(!deleted.is_empty());
+    assert!(
+        deleted
+            .iter()
+            .all(|d| d["through_seq"].as_u64().unwrap() <= read_shipped(&host.dir()).unwrap().unwrap())
+    );
+    host.sessions(300, 1).await;
+    let shipped = host.seal_and_wait().await;
+    let dir = host.dir();
+    let _root = host.stop().await;
+    // Deleted locally, still whole in the bucket; compare mode agrees with what is left.
+    let (report, _) = verify_bucket(&store, &loc(&store), None, Some(&dir)).await.unwrap();
+    assert_intact(&report);
+    assert_eq!(report.first_seq, Some(0));
+    assert!(report.last_seq.unwrap() >= shipped);
 }

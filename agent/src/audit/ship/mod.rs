@@ -139,7 +139,12 @@ pub async fn run(opts: ShipOptions, audit: Audit, shutdown: CancellationToken) {
     let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
         if retry_at.is_none_or(|t| t <= tokio::time::Instant::now()) {
-            match shipper.ship_pending().await {
+            // Cancelling mid-upload is safe: the next start finds the key and checks its bytes.
+            let outcome = tokio::select! {
+                () = shutdown.cancelled() => break,
+                r = shipper.ship_pending() => r,
+            };
+            match outcome {
                 Ok(()) => {
                     backoff = BACKOFF_MIN;
                     retry_at = None;
