@@ -423,6 +423,10 @@ async fn a_crash_between_upload_and_record_does_not_ship_a_second_object() {
     let _root = host.stop().await;
     let versions: Vec<_> = store.versions(&key).await.unwrap();
     assert_eq!(versions.len(), 1, "{versions:?}");
+    // The storage keeps the SHA-256 the upload carried, and the COMPLIANCE lock.
+    let head = store.head(&key, None).await.unwrap().unwrap();
+    assert_eq!(head.sha256_b64, Some(sums.sha256_b64()));
+    assert_eq!(head.lock_mode.as_deref(), Some("COMPLIANCE"));
     let shipped = records(&dir, "audit.shipped");
     assert_eq!(shipped.iter().filter(|r| r["segment"] == name).count(), 1);
     assert_eq!(shipped[0]["sha256"], sums.sha256_hex());
@@ -564,6 +568,19 @@ async fn a_missing_segment_or_lock_fails_verify() {
     let (report, _) = verify_bucket(&store, &loc(&store), Some(pubkey), None).await.unwrap();
     let problem = report.problem.expect("an expired lock must fail");
     assert!(problem.what.contains("retention ended"), "{problem}");
+
+    // A tail signed by nobody (what someone with only bucket access could append): refused.
+    let store = bucket(&creds).await;
+    put(store.clone(), files[0].clone(), true).await;
+    let second = std::fs::read_to_string(&files[1]).unwrap();
+    let lines: Vec<&str> = second.lines().collect();
+    assert!(lines.last().unwrap().contains("\"event\":\"checkpoint\""));
+    let unsigned = format!("{}\n", lines[..lines.len() - 1].join("\n")).into_bytes();
+    let key = segment_key(PREFIX, files[1].file_name().unwrap().to_str().unwrap());
+    store.put_locked(&key, unsigned.clone(), &Checksums::of(&unsigned), until, &[]).await.unwrap();
+    let (report, _) = verify_bucket(&store, &loc(&store), Some(pubkey), None).await.unwrap();
+    let problem = report.problem.expect("an unsigned tail must fail");
+    assert!(problem.what.contains("not covered by a checkpoint signature"), "{problem}");
 
     // No published key and none given.
     let (report, _) = verify_bucket(&store, &loc(&store), None, None).await.unwrap();

@@ -60,6 +60,18 @@
 //! it to `since - 1` when an auditor asks for `since` (asking for more confirms what came before), and
 //! `warden audit export --mark` raises it to the last record it wrote. With `retain_until_exported`,
 //! retention deletes only files whose every record is at or below the mark.
+//!
+//! # Shipping
+//!
+//! With `[audit.ship]` on (see [`ship`] for the bucket's layout), [`Audit::seal`] seals the current file
+//! when it holds anything but checkpoints and `audit.shipped` records; every sealed file then ends in a
+//! checkpoint, a start never appends to a file written before it (it may be in the bucket already), and
+//! retention deletes only files at or below `audit.dir/shipped`, the last seq shipped (shipped counts as
+//! exported, and the export mark alone no longer lets a file go). The shipper records `audit.shipped`
+//! (`segment`, `first_seq`, `last_seq`, `key`, `sha256`, `version_id`, `bytes`, `retain_until`) per
+//! upload, `audit.pubkey_published` (`key`, `pubkey`, `version_id`, `retain_until`) when it first
+//! publishes the host's key, and `audit.ship_conflict` (`key`, `reason`) when the bucket holds other bytes
+//! under a key it would write.
 
 pub mod cli;
 mod files;

@@ -150,7 +150,8 @@ fn check_lock(head: &Head, now: OffsetDateTime) -> Result<OffsetDateTime, String
 
 /// Verifies a host's whole chain from the bucket: every segment present and in order, seq continuous,
 /// hashes, canonical form and checkpoint signatures against the host's published key (or `pubkey`),
-/// each object's checksum and `audit.shipped` record, and Object Lock COMPLIANCE in force on every object.
+/// each object's checksum and `audit.shipped` record, Object Lock COMPLIANCE in force on every object, and
+/// no record after the last checkpoint (only the host's key can have signed what the bucket holds).
 /// With `local`, each local file is also compared with the bucket's copy.
 pub async fn verify_bucket(
     store: &Store,
@@ -302,6 +303,19 @@ pub async fn verify_bucket(
         if let Some(dir) = local {
             compare_local(&mut chain, &mut extra, dir, &name, &bytes);
         }
+    }
+    // Records after the last checkpoint are signed by nobody: anyone able to write to the bucket could
+    // have added them. The shipper ends every segment in a checkpoint, so the bucket's chain never has any.
+    if chain.report().problem.is_none()
+        && chain.report().unsigned_tail > 0
+        && let Some((_, key)) = segments.last()
+    {
+        let what = format!(
+            "the last {} records are not covered by a checkpoint signature (a sealed segment always ends in one): \
+             they may have been added by someone who can write to the bucket",
+            chain.report().unsigned_tail
+        );
+        chain.fail(problem(loc, key, chain.report().last_seq, what));
     }
     if chain.report().problem.is_none() {
         for (seg, sha, seq) in &shipped_records {
