@@ -297,8 +297,9 @@ async fn ships_under_load_and_the_bucket_alone_verifies() {
     for w in 0..8 {
         let audit = host.audit.clone();
         tasks.push(tokio::spawn(async move {
+            let mut last = 0;
             for i in 0..250 {
-                audit
+                last = audit
                     .append_durable(
                         Record::new("pg.query")
                             .field("session", format!("w{w}"))
@@ -308,12 +309,21 @@ async fn ships_under_load_and_the_bucket_alone_verifies() {
                     .await
                     .unwrap();
             }
+            last
         }));
     }
+    let mut written = 0;
     for t in tasks {
-        t.await.unwrap();
+        written = written.max(t.await.unwrap());
     }
-    let shipped = host.seal_and_wait().await;
+    // The last file may have just rotated (then there is nothing left to seal): either way, after this
+    // the file holding the last record is sealed.
+    host.audit.seal().await.unwrap();
+    wait_until("every record written to be shipped", Duration::from_secs(60), || {
+        read_shipped(&host.dir()).unwrap().is_some_and(|m| m >= written)
+    })
+    .await;
+    let shipped = read_shipped(&host.dir()).unwrap().unwrap();
     assert!(shipped >= 2000, "{shipped}");
     let stats = host.stats.clone();
     let dir = host.dir();

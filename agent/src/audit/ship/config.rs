@@ -7,6 +7,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::duration::WrittenDays;
+
 /// `[audit.ship]`; off unless `bucket` is set.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -19,9 +21,9 @@ pub struct ShipConfig {
     pub prefix: Spanned<String>,
     pub region: String,
     /// Object Lock COMPLIANCE retention set on every object, e.g. `400d`.
-    pub retention: Spanned<String>,
+    pub retention: WrittenDays,
     /// Seal and ship at least this often, e.g. `1m`.
-    pub interval: Spanned<String>,
+    pub interval: WrittenDays,
     /// AWS shared-credentials file (profile `default`); absent: the AWS environment variables, then
     /// `~/.aws/credentials`, then instance or container credentials.
     pub credentials_file: Option<PathBuf>,
@@ -39,8 +41,8 @@ impl Default for ShipConfig {
             bucket: Spanned::new(0..0, String::new()),
             prefix: Spanned::new(0..0, "hosts/{host}/".into()),
             region: "us-east-1".into(),
-            retention: Spanned::new(0..0, "400d".into()),
-            interval: Spanned::new(0..0, "1m".into()),
+            retention: WrittenDays(Duration::from_secs(400 * 86_400)),
+            interval: WrittenDays(Duration::from_secs(60)),
             credentials_file: None,
             force_path_style: false,
             ca_file: None,
@@ -53,14 +55,14 @@ impl ShipConfig {
         !self.bucket.get_ref().is_empty()
     }
 
-    /// Object Lock retention (validated by [`ShipConfig::validate`]; a day if unparsable).
+    /// Object Lock retention.
     pub fn retention(&self) -> Duration {
-        parse_span(self.retention.get_ref()).unwrap_or(Duration::from_secs(86_400))
+        self.retention.0
     }
 
     /// The longest a file waits to be sealed and shipped.
     pub fn interval(&self) -> Duration {
-        parse_span(self.interval.get_ref()).unwrap_or(Duration::from_secs(60))
+        self.interval.0
     }
 
     /// This host's key prefix, ending in `/`.
@@ -114,11 +116,6 @@ impl ShipConfig {
                     .into(),
             );
         }
-        for (name, value) in [("retention", &self.retention), ("interval", &self.interval)] {
-            if let Err(msg) = parse_span(value.get_ref()) {
-                err(value.span(), format!("audit.ship.{name}: {msg}"));
-            }
-        }
         if self.region.is_empty() {
             err(
                 0..0,
@@ -142,55 +139,12 @@ pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
     Err(format!("`{endpoint}` must be an https:// URL (plain http only to a loopback address)"))
 }
 
-/// A duration with units s, m, h or d (`400d`, `1m`, `90s`, `1h30m`).
-pub fn parse_span(s: &str) -> Result<Duration, String> {
-    let hint = "write a number and a unit: s, m, h or d (e.g. 90s, 1m, 400d)";
-    let mut total: u64 = 0;
-    let mut digits = String::new();
-    for c in s.trim().chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            _ => return Err(format!("`{s}` is not a duration; {hint}")),
-        };
-        let n: u64 = digits.parse().map_err(|_| format!("`{s}` is not a duration; {hint}"))?;
-        total = n
-            .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(|| format!("`{s}` is too long"))?;
-        digits.clear();
-    }
-    if !digits.is_empty() || s.trim().is_empty() {
-        return Err(format!("`{s}` is not a duration; {hint}"));
-    }
-    if total == 0 {
-        return Err(format!("`{s}` is zero; give a positive duration"));
-    }
-    Ok(Duration::from_secs(total))
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::Path;
 
     use super::*;
     use crate::config::{Config, ConfigError};
-
-    #[test]
-    fn spans_parse_with_days() {
-        assert_eq!(parse_span("400d"), Ok(Duration::from_secs(400 * 86_400)));
-        assert_eq!(parse_span("1m"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_span("1h30m"), Ok(Duration::from_secs(5400)));
-        assert!(parse_span("0s").is_err());
-        assert!(parse_span("10").is_err());
-        assert!(parse_span("1y").is_err());
-    }
 
     #[test]
     fn off_by_default_and_prefix_names_the_host() {
@@ -201,11 +155,20 @@ mod tests {
 
     #[test]
     fn every_ship_error_is_located() {
-        let text = "[audit.ship]\nbucket = \"Bad_Bucket\"\nendpoint = \"http://10.0.0.1:9000\"\nprefix = \"all/\"\nretention = \"400y\"\ninterval = \"0s\"\n";
+        let text =
+            "[audit.ship]\nbucket = \"Bad_Bucket\"\nendpoint = \"http://10.0.0.1:9000\"\nprefix = \"all/\"\n";
         let ConfigError::Invalid(d) = Config::parse(Path::new("w.toml"), text).unwrap_err() else { panic!() };
         let lines: Vec<usize> = d.iter().map(|d| d.line).collect();
-        assert_eq!(lines, vec![2, 3, 4, 5, 6], "{d:?}");
+        assert_eq!(lines, vec![2, 3, 4], "{d:?}");
         assert!(d[1].message.contains("https"), "{d:?}");
+        for (text, line) in [("retention = \"400y\"", 3), ("interval = \"0s\"", 3)] {
+            let text = format!("[audit.ship]\nbucket = \"audit\"\n{text}\n");
+            let ConfigError::Invalid(d) = Config::parse(Path::new("w.toml"), &text).unwrap_err() else {
+                panic!()
+            };
+            assert_eq!(d[0].line, line, "{d:?}");
+            assert!(d[0].message.contains("duration"), "{d:?}");
+        }
     }
 
     #[test]

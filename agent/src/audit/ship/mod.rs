@@ -30,7 +30,6 @@
 //! the shipper records `audit.ship_conflict` once and stops shipping (the chain in the bucket would
 //! otherwise fork); an operator must look.
 
-pub mod cli;
 mod config;
 pub mod remote;
 pub mod s3;
@@ -45,8 +44,8 @@ use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{ShipConfig, check_endpoint, parse_span};
-pub use remote::{Location, S3Args};
+pub use config::{ShipConfig, check_endpoint};
+pub use remote::Location;
 pub use s3::{Connection, Store};
 
 use super::{Audit, AuditError, Record, files, format, sign};
@@ -252,7 +251,7 @@ impl Shipper {
                             .field("key", &key)
                             .field("pubkey", sign::pubkey_hex(&self.o.pubkey))
                             .field("version_id", version_id)
-                            .field("retain_until", super::format_ts(until)),
+                            .field("retain_until", crate::timestamp::format(until)),
                     )
                     .await?;
                 Ok(())
@@ -333,7 +332,7 @@ impl Shipper {
                     .field("sha256", &sha256)
                     .field("version_id", version_id)
                     .field("bytes", len)
-                    .field("retain_until", super::format_ts(retain_until)),
+                    .field("retain_until", crate::timestamp::format(retain_until)),
             )
             .await?;
         files::mark_shipped(&self.o.audit_dir, last_seq)?;

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::VerifyingKey;
 use time::OffsetDateTime;
 
-use super::s3::{Connection, Head, Store, Version};
-use super::{ShipConfig, ShipError, pubkey_key, s3::Checksums};
+use super::s3::{Head, Store, Version};
+use super::{ShipError, pubkey_key, s3::Checksums};
 use crate::audit::files::{self, Bound, Flow};
 use crate::audit::format;
 use crate::audit::sign;
@@ -42,49 +42,6 @@ impl std::str::FromStr for Location {
 impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "s3://{}/{}", self.bucket, self.prefix)
-    }
-}
-
-/// The flags `audit verify` and `audit export` take to read from a bucket.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct S3Args {
-    /// Read the chain from object storage: s3://BUCKET/PREFIX/HOST (e.g. s3://audit/hosts/web-1).
-    #[arg(long, value_name = "URL")]
-    pub s3: Option<String>,
-    /// S3 endpoint URL (MinIO, Ceph); defaults to [audit.ship] endpoint, else AWS.
-    #[arg(long, requires = "s3")]
-    pub endpoint: Option<String>,
-    /// Bucket region; defaults to [audit.ship] region, else AWS_REGION, else us-east-1.
-    #[arg(long, requires = "s3")]
-    pub region: Option<String>,
-    /// Path-style addressing (endpoint/bucket/key), as MinIO and many Ceph setups need.
-    #[arg(long, requires = "s3")]
-    pub path_style: bool,
-    /// PEM CA file for the endpoint's certificate.
-    #[arg(long, requires = "s3", value_name = "FILE")]
-    pub ca_file: Option<PathBuf>,
-    /// AWS shared-credentials file (profile default); else the AWS environment variables and instance
-    /// credentials.
-    #[arg(long, requires = "s3", value_name = "FILE")]
-    pub credentials: Option<PathBuf>,
-}
-
-impl S3Args {
-    /// The connection: the flags, else the config's `[audit.ship]` when there is one.
-    pub fn connection(&self, config: Option<&ShipConfig>) -> Connection {
-        let base = config.filter(|c| c.enabled()).map(ShipConfig::connection).unwrap_or_default();
-        Connection {
-            endpoint: self.endpoint.clone().or(base.endpoint),
-            region: self
-                .region
-                .clone()
-                .or_else(|| Some(base.region).filter(|r| !r.is_empty()))
-                .or_else(|| std::env::var("AWS_REGION").ok())
-                .unwrap_or_else(|| "us-east-1".into()),
-            force_path_style: self.path_style || base.force_path_style,
-            ca_file: self.ca_file.clone().or(base.ca_file),
-            credentials_file: self.credentials.clone().or(base.credentials_file),
-        }
     }
 }
 
@@ -142,7 +99,7 @@ fn check_lock(head: &Head, now: OffsetDateTime) -> Result<OffsetDateTime, String
         Some(t) if t > now => Ok(t),
         Some(t) => Err(format!(
             "Object Lock retention ended at {}: the object can be deleted now",
-            crate::audit::format_ts(t)
+            crate::timestamp::format(t)
         )),
         None => Err("Object Lock has no retain-until date".into()),
     }

@@ -4,12 +4,57 @@
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use super::remote::{self, Location, S3Args};
-use super::{ShipConfig, Store};
+use std::path::PathBuf;
+
+use super::{EXIT_FAILED, EXIT_INTERNAL, EXIT_INVALID, fail};
 use crate::audit::files::Bound;
+use crate::audit::ship::remote::{self, Location};
+use crate::audit::ship::{Connection, ShipConfig, Store};
 use crate::audit::sign;
-use crate::cli::{EXIT_FAILED, EXIT_INTERNAL, EXIT_INVALID, fail};
 use crate::config::Config;
+
+/// The flags `audit verify` and `audit export` take to read from a bucket.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct S3Args {
+    /// Read the chain from object storage: s3://BUCKET/PREFIX/HOST (e.g. s3://audit/hosts/web-1).
+    #[arg(long, value_name = "URL")]
+    pub s3: Option<String>,
+    /// S3 endpoint URL (MinIO, Ceph); defaults to [audit.ship] endpoint, else AWS.
+    #[arg(long, requires = "s3")]
+    pub endpoint: Option<String>,
+    /// Bucket region; defaults to [audit.ship] region, else AWS_REGION, else us-east-1.
+    #[arg(long, requires = "s3")]
+    pub region: Option<String>,
+    /// Path-style addressing (endpoint/bucket/key), as MinIO and many Ceph setups need.
+    #[arg(long, requires = "s3")]
+    pub path_style: bool,
+    /// PEM CA file for the endpoint's certificate.
+    #[arg(long, requires = "s3", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// AWS shared-credentials file (profile default); else the AWS environment variables and instance
+    /// credentials.
+    #[arg(long, requires = "s3", value_name = "FILE")]
+    pub credentials: Option<PathBuf>,
+}
+
+impl S3Args {
+    /// The connection: the flags, else the config's `[audit.ship]` when there is one.
+    pub fn connection(&self, config: Option<&ShipConfig>) -> Connection {
+        let base = config.filter(|c| c.enabled()).map(ShipConfig::connection).unwrap_or_default();
+        Connection {
+            endpoint: self.endpoint.clone().or(base.endpoint),
+            region: self
+                .region
+                .clone()
+                .or_else(|| Some(base.region).filter(|r| !r.is_empty()))
+                .or_else(|| std::env::var("AWS_REGION").ok())
+                .unwrap_or_else(|| "us-east-1".into()),
+            force_path_style: self.path_style || base.force_path_style,
+            ca_file: self.ca_file.clone().or(base.ca_file),
+            credentials_file: self.credentials.clone().or(base.credentials_file),
+        }
+    }
+}
 
 fn runtime() -> Result<tokio::runtime::Runtime, u8> {
     tokio::runtime::Builder::new_current_thread()
@@ -26,7 +71,7 @@ fn open(args: &S3Args, config: &Path, rt: &tokio::runtime::Runtime) -> Result<(L
     let ship: Option<&ShipConfig> = loaded.as_ref().map(|c| &c.audit.ship);
     let conn = args.connection(ship);
     if let Some(endpoint) = &conn.endpoint
-        && let Err(e) = super::check_endpoint(endpoint)
+        && let Err(e) = crate::audit::ship::check_endpoint(endpoint)
     {
         return Err(fail(EXIT_INVALID, &format!("--endpoint: {e}")));
     }
@@ -79,7 +124,7 @@ pub fn verify(args: &S3Args, dir: Option<&Path>, pubkey: Option<&Path>, config: 
     if let Some(t) = bucket.earliest_retain_until {
         println!(
             "locked: every object under Object Lock COMPLIANCE, the earliest until {}",
-            crate::audit::format_ts(t)
+            crate::timestamp::format(t)
         );
     }
     if let Some(dir) = dir {
