@@ -17,7 +17,7 @@ fi
 
 # Debian packages: real peers for the tests (PostgreSQL, OpenSSH, haproxy), tools (iproute2, bpftool).
 PKGS=(postgresql postgresql-client openssh-server openssh-client haproxy iproute2 bpftool
-      ca-certificates curl procps psmisc util-linux)
+      ca-certificates curl procps psmisc util-linux python3-pip)
 # Node.js (for the OpenID provider the tests run) ships with these machines; Debian's is the fallback.
 command -v node >/dev/null 2>&1 || PKGS+=(nodejs npm)
 missing=()
@@ -33,6 +33,14 @@ fi
 # The postgresql package starts a cluster via systemd where there is one; the tests run their own.
 # The OpenID provider the identity tests run (npm oidc-provider, pinned by tests/idp/package-lock.json).
 (cd "$(dirname "$0")/../tests/idp" && npm ci --no-audit --no-fund)
+# An S3-compatible server with Object Lock for the audit-shipping tests (moto in server mode, on loopback).
+MOTO_VERSION="5.2.1"
+if ! python3 -m pip show moto 2>/dev/null | grep -q "^Version: ${MOTO_VERSION}$" || ! command -v moto_server >/dev/null 2>&1; then
+  log "installing moto[server] ${MOTO_VERSION}"
+  # Debian 12's python3 is externally managed: pip needs --break-system-packages there (a pyenv does not).
+  python3 -m pip install -q "moto[server]==${MOTO_VERSION}" \
+    || python3 -m pip install -q --break-system-packages "moto[server]==${MOTO_VERSION}"
+fi
 
 # The pinned nightly with rust-src, for the eBPF programs.
 NIGHTLY_COMMIT="e50aa6fba"   # the commit nightly-2026-05-20 names (rustc 1.97.0-nightly, LLVM 22)

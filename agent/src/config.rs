@@ -187,6 +187,7 @@ pub struct AuditConfig {
     /// Records waiting for the writer before new sessions are refused.
     pub queue: usize,
     pub serve: AuditServeConfig,
+    pub ship: crate::audit::ship::ShipConfig,
 }
 
 impl Default for AuditConfig {
@@ -200,6 +201,7 @@ impl Default for AuditConfig {
             checkpoint_seconds: 60,
             queue: 8192,
             serve: AuditServeConfig::default(),
+            ship: crate::audit::ship::ShipConfig::default(),
         }
     }
 }
@@ -337,6 +339,7 @@ impl Config {
         if !self.audit.serve.listen.is_empty() && self.audit.serve.listen.parse::<SocketAddr>().is_err() {
             err(0..0, format!("audit.serve.listen: `{}` is not an ip:port", self.audit.serve.listen));
         }
+        self.audit.ship.validate(&mut err);
         diags
     }
 

@@ -11,3 +11,4 @@ mod harness;
 mod identity;
 mod observe;
 mod operator;
+mod ship;

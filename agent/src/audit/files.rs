@@ -61,30 +61,53 @@ pub const EXPORTED_FILE: &str = "exported";
 
 /// The highest seq confirmed exported, if any.
 pub fn read_exported(dir: &Path) -> Result<Option<u64>, AuditError> {
-    let path = dir.join(EXPORTED_FILE);
+    read_mark(dir, EXPORTED_FILE)
+}
+
+/// Raises the export mark to `seq` (never lowers it); written atomically.
+pub fn mark_exported(dir: &Path, seq: u64) -> Result<(), AuditError> {
+    write_mark(dir, EXPORTED_FILE, seq)
+}
+
+/// Where the ship mark lives: the last seq of the newest segment shipped to object storage, as decimal
+/// text. Segments are shipped in order, so every record at or below it is in the bucket.
+pub const SHIPPED_FILE: &str = "shipped";
+
+/// The highest seq shipped to object storage, if any.
+pub fn read_shipped(dir: &Path) -> Result<Option<u64>, AuditError> {
+    read_mark(dir, SHIPPED_FILE)
+}
+
+/// Raises the ship mark to `seq` (never lowers it); written atomically.
+pub fn mark_shipped(dir: &Path, seq: u64) -> Result<(), AuditError> {
+    write_mark(dir, SHIPPED_FILE, seq)
+}
+
+fn read_mark(dir: &Path, name: &str) -> Result<Option<u64>, AuditError> {
+    let path = dir.join(name);
     match std::fs::read_to_string(&path) {
         Ok(text) => text.trim().parse().map(Some).map_err(|_| AuditError::Corrupt {
             path,
-            reason: "expected a decimal sequence number; delete the file to forget what was exported".into(),
+            reason: format!("expected a decimal sequence number; delete the file to forget what was {name}"),
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(AuditError::io("read", &path, source)),
     }
 }
 
-/// Raises the export mark to `seq` (never lowers it); written atomically.
-pub fn mark_exported(dir: &Path, seq: u64) -> Result<(), AuditError> {
-    if read_exported(dir)?.is_some_and(|old| old >= seq) {
+fn write_mark(dir: &Path, name: &str, seq: u64) -> Result<(), AuditError> {
+    if read_mark(dir, name)?.is_some_and(|old| old >= seq) {
         return Ok(());
     }
-    let path = dir.join(EXPORTED_FILE);
-    let tmp = dir.join(format!(".{EXPORTED_FILE}.{}", std::process::id()));
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.{}", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f =
             std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
         writeln!(f, "{seq}")?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &path)
+        std::fs::rename(&tmp, &path)?;
+        File::open(dir).and_then(|d| d.sync_all())
     };
     write().map_err(|source| AuditError::io("write", &path, source))
 }
@@ -155,27 +178,48 @@ pub fn export_lines(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(source) => return Err(AuditError::io("open", path, source)),
         };
-        let mut reader = BufReader::with_capacity(256 * 1024, file);
-        let mut line = Vec::with_capacity(512);
-        loop {
-            line.clear();
-            let n =
-                reader.read_until(b'\n', &mut line).map_err(|source| AuditError::io("read", path, source))?;
-            if n == 0 || line.last() != Some(&b'\n') {
-                break;
-            }
-            if since.is_some_and(|b| !line_after(&line, b)) {
-                continue;
-            }
-            if until.is_some_and(|b| !line_before(&line, b)) {
-                if matches!(until, Some(Bound::Seq(_))) {
-                    return Ok(last);
-                }
-                continue;
-            }
-            out(&line).map_err(|source| AuditError::io("write", Path::new("the output"), source))?;
-            last = peek_seq(&line).or(last);
+        let reader = BufReader::with_capacity(256 * 1024, file);
+        match filter_lines(reader, path, since, until, &mut out, &mut last)? {
+            Flow::Continue => {}
+            Flow::Stop => return Ok(last),
         }
     }
     Ok(last)
+}
+
+/// Whether [`filter_lines`] reached the `until` bound (stop) or the end of its input (continue).
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Passes every complete line of `reader` within `since..=until` to `out` and keeps `last` at the seq of the
+/// last line passed. `name` names the input in errors. A trailing line with no newline is left out.
+pub fn filter_lines(
+    mut reader: impl BufRead,
+    name: &Path,
+    since: Option<&Bound>,
+    until: Option<&Bound>,
+    out: &mut impl FnMut(&[u8]) -> std::io::Result<()>,
+    last: &mut Option<u64>,
+) -> Result<Flow, AuditError> {
+    let mut line = Vec::with_capacity(512);
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line).map_err(|source| AuditError::io("read", name, source))?;
+        if n == 0 || line.last() != Some(&b'\n') {
+            return Ok(Flow::Continue);
+        }
+        if since.is_some_and(|b| !line_after(&line, b)) {
+            continue;
+        }
+        if until.is_some_and(|b| !line_before(&line, b)) {
+            if matches!(until, Some(Bound::Seq(_))) {
+                return Ok(Flow::Stop);
+            }
+            continue;
+        }
+        out(&line).map_err(|source| AuditError::io("write", Path::new("the output"), source))?;
+        *last = peek_seq(&line).or(*last);
+    }
 }

@@ -60,10 +60,23 @@
 //! it to `since - 1` when an auditor asks for `since` (asking for more confirms what came before), and
 //! `warden audit export --mark` raises it to the last record it wrote. With `retain_until_exported`,
 //! retention deletes only files whose every record is at or below the mark.
+//!
+//! # Shipping
+//!
+//! With `[audit.ship]` on (see [`ship`] for the bucket's layout), [`Audit::seal`] seals the current file
+//! when it holds anything but checkpoints and `audit.shipped` records; every sealed file then ends in a
+//! checkpoint, a start never appends to a file written before it (it may be in the bucket already), and
+//! retention deletes only files at or below `audit.dir/shipped`, the last seq shipped (shipped counts as
+//! exported, and the export mark alone no longer lets a file go). The shipper records `audit.shipped`
+//! (`segment`, `first_seq`, `last_seq`, `key`, `sha256`, `version_id`, `bytes`, `retain_until`) per
+//! upload, `audit.pubkey_published` (`key`, `pubkey`, `version_id`, `retain_until`) when it first
+//! publishes the host's key, and `audit.ship_conflict` (`key`, `reason`) when the bucket holds other bytes
+//! under a key it would write.
 
 pub mod files;
 pub mod format;
 pub mod serve;
+pub mod ship;
 pub mod sign;
 pub mod verify;
 mod writer;
@@ -81,7 +94,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AuditConfig;
 
-pub use files::{Bound, export_lines, mark_exported, read_exported};
+pub use files::{Bound, export_lines, mark_exported, mark_shipped, read_exported, read_shipped};
 pub use writer::Head;
 
 #[derive(Debug, thiserror::Error)]
@@ -147,12 +160,29 @@ struct Msg {
     ack: Option<oneshot::Sender<Result<u64, AuditError>>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     /// Why appends are refused (writer failed or stopped); `None` while healthy.
     stopped: Mutex<Option<String>>,
     /// Where the chain stands after the last batch.
     head: Mutex<Head>,
+    /// Wakes the writer to seal its current file ([`Audit::seal`]).
+    seal_wake: tokio::sync::Notify,
+    seal_waiters: Mutex<Vec<oneshot::Sender<Result<bool, AuditError>>>>,
+    /// How many files the writer has sealed since it started; the shipper waits on changes.
+    sealed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            stopped: Mutex::default(),
+            head: Mutex::default(),
+            seal_wake: tokio::sync::Notify::new(),
+            seal_waiters: Mutex::default(),
+            sealed: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 /// A handle to the writer; cheap to clone.
@@ -242,6 +272,7 @@ impl Audit {
             checkpoint_records: opts.config.checkpoint_records,
             clock: opts.clock.clone(),
             metrics: opts.metrics.clone(),
+            ship: opts.config.ship.enabled(),
         };
         let (mut w, recovery) = writer::Writer::open(settings, key)?;
         let mut first = vec![
@@ -346,6 +377,43 @@ impl Audit {
     pub fn append(&self, record: Record) -> Result<(), AuditError> {
         self.send(Msg { record, ack: None })
     }
+
+    /// Seals the current file now (after the records queued before this call) when it holds anything
+    /// but checkpoints and `audit.shipped` records, and starts a new one. Returns whether it sealed.
+    pub async fn seal(&self) -> Result<bool, AuditError> {
+        let (ack, done) = oneshot::channel();
+        {
+            // Checked under the waiters' lock: the writer sets `stopped` before it drains the waiters.
+            let mut waiters = self
+                .shared
+                .seal_waiters
+                .lock()
+                .map_err(|_| AuditError::Stopped { reason: "the audit writer has shut down".into() })?;
+            if let Some(reason) = self.stopped_reason() {
+                return Err(AuditError::Stopped { reason });
+            }
+            waiters.push(ack);
+        }
+        self.shared.seal_wake.notify_one();
+        done.await.unwrap_or_else(|_| {
+            Err(AuditError::Stopped {
+                reason: self.stopped_reason().unwrap_or_else(|| "the audit writer has shut down".into()),
+            })
+        })
+    }
+
+    /// Changes each time the writer seals a file (rotation, or [`Audit::seal`]).
+    pub fn sealed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.sealed.subscribe()
+    }
+}
+
+/// Answers every pending [`Audit::seal`] with the reason the writer stopped.
+fn fail_seals(shared: &Shared, reason: &str) {
+    let waiters = shared.seal_waiters.lock().map(|mut g| std::mem::take(&mut *g)).unwrap_or_default();
+    for waiter in waiters {
+        let _ = waiter.send(Err(AuditError::Stopped { reason: reason.to_owned() }));
+    }
 }
 
 fn set_stopped(shared: &Shared, reason: &str) {
@@ -356,20 +424,41 @@ fn set_stopped(shared: &Shared, reason: &str) {
     }
 }
 
-/// Runs one batch on the blocking pool (write + fdatasync), then answers every waiter.
+/// Runs one batch on the blocking pool (write + fdatasync, then a seal when asked), then answers every
+/// waiter.
 async fn commit(
     w: writer::Writer,
     batch: Vec<Msg>,
     force_checkpoint: bool,
     sync: bool,
+    shared: &Shared,
+    seal: bool,
 ) -> (Option<writer::Writer>, Option<String>) {
     let (records, acks): (Vec<Record>, Vec<_>) = batch.into_iter().map(|m| (m.record, m.ack)).unzip();
     let joined = tokio::task::spawn_blocking(move || {
         let mut w = w;
-        let outcome = w.write_batch(records, force_checkpoint, sync);
-        (w, outcome)
+        let mut outcome = w.write_batch(records, force_checkpoint, sync);
+        let mut sealed = Ok(false);
+        if seal && outcome.fatal.is_none() {
+            sealed = w.seal();
+            if let Err(reason) = &sealed {
+                outcome.fatal = Some(reason.clone());
+            }
+        }
+        let count = w.sealed();
+        ((w, count, sealed), outcome)
     })
     .await;
+    let joined = joined.map(|((w, count, sealed), outcome)| {
+        shared.sealed.send_if_modified(|c| std::mem::replace(c, count) != count);
+        if seal {
+            let waiters = shared.seal_waiters.lock().map(|mut g| std::mem::take(&mut *g)).unwrap_or_default();
+            for waiter in waiters {
+                let _ = waiter.send(sealed.clone().map_err(|reason| AuditError::Stopped { reason }));
+            }
+        }
+        (w, outcome)
+    });
     let (w, outcome) = match joined {
         Ok((w, outcome)) => (Some(w), outcome),
         Err(e) => (
@@ -416,6 +505,7 @@ async fn run(
         let mut batch = Vec::new();
         let mut force = false;
         let mut sync_only = false;
+        let mut seal = false;
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
@@ -423,6 +513,7 @@ async fn run(
                 Some(m) => batch.push(m),
                 None => break,
             },
+            () = shared.seal_wake.notified() => seal = true,
             () = async { match sync_by { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                 sync_only = true;
             }
@@ -436,9 +527,9 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let durable = force || sync_only || batch.iter().any(|m| m.ack.is_some());
+        let durable = force || sync_only || seal || batch.iter().any(|m| m.ack.is_some());
         let Some(writer) = w.take() else { break };
-        let (back, fatal) = commit(writer, batch, force, durable).await;
+        let (back, fatal) = commit(writer, batch, force, durable, &shared, seal).await;
         w = back;
         if let (Some(wr), Ok(mut head)) = (&w, shared.head.lock()) {
             *head = wr.head();
@@ -450,6 +541,7 @@ async fn run(
         if let Some(reason) = fatal {
             tracing::error!(%reason, "audit writer failed; refusing new sessions and ending live ones");
             set_stopped(&shared, &reason);
+            fail_seals(&shared, &reason);
             failed.cancel();
             rx.close();
             while let Some(m) = rx.recv().await {
@@ -462,6 +554,7 @@ async fn run(
     }
     // Shutdown: refuse new work, write what is queued, then `audit.stopped` and a final checkpoint.
     set_stopped(&shared, "the audit writer has shut down");
+    fail_seals(&shared, "the audit writer has shut down");
     rx.close();
     let mut rest = Vec::new();
     while let Ok(m) = rx.try_recv() {
@@ -469,7 +562,7 @@ async fn run(
     }
     rest.push(Msg { record: Record::new("audit.stopped"), ack: None });
     if let Some(writer) = w.take() {
-        let (_, fatal) = commit(writer, rest, true, true).await;
+        let (_, fatal) = commit(writer, rest, true, true, &shared, false).await;
         if let Some(reason) = fatal {
             tracing::error!(%reason, "audit writer failed while shutting down");
             failed.cancel();

@@ -67,52 +67,111 @@ struct Walk<'a> {
 /// Verifies every `*.jsonl` file in `dir`, in chain order.
 pub fn verify_dir(dir: &Path, pubkey: Option<&VerifyingKey>) -> Result<Report, AuditError> {
     let paths = files::list_any(dir)?;
-    let mut walk = Walk {
-        pubkey,
-        key_id: pubkey.map(sign::key_id),
-        report: Report { signatures_checked: pubkey.is_some(), files: paths.len(), ..Report::default() },
-        expected: None,
-        start_gap: None,
-    };
+    let mut chain = Chain::new(pubkey);
+    chain.walk.report.files = paths.len();
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.contains(".jsonl.torn-") {
-                walk.report.notes.push(format!(
+                chain.note(format!(
                     "{name}: bytes cut from a torn file by crash recovery (not part of the chain)"
                 ));
             }
         }
     }
     if paths.is_empty() {
-        walk.report.problem = Some(Problem {
+        chain.walk.report.problem = Some(Problem {
             file: dir.to_path_buf(),
             line: 0,
             seq: None,
             what: "no audit files (*.jsonl) here; pass the audit directory with --dir".into(),
         });
-        return Ok(walk.report);
+        return Ok(chain.walk.report);
     }
     let count = paths.len();
     for (i, path) in paths.iter().enumerate() {
         let bytes = std::fs::read(path).map_err(|source| AuditError::io("read", path, source))?;
-        if let Err(p) = walk.file(path, &bytes, i + 1 == count) {
-            walk.report.problem = Some(p);
-            return Ok(walk.report);
+        if !chain.segment(path, &bytes, i + 1 == count) {
+            break;
         }
     }
-    if let Some((seq, _, file, line)) = walk.start_gap.take() {
-        walk.report.problem = Some(Problem {
-            file,
-            line,
-            seq: Some(seq),
-            what: format!(
-                "the chain starts at seq {seq}: records 0..={} are missing and no retention.deleted record accounts for them",
-                seq - 1
-            ),
-        });
+    Ok(chain.finish())
+}
+
+/// Verifies a chain fed one segment at a time, from any source (a directory, a bucket): the same checks
+/// as [`verify_dir`]. Call [`Chain::segment`] in chain order, then [`Chain::finish`].
+pub struct Chain<'a> {
+    walk: Walk<'a>,
+}
+
+impl<'a> Chain<'a> {
+    pub fn new(pubkey: Option<&'a VerifyingKey>) -> Self {
+        Chain {
+            walk: Walk {
+                pubkey,
+                key_id: pubkey.map(sign::key_id),
+                report: Report { signatures_checked: pubkey.is_some(), ..Report::default() },
+                expected: None,
+                start_gap: None,
+            },
+        }
     }
-    Ok(walk.report)
+
+    /// Checks one segment's bytes (`name` is where it came from, for problems). `last`: the newest
+    /// segment, whose final line may still be incomplete. Returns false once a problem is found (then
+    /// stop feeding; [`Chain::finish`] reports it).
+    pub fn segment(&mut self, name: &Path, bytes: &[u8], last: bool) -> bool {
+        if self.walk.report.problem.is_some() {
+            return false;
+        }
+        if let Err(p) = self.walk.file(name, bytes, last) {
+            self.walk.report.problem = Some(p);
+            return false;
+        }
+        true
+    }
+
+    /// Records a problem found outside the records (a missing segment, a lock not in place).
+    pub fn fail(&mut self, problem: Problem) {
+        if self.walk.report.problem.is_none() {
+            self.walk.report.problem = Some(problem);
+        }
+    }
+
+    pub fn note(&mut self, note: String) {
+        self.walk.report.notes.push(note);
+    }
+
+    /// The seq and hash the next segment must start from (`None` before the first record).
+    pub fn expected(&self) -> Option<(u64, &str)> {
+        self.walk.expected.as_ref().map(|(s, h)| (*s, h.as_str()))
+    }
+
+    pub fn report(&self) -> &Report {
+        &self.walk.report
+    }
+
+    pub fn report_mut(&mut self) -> &mut Report {
+        &mut self.walk.report
+    }
+
+    /// Ends the walk: a chain that starts after seq 0 with nothing explaining it is a problem.
+    pub fn finish(mut self) -> Report {
+        if self.walk.report.problem.is_none()
+            && let Some((seq, _, file, line)) = self.walk.start_gap.take()
+        {
+            self.walk.report.problem = Some(Problem {
+                file,
+                line,
+                seq: Some(seq),
+                what: format!(
+                    "the chain starts at seq {seq}: records 0..={} are missing and no retention.deleted record accounts for them",
+                    seq - 1
+                ),
+            });
+        }
+        self.walk.report
+    }
 }
 
 impl Walk<'_> {

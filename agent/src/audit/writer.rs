@@ -46,6 +46,10 @@ pub struct Settings {
     pub checkpoint_records: u64,
     pub clock: Clock,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Shipping to object storage is on: every sealed file ends with a checkpoint, a start never appends to
+    /// a file written before it (a sealed file may already be in the bucket), and retention deletes only
+    /// shipped files.
+    pub ship: bool,
 }
 
 pub struct Writer {
@@ -69,6 +73,11 @@ pub struct Writer {
     buffered: u64,
     /// The last checkpoint: its seq and time.
     last_checkpoint: Option<(u64, String)>,
+    /// Records in the current file other than checkpoints and `audit.shipped`: whether sealing it now
+    /// would ship anything new (so a quiet host does not ship a file per interval of its own bookkeeping).
+    content: u64,
+    /// Files sealed (rotated away from) since the writer opened.
+    sealed: u64,
 }
 
 /// Where the chain stands, for `warden status`.
@@ -128,7 +137,7 @@ impl Writer {
             (file, path, 0, 0, GENESIS_PREV.to_owned(), 0)
         };
         let file_day = file_day(&path, now);
-        let w = Writer {
+        let mut w = Writer {
             _lock: lock,
             s,
             key,
@@ -144,7 +153,18 @@ impl Writer {
             dirty: false,
             buffered: 0,
             last_checkpoint,
+            content: 0,
+            sealed: 0,
         };
+        if w.s.ship && w.file_len > 0 {
+            // The newest file may have been sealed and shipped before a crash; never append to it.
+            if w.unsigned > 0 {
+                let mut buf = Vec::new();
+                w.checkpoint(&mut buf, now);
+                w.flush(&mut buf, true).map_err(|reason| AuditError::Stopped { reason })?;
+            }
+            w.new_file(now).map_err(|reason| AuditError::Stopped { reason })?;
+        }
         Ok((w, recovery))
     }
 
@@ -168,6 +188,9 @@ impl Writer {
             }
             let now = (self.s.clock)();
             if self.needs_rotation(now, buf.len()) {
+                if self.s.ship && self.unsigned > 0 {
+                    self.checkpoint(&mut buf, now);
+                }
                 if let Err(reason) = self.flush(&mut buf, true) {
                     fail(&mut results, &pending, &reason);
                     return BatchOutcome { results, fatal: Some(reason) };
@@ -183,6 +206,9 @@ impl Writer {
                     pending.push(results.len());
                     results.push(Ok(seq));
                     self.unsigned += 1;
+                    if record.event != "audit.shipped" {
+                        self.content += 1;
+                    }
                 }
                 Err(e) => results.push(Err(AuditError::Encode { reason: e.to_string() })),
             }
@@ -310,6 +336,36 @@ impl Writer {
 
     /// Starts a new file named after the next seq, then applies retention (which may add a record to `buf`).
     fn rotate(&mut self, now: OffsetDateTime, buf: &mut Vec<u8>) -> Result<(), String> {
+        self.new_file(now)?;
+        self.retention(now, buf);
+        Ok(())
+    }
+
+    /// Seals the current file now when it holds anything but checkpoints and `audit.shipped` records:
+    /// signs what is unsigned (with shipping on), makes it durable, and starts a new file. Returns whether
+    /// it sealed.
+    pub fn seal(&mut self) -> Result<bool, String> {
+        if self.content == 0 || self.file_len == 0 {
+            return Ok(false);
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let now = (self.s.clock)();
+        if self.s.ship && self.unsigned > 0 {
+            self.checkpoint(&mut buf, now);
+        }
+        let result = self.flush(&mut buf, true).and_then(|()| self.rotate(now, &mut buf));
+        let result = result.and_then(|()| self.flush(&mut buf, true));
+        self.buf = buf;
+        result.map(|()| true)
+    }
+
+    /// How many files this writer has sealed (rotated away from).
+    pub fn sealed(&self) -> u64 {
+        self.sealed
+    }
+
+    fn new_file(&mut self, now: OffsetDateTime) -> Result<(), String> {
         let path = self.s.dir.join(file_name(self.next_seq));
         let file = create_file(&path).map_err(|e| e.to_string())?;
         sync_dir(&self.s.dir).map_err(|e| e.to_string())?;
@@ -317,7 +373,8 @@ impl Writer {
         self.path = path;
         self.file_len = 0;
         self.file_day = now.date();
-        self.retention(now, buf);
+        self.content = 0;
+        self.sealed += 1;
         Ok(())
     }
 
@@ -339,7 +396,9 @@ impl Writer {
             return;
         }
         let Ok(listed) = files::list_writer_files(&self.s.dir) else { return };
-        let exported = match files::read_exported(&self.s.dir) {
+        // With shipping on, only shipped files may go (shipped counts as exported).
+        let read_mark = if self.s.ship { files::read_shipped } else { files::read_exported };
+        let exported = match read_mark(&self.s.dir) {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(error = %e, "audit retention skipped");
@@ -358,7 +417,8 @@ impl Writer {
                 .and_then(|m| m.modified())
                 .is_ok_and(|m| OffsetDateTime::from(m) < cutoff);
             let last_seq = next_first.saturating_sub(1);
-            let exported_ok = !self.s.retain_until_exported || exported.is_some_and(|e| e >= last_seq);
+            let exported_ok =
+                (!self.s.retain_until_exported && !self.s.ship) || exported.is_some_and(|e| e >= last_seq);
             if !old_enough || !exported_ok {
                 break;
             }
@@ -380,6 +440,7 @@ impl Writer {
         fields.insert("retain_days".into(), Value::from(self.s.retain_days));
         if self.encode(buf, now, "retention.deleted", &fields).is_ok() {
             self.unsigned += 1;
+            self.content += 1;
         }
     }
 }

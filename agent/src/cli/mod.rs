@@ -7,6 +7,7 @@
 //! is not reachable; 70 an internal error; 77 not permitted (run as root).
 
 mod audit;
+mod audit_s3;
 mod exec;
 mod grants;
 mod run;
@@ -178,6 +179,9 @@ pub enum AuditAction {
         pubkey: Option<PathBuf>,
         #[command(flatten)]
         config: ConfigArg,
+        /// With --s3: verify the chain in the bucket (and, with --dir, compare the local files with it).
+        #[command(flatten)]
+        s3: audit_s3::S3Args,
     },
     /// Stream records for auditors.
     Export {
@@ -196,6 +200,9 @@ pub enum AuditAction {
         dir: Option<PathBuf>,
         #[command(flatten)]
         config: ConfigArg,
+        /// With --s3: stream the records from the bucket instead.
+        #[command(flatten)]
+        s3: audit_s3::S3Args,
     },
     /// A readable account of one session.
     Show {

@@ -71,9 +71,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let writer_stop = CancellationToken::new();
     let metrics = crate::metrics::unserved();
-    let audit_options = crate::audit::AuditOptions::new(&config.audit, &config.agent.state_dir, host);
+    let audit_options = crate::audit::AuditOptions::new(&config.audit, &config.agent.state_dir, host.clone());
     let (audit, writer) =
         Audit::start_with(&audit_options.with_metrics(metrics.clone()), writer_stop.clone())?;
+    let _shipper = crate::audit::ship::spawn(
+        &config.audit.ship,
+        &audit,
+        &config.agent.state_dir,
+        &host,
+        shutdown.clone(),
+    )
+    .await?;
 
     let kernel = Arc::new(bpf::install(&bpf::Settings {
         bpffs_dir: config.agent.bpffs_dir.clone(),
