@@ -26,12 +26,12 @@ pub struct ShipConfig {
     pub interval: WrittenDays,
     /// AWS shared-credentials file (profile `default`); absent: the AWS environment variables, then
     /// `~/.aws/credentials`, then instance or container credentials.
-    pub credentials_file: Option<PathBuf>,
+    pub credentials_file: Option<Spanned<PathBuf>>,
     /// Path-style addressing (`endpoint/bucket/key`), as MinIO and many Ceph setups need; otherwise
     /// virtual-host style (`bucket.endpoint/key`).
     pub force_path_style: bool,
     /// PEM file of the CA(s) that sign the endpoint's certificate; absent: the system's roots.
-    pub ca_file: Option<PathBuf>,
+    pub ca_file: Option<Spanned<PathBuf>>,
 }
 
 impl Default for ShipConfig {
@@ -80,8 +80,8 @@ impl ShipConfig {
             endpoint: Some(self.endpoint.get_ref().clone()).filter(|e| !e.is_empty()),
             region: self.region.clone(),
             force_path_style: self.force_path_style,
-            ca_file: self.ca_file.clone(),
-            credentials_file: self.credentials_file.clone(),
+            ca_file: self.ca_file.as_ref().map(|f| f.get_ref().clone()),
+            credentials_file: self.credentials_file.as_ref().map(|f| f.get_ref().clone()),
         }
     }
 
@@ -115,6 +115,13 @@ impl ShipConfig {
                 "audit.ship.prefix: must contain `{host}` so hosts sharing a bucket do not share a chain"
                     .into(),
             );
+        }
+        for (name, file) in [("ca_file", &self.ca_file), ("credentials_file", &self.credentials_file)] {
+            if let Some(file) = file
+                && let Err(e) = std::fs::File::open(file.get_ref())
+            {
+                err(file.span(), format!("audit.ship.{name}: cannot open {}: {e}", file.get_ref().display()));
+            }
         }
         if self.region.is_empty() {
             err(
@@ -173,10 +180,21 @@ mod tests {
 
     #[test]
     fn a_valid_section_parses() {
-        let text = "[audit.ship]\nbucket = \"audit-trail\"\nendpoint = \"https://minio.example:9000\"\nforce_path_style = true\nca_file = \"/etc/warden/s3-ca.pem\"\n";
-        let c = Config::parse(Path::new("w.toml"), text).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("s3-ca.pem");
+        std::fs::write(&ca, "").unwrap();
+        let text = format!(
+            "[audit.ship]\nbucket = \"audit-trail\"\nendpoint = \"https://minio.example:9000\"\nforce_path_style = true\nca_file = {ca:?}\n"
+        );
+        let c = Config::parse(Path::new("w.toml"), &text).unwrap();
         assert!(c.audit.ship.enabled());
         assert_eq!(c.audit.ship.retention(), Duration::from_secs(400 * 86_400));
         assert_eq!(c.audit.ship.interval(), Duration::from_secs(60));
+        let missing =
+            text.replace("s3-ca.pem", "missing.pem") + "credentials_file = \"/nonexistent/creds\"\n";
+        let ConfigError::Invalid(d) = Config::parse(Path::new("w.toml"), &missing).unwrap_err() else {
+            panic!()
+        };
+        assert_eq!(d.iter().map(|d| d.line).collect::<Vec<_>>(), vec![5, 6], "{d:?}");
     }
 }
