@@ -4,7 +4,8 @@
 //!
 //! Exit codes: 0 success; 1 a check failed (e.g. `audit verify` found tampering) or an operation was
 //! refused; 64 invalid configuration or policy (`check`, and `run` before binding anything); 69 the daemon
-//! is not reachable; 70 an internal error; 77 not permitted (run as root).
+//! is not reachable; 70 an internal error; 77 not permitted (run as root). `warden exec` returns its
+//! command's status (128 + the signal when one killed it; 126 when it cannot be run).
 
 mod audit;
 mod audit_s3;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::State;
 use crate::grants::{GrantEnd, GrantKey};
 use crate::origin::ConnOrigin;
-use crate::policy::{Decision, Subject, Target};
+use crate::policy::{Decision, Subject, Target, TargetKind};
 use crate::protocol::{Ask, Authorize, End, Hello, IdentityView, Refusal, RefusalCode, Session};
 use crate::proxy::{Admission, Gate};
 
@@ -54,7 +54,7 @@ impl Gate for DaemonGate {
         &'a self,
         origin: &'a ConnOrigin,
         target: &'a Arc<Target>,
-        _hello: &'a Hello,
+        hello: &'a Hello,
     ) -> Pin<Box<dyn Future<Output = Result<Admission, Refusal>> + Send + 'a>> {
         Box::pin(async move {
             let s = &self.state;
@@ -85,6 +85,8 @@ impl Gate for DaemonGate {
                     return Err(refusal(RefusalCode::Policy, reason, name, Some(&shared)));
                 }
             };
+            database_allowed(target, hello)
+                .map_err(|reason| refusal(RefusalCode::Database, reason, name, Some(&shared)))?;
             let key = GrantKey {
                 identity: binding.identity.clone(),
                 client_id: verified.client_id.clone(),
@@ -139,6 +141,24 @@ impl Authorize for DaemonGate {
     }
 }
 
+/// PostgreSQL: the database the client asked for must be one of the target's `databases`.
+fn database_allowed(target: &Target, hello: &Hello) -> Result<(), String> {
+    let TargetKind::Postgres(pg) = &target.kind else { return Ok(()) };
+    match hello.database.as_deref() {
+        Some(db) if pg.databases.iter().any(|d| d == db) => Ok(()),
+        Some(db) => Err(format!(
+            "database `{db}` is not one of target {}'s databases ({})",
+            target.name,
+            pg.databases.join(", ")
+        )),
+        None => Err(format!(
+            "the client named no database; target {} serves {}",
+            target.name,
+            pg.databases.join(", ")
+        )),
+    }
+}
+
 /// Whether `ask` is within `terms`: the `commands` allow-list, `forward`, `sftp`.
 fn within(terms: &crate::policy::Terms, ask: &Ask<'_>) -> Result<(), String> {
     let rule = &terms.rule;
@@ -160,5 +180,70 @@ fn within(terms: &crate::policy::Terms, ask: &Ask<'_>) -> Result<(), String> {
             Err(format!("rule `{rule}` does not allow sftp; it needs `sftp: true`"))
         }
         Ask::Shell | Ask::Forward { .. } | Ask::Subsystem { .. } => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::policy::{Access, Approval, Terms};
+
+    fn terms(commands: Option<Vec<String>>, forward: bool, sftp: bool) -> Terms {
+        Terms {
+            rule: "ops".into(),
+            target: "build-host".into(),
+            access: Access::Exec,
+            ttl: Duration::from_secs(60),
+            mask: Vec::new(),
+            approval: Approval::None,
+            commands,
+            forward,
+            sftp,
+        }
+    }
+
+    #[test]
+    fn a_postgres_session_must_name_one_of_the_targets_databases() {
+        use crate::policy::{PgCredentials, PgLogin, PostgresTarget, TlsMode};
+        let pg = Target {
+            name: "orders-db".into(),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            kind: TargetKind::Postgres(PostgresTarget {
+                databases: vec!["orders".into()],
+                tls: TlsMode::Require,
+                ca_file: None,
+                credentials: PgCredentials::One(PgLogin { user: "app".into(), password_file: None }),
+                record_parameters: false,
+            }),
+        };
+        let asks = |db: Option<&str>| Hello { database: db.map(str::to_owned), ..Hello::default() };
+        assert!(database_allowed(&pg, &asks(Some("orders"))).is_ok());
+        assert!(database_allowed(&pg, &asks(Some("postgres"))).unwrap_err().contains("`postgres`"));
+        assert!(database_allowed(&pg, &asks(None)).is_err());
+        let tcp = Target { kind: TargetKind::Tcp, ..pg.clone() };
+        assert!(database_allowed(&tcp, &asks(None)).is_ok());
+    }
+
+    #[test]
+    fn asks_are_checked_against_the_terms() {
+        let open = terms(None, false, false);
+        assert!(within(&open, &Ask::Exec { command: "uptime" }).is_ok());
+        assert!(within(&open, &Ask::Shell).is_ok());
+        assert!(within(&open, &Ask::Forward { what: "direct-tcpip" }).unwrap_err().contains("forward: true"));
+        assert!(within(&open, &Ask::Subsystem { name: "sftp" }).unwrap_err().contains("sftp: true"));
+        assert!(within(&open, &Ask::Subsystem { name: "other" }).is_err());
+
+        let wide = terms(None, true, true);
+        assert!(within(&wide, &Ask::Forward { what: "direct-tcpip" }).is_ok());
+        assert!(within(&wide, &Ask::Subsystem { name: "sftp" }).is_ok());
+
+        // With an allow-list no shell runs; commands go through protocol::ssh::command_allowed (a
+        // placeholder that refuses every command until the SSH handler lands).
+        let listed = terms(Some(vec!["uptime".into()]), false, false);
+        assert!(within(&listed, &Ask::Shell).is_err());
+        assert!(within(&listed, &Ask::Exec { command: "rm -rf /" }).is_err());
     }
 }
