@@ -17,6 +17,7 @@ fi
 
 # Debian packages: real peers for the tests (PostgreSQL, OpenSSH, haproxy), tools (iproute2, bpftool).
 PKGS=(postgresql postgresql-client openssh-server openssh-client haproxy iproute2 bpftool
+      python3 python3-cryptography   # docs/audit.md's independent verify script, run by docs_reference
       ca-certificates curl procps psmisc util-linux python3-pip)
 # Node.js (for the OpenID provider the tests run) ships with these machines; Debian's is the fallback.
 command -v node >/dev/null 2>&1 || PKGS+=(nodejs npm)
