@@ -573,16 +573,15 @@ impl State {
         }
         for b in self.bindings.all() {
             let path = self.cgroup_root.join(b.cgroup.trim_start_matches('/'));
-            match crate::cgroup::id(&path) {
-                Ok(id) => {
-                    if let Err(e) = self.kernel.set_tag(id, b.id) {
-                        tracing::error!(cgroup = %b.cgroup, error = %e, "restoring a tag failed");
-                    }
+            if let Ok(id) = crate::cgroup::id(&path) {
+                let level = crate::cgroup::level(&self.cgroup_root, &path);
+                if let Err(e) = self.kernel.set_tag(id, level, b.id) {
+                    tracing::error!(cgroup = %b.cgroup, error = %e, "restoring a tag failed");
                 }
-                Err(_) => {
-                    // The cgroup is gone (e.g. a `warden exec` that ended while we were down).
-                    let _ = self.bindings.remove(&b.cgroup);
-                }
+            } else {
+                // The cgroup is gone (e.g. a `warden exec` that ended while we were down).
+                let _ = self.bindings.remove(&b.cgroup);
+                let _ = self.kernel.remove_tag(b.cgroup_id);
             }
         }
     }
@@ -606,7 +605,8 @@ impl State {
             .bindings
             .add(&rel, cgroup_id, identity, task, from_config)
             .map_err(|e| Refused(format!("saving the binding: {e}")))?;
-        self.kernel.set_tag(cgroup_id, binding.id).map_err(|e| Refused(e.to_string()))?;
+        let level = crate::cgroup::level(&self.cgroup_root, path);
+        self.kernel.set_tag(cgroup_id, level, binding.id).map_err(|e| Refused(e.to_string()))?;
         let _ = self.audit.append(
             Record::new("binding.added")
                 .field("cgroup", &rel)
@@ -807,6 +807,19 @@ impl State {
                 ("socket.refused", "socket", "socket family, type or protocol not allowed")
             }
             event::BIND_REFUSED => ("bind.refused", "bind", "binding the proxy's port"),
+            event::ORIGIN_QUOTA => {
+                ("connect.refused", "connect", "the cgroup has its share of in-flight redirected connections")
+            }
+            event::SOCKOPT_REFUSED => (
+                "socket.refused",
+                "setsockopt",
+                "socket option that routes packets elsewhere (IPv6 extension header, IPv4 options)",
+            ),
+            event::PACKET_REFUSED => (
+                "connect.refused",
+                "packet",
+                "packet with an IPv6 routing/options header or IPv4 options, dropped",
+            ),
             _ => ("kernel.event", "unknown", "unknown kernel event"),
         };
         let binding = self.bindings.by_id(ev.binding);
@@ -825,6 +838,8 @@ impl State {
             .field("via", via);
         if ev.kind == event::SOCKET_REFUSED {
             rec = rec.field("family", ev.family).field("type", ev.sock_type).field("protocol", ev.protocol);
+        } else if ev.kind == event::SOCKOPT_REFUSED {
+            rec = rec.field("family", ev.family).field("level", ev.protocol).field("option", ev.sock_type);
         } else {
             let proto = match ev.sock_type {
                 1 => "tcp",

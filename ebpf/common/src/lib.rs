@@ -24,15 +24,26 @@ pub mod names {
     pub const EVENTS: &str = "WARDEN_EVENTS";
     /// Per-CPU count of events the kernel could not put in the ring buffer (it was full).
     pub const LOST: &str = "WARDEN_LOST";
-    /// Attached only where BPF LSM is enabled; without it the others still enforce.
-    pub const OPTIONAL: &[&str] = &["warden_socket_create"];
+    /// The range of cgroup levels holding tags ([`Depth`], slot 0): the hooks look only there.
+    pub const DEPTH: &str = "WARDEN_DEPTH";
+    /// Redirected sockets in flight per tagged cgroup (tagged cgroup id → count, `i64`).
+    pub const INFLIGHT: &str = "WARDEN_INFLIGHT";
+    /// Limits the daemon may override ([`Limits`], slot 0; zero fields mean the built-in defaults).
+    pub const LIMITS: &str = "WARDEN_LIMITS";
+    /// Attached only where the kernel takes them: the LSM hook needs BPF LSM enabled; the setsockopt hook
+    /// needs the current-task helpers in sockopt programs (6.x). Without them the others still enforce
+    /// (`warden_egress` drops the packets a refused socket option would have shaped).
+    pub const OPTIONAL: &[&str] = &["warden_socket_create", "warden_setsockopt"];
     /// Every program, in attach order.
     pub const PROGRAMS: &[&str] = &[
         "warden_sock_ops",
+        "warden_sock_release",
         "warden_getpeername4",
         "warden_getpeername6",
         "warden_sock_create",
         "warden_socket_create",
+        "warden_setsockopt",
+        "warden_egress",
         "warden_bind4",
         "warden_bind6",
         "warden_sendmsg4",
@@ -107,6 +118,36 @@ pub struct TargetRef {
     pub pad: u32,
 }
 
+/// The cgroup levels (0 = the root) at which tags exist, in slot 0 of the depth map. With `known == 0`
+/// (a map nobody has filled yet) the hooks check every level from [`MAX_CGROUP_DEPTH`] to the root; the
+/// daemon widens the range before it adds a tag and narrows it only after it removed one, so a tagged
+/// cgroup is never outside it. `lo > hi` means no tags at all.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Depth {
+    pub known: u32,
+    pub lo: u32,
+    pub hi: u32,
+    pub pad: u32,
+}
+
+/// Redirected sockets one tagged cgroup may have in flight (from connect() until close) unless
+/// [`Limits::origins_per_cgroup`] says otherwise: a flood from one cgroup refuses only its own connects and
+/// cannot push other cgroups' origins out of the LRU origin map.
+pub const ORIGINS_PER_CGROUP: u32 = 4096;
+
+/// Limits, in slot 0 of the limits map; 0 means the default.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub origins_per_cgroup: u32,
+    pub pad: u32,
+}
+
+/// [`Origin::flags`]: the socket reached `TCP_CONNECT_CB`, so sock_ops sees it close and forgets the
+/// origin then; until this is set, `sock_release` does.
+pub const ORIGIN_CONNECTING: u16 = 1;
+
 /// [`TargetRef::id`] of a guard entry: another spelling of a target on this host, refused.
 pub const GUARD: u32 = 0;
 
@@ -145,7 +186,8 @@ pub struct Origin {
     pub dst: Endpoint,
     /// `AF_INET` or `AF_INET6`: the connecting socket's family.
     pub family: u16,
-    pub pad0: u16,
+    /// [`ORIGIN_CONNECTING`], set by the kernel.
+    pub flags: u16,
     pub target: u32,
     /// Thread id and process id (tgid) in the initial pid namespace.
     pub pid: u32,
@@ -169,6 +211,14 @@ pub mod event {
     pub const PROXY_REFUSED: u32 = 5;
     /// A target connect() refused because its origin could not be stored (map full): fail closed.
     pub const ORIGIN_FULL: u32 = 6;
+    /// setsockopt() of an option that changes where packets go (IPv6 routing/destination/hop-by-hop
+    /// headers, IPv4 options); `protocol` holds the level, `sock_type` the option name.
+    pub const SOCKOPT_REFUSED: u32 = 7;
+    /// A packet leaving with an IPv6 routing/destination/hop-by-hop header or IPv4 options (set through
+    /// ancillary data), dropped; `dst` is the packet's destination.
+    pub const PACKET_REFUSED: u32 = 8;
+    /// A target connect() refused because its tagged cgroup has its share of in-flight origins.
+    pub const ORIGIN_QUOTA: u32 = 9;
 }
 
 /// One event from the kernel, through the ring buffer.
@@ -197,6 +247,8 @@ const _: () = assert!(core::mem::size_of::<Origin>() == 80);
 const _: () = assert!(core::mem::size_of::<Event>() == 80);
 const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<AllowKey>() == 18);
+const _: () = assert!(core::mem::size_of::<Depth>() == 16);
+const _: () = assert!(core::mem::size_of::<Limits>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -209,4 +261,6 @@ mod pod {
     unsafe impl aya::Pod for super::AllowKey {}
     unsafe impl aya::Pod for super::Origin {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::Depth {}
+    unsafe impl aya::Pod for super::Limits {}
 }
