@@ -307,7 +307,9 @@ fn run_in(path: &Path, user: Option<&nix::unistd::User>, command: &[String]) -> 
 /// filter; 32-bit and x32 system calls (another way to call socket) are refused. ptrace, process_vm_writev
 /// and pidfd_getfd are refused too: they would let the command take a connected socket from, or inject
 /// code into, an untagged process of the same user (writing /proc/PID/mem still can: run each agent as its
-/// own user). Everything else is allowed.
+/// own user). setsockopt of the options that route packets elsewhere (IPv6 routing, destination-options
+/// and hop-by-hop headers, IPv4 options) is refused too (their ancillary forms are dropped by the kernel's
+/// egress program). Everything else is allowed.
 /// Inherited by every child and kept across exec. Builds no heap data (runs between fork and exec).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[expect(
@@ -341,6 +343,26 @@ fn restrict_sockets() -> Result<(), ()> {
         jump(JEQ, libc::SYS_process_vm_writev as u32, 1, 0),
         jump(JEQ, libc::SYS_pidfd_getfd as u32, 0, 1),
         stmt(RET, EPERM),
+        // setsockopt(fd, level, optname, ...): options that route packets past the kernel hooks' judgement
+        // (IPv6 routing/destination/hop-by-hop headers, old and new spellings; IPv4 options).
+        jump(JEQ, libc::SYS_setsockopt as u32, 0, 17),
+        stmt(LD, 24), // level
+        jump(JEQ, libc::IPPROTO_IPV6 as u32, 0, 10),
+        stmt(LD, 32),        // optname
+        jump(JEQ, 3, 11, 0), // IPV6_2292HOPOPTS
+        jump(JEQ, 4, 10, 0), // IPV6_2292DSTOPTS
+        jump(JEQ, 5, 9, 0),  // IPV6_2292RTHDR
+        jump(JEQ, 6, 8, 0),  // IPV6_2292PKTOPTIONS
+        jump(JEQ, 54, 7, 0), // IPV6_HOPOPTS
+        jump(JEQ, 55, 6, 0), // IPV6_RTHDRDSTOPTS
+        jump(JEQ, 57, 5, 0), // IPV6_RTHDR
+        jump(JEQ, 59, 4, 0), // IPV6_DSTOPTS
+        stmt(RET, ALLOW),
+        jump(JEQ, libc::IPPROTO_IP as u32, 0, 3),
+        stmt(LD, 32),
+        jump(JEQ, libc::IP_OPTIONS as u32, 0, 1),
+        stmt(RET, EPERM),
+        stmt(RET, ALLOW),
         jump(JEQ, libc::SYS_socket as u32, 1, 0),
         stmt(RET, ALLOW),
         stmt(LD, 16),

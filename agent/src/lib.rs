@@ -19,3 +19,4 @@ pub mod origin;
 pub mod policy;
 pub mod protocol;
 pub mod proxy;
+pub mod sockdiag;

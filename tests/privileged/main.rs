@@ -8,5 +8,6 @@ mod bypass;
 mod dataplane;
 mod grants;
 mod harness;
+mod holes;
 mod identity;
 mod operator;

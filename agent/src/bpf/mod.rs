@@ -119,6 +119,10 @@ pub struct Kernel {
     lost: PerCpuArray<MapData, u64>,
     logger: Mutex<Option<KernelLogger>>,
     pub report: InstallReport,
+    /// The loaded object, for the per-cgroup programs attached at tag time.
+    ebpf: Mutex<Option<Ebpf>>,
+    links_dir: PathBuf,
+    cgroup_root: PathBuf,
 }
 
 /// The tag map, the depth map, and the level of each tag this daemon set (under one lock, so the depth
@@ -264,7 +268,20 @@ pub fn install(settings: &Settings) -> Result<Kernel, BpfError> {
     std::fs::write(&hash_file, &embedded)
         .map_err(|source| BpfError::Io { path: hash_file.clone(), source })?;
     let logger = attach_logger(&links_dir);
-    Kernel::from_ebpf(&mut ebpf, report, logger)
+    // Per-cgroup programs are loaded now and attached when a cgroup is tagged.
+    for &name in names::PER_CGROUP {
+        match ebpf.program_mut(name) {
+            Some(Program::CgroupSkb(p)) => {
+                p.load().map_err(|source| BpfError::Program { name, source: Box::new(source) })?;
+            }
+            _ => return Err(BpfError::MissingProgram { name }),
+        }
+    }
+    let mut kernel = Kernel::from_ebpf(&mut ebpf, report, logger)?;
+    kernel.links_dir.clone_from(&links_dir);
+    kernel.cgroup_root.clone_from(&settings.cgroup_root);
+    kernel.ebpf = Mutex::new(Some(ebpf));
+    Ok(kernel)
 }
 
 /// The kernel programs' log (aya-log), found through the running connect4 program (adopted or new),
@@ -394,6 +411,9 @@ impl Kernel {
             lost: take(ebpf, names::LOST)?,
             logger: Mutex::new(logger),
             report,
+            ebpf: Mutex::new(None),
+            links_dir: PathBuf::new(),
+            cgroup_root: PathBuf::new(),
         })
     }
 
@@ -426,11 +446,13 @@ impl Kernel {
         self.proxy.lock().expect("proxy map lock").set(0, config, 0).map_err(map_err(names::PROXY))
     }
 
-    /// Tags a cgroup `level` levels below the root (0 = the root). The hooks look only at levels between
-    /// the shallowest and the deepest tag, so the range is widened before the tag goes in (a failure
-    /// refuses the tag), and narrowed to exactly the tags' levels after.
-    pub fn set_tag(&self, cgroup_id: u64, level: u32, binding: u32) -> Result<(), BpfError> {
-        let level = level.min(MAX_CGROUP_DEPTH.unsigned_abs());
+    /// Tags the cgroup at `path` (id `cgroup_id`). First its own programs ([`names::PER_CGROUP`]) are
+    /// attached to it, with pinned links (kept if already there); then, since the hooks look only at levels
+    /// between the shallowest and the deepest tag, the depth range is widened to cover it; then the tag goes
+    /// in, and the range is narrowed to exactly the tags' levels. Any failure before the tag refuses it.
+    pub fn set_tag(&self, path: &Path, cgroup_id: u64, binding: u32) -> Result<(), BpfError> {
+        self.attach_per_cgroup(path, cgroup_id)?;
+        let level = crate::cgroup::level(&self.cgroup_root, path).min(MAX_CGROUP_DEPTH.unsigned_abs());
         let mut tags = self.tags.lock().expect("tag map lock");
         let wide = tags.widened(level);
         tags.write_depth(wide)?;
@@ -445,7 +467,39 @@ impl Kernel {
         Ok(())
     }
 
-    /// Untags a cgroup, narrows the depth range, and forgets the cgroup's in-flight count.
+    fn per_cgroup_pin(&self, name: &str, cgroup_id: u64) -> PathBuf {
+        self.links_dir.join(format!("{name}_cgroup_{cgroup_id}"))
+    }
+
+    fn attach_per_cgroup(&self, path: &Path, cgroup_id: u64) -> Result<(), BpfError> {
+        let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+        let Some(ebpf) = ebpf.as_mut() else { return Ok(()) };
+        for &name in names::PER_CGROUP {
+            let pin = self.per_cgroup_pin(name, cgroup_id);
+            if pin.exists() && PinnedLink::from_pin(&pin).is_ok() {
+                continue;
+            }
+            let _ = std::fs::remove_file(&pin);
+            let cgroup =
+                File::open(path).map_err(|source| BpfError::Io { path: path.to_path_buf(), source })?;
+            let perr = |source: ProgramError| BpfError::Program { name, source: Box::new(source) };
+            let Some(Program::CgroupSkb(p)) = ebpf.program_mut(name) else {
+                return Err(BpfError::MissingProgram { name });
+            };
+            let id =
+                p.attach(&cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::Single).map_err(perr)?;
+            let link = FdLink::try_from(p.take_link(id).map_err(perr)?).map_err(|e| BpfError::Pin {
+                name,
+                path: pin.clone(),
+                detail: e.to_string(),
+            })?;
+            link.pin(&pin).map_err(|e| BpfError::Pin { name, path: pin.clone(), detail: e.to_string() })?;
+        }
+        Ok(())
+    }
+
+    /// Untags a cgroup, narrows the depth range, forgets the cgroup's in-flight count, and detaches its own
+    /// programs (after the tag is gone: never a tagged cgroup without them).
     pub fn remove_tag(&self, cgroup_id: u64) -> Result<(), BpfError> {
         let mut tags = self.tags.lock().expect("tag map lock");
         match tags.map.remove(&cgroup_id) {
@@ -459,6 +513,9 @@ impl Kernel {
         }
         drop(tags);
         let _ = self.inflight.lock().expect("inflight map lock").remove(&cgroup_id);
+        for &name in names::PER_CGROUP {
+            let _ = std::fs::remove_file(self.per_cgroup_pin(name, cgroup_id));
+        }
         Ok(())
     }
 

@@ -574,8 +574,7 @@ impl State {
         for b in self.bindings.all() {
             let path = self.cgroup_root.join(b.cgroup.trim_start_matches('/'));
             if let Ok(id) = crate::cgroup::id(&path) {
-                let level = crate::cgroup::level(&self.cgroup_root, &path);
-                if let Err(e) = self.kernel.set_tag(id, level, b.id) {
+                if let Err(e) = self.kernel.set_tag(&path, id, b.id) {
                     tracing::error!(cgroup = %b.cgroup, error = %e, "restoring a tag failed");
                 }
             } else {
@@ -605,15 +604,30 @@ impl State {
             .bindings
             .add(&rel, cgroup_id, identity, task, from_config)
             .map_err(|e| Refused(format!("saving the binding: {e}")))?;
-        let level = crate::cgroup::level(&self.cgroup_root, path);
-        self.kernel.set_tag(cgroup_id, level, binding.id).map_err(|e| Refused(e.to_string()))?;
+        let was_tagged = self.kernel.tags().iter().any(|(id, _)| *id == cgroup_id);
+        self.kernel.set_tag(path, cgroup_id, binding.id).map_err(|e| Refused(e.to_string()))?;
+        // Connections made before the tag would keep talking ungoverned: end them (not those to the proxy).
+        let ended = if was_tagged {
+            crate::sockdiag::Ended::default()
+        } else {
+            let ports: Vec<u16> = self.config.proxy_listen().iter().map(SocketAddr::port).collect();
+            match crate::sockdiag::end_connected(path, |peer| ports.contains(&peer.port())) {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = self.kernel.remove_tag(cgroup_id);
+                    let _ = self.bindings.remove(&rel);
+                    return Err(Refused(format!("not tagged: {e}")));
+                }
+            }
+        };
         let _ = self.audit.append(
             Record::new("binding.added")
                 .field("cgroup", &rel)
                 .field("cgroup_id", cgroup_id)
                 .field("identity", identity)
                 .field("task", &binding.task)
-                .field("source", if from_config { "config" } else { "control" }),
+                .field("source", if from_config { "config" } else { "control" })
+                .field("sockets_ended", json!({ "tcp": ended.tcp, "udp": ended.udp })),
         );
         Ok(binding)
     }

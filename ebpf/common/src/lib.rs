@@ -34,7 +34,10 @@ pub mod names {
     /// needs the current-task helpers in sockopt programs (6.x). Without them the others still enforce
     /// (`warden_egress` drops the packets a refused socket option would have shaped).
     pub const OPTIONAL: &[&str] = &["warden_socket_create", "warden_setsockopt"];
-    /// Every program, in attach order.
+    /// Attached to each tagged cgroup when it is tagged (link pinned as `<name>_cgroup_<cgroup id>`; bpffs names may not hold dots), not to the
+    /// root: only sockets made in a tagged cgroup run them.
+    pub const PER_CGROUP: &[&str] = &["warden_egress"];
+    /// Every program attached at the root, in attach order.
     pub const PROGRAMS: &[&str] = &[
         "warden_sock_ops",
         "warden_sock_release",
@@ -43,7 +46,6 @@ pub mod names {
         "warden_sock_create",
         "warden_socket_create",
         "warden_setsockopt",
-        "warden_egress",
         "warden_bind4",
         "warden_bind6",
         "warden_sendmsg4",

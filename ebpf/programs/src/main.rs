@@ -666,12 +666,13 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
 }
 
 /// A redirected socket closed before it ever reached `TCP_CONNECT_CB` (its connect failed after the
-/// rewrite): sock_ops will never see it close, so its origin and its slot go here.
+/// rewrite, so it is still in TCP_CLOSE): sock_ops will never see it close, so its origin and its slot go
+/// here. Every other socket leaves after two field reads.
 #[cgroup_sock(sock_release)]
 pub fn warden_sock_release(ctx: SockContext) -> i32 {
     let sk = ctx.sock;
-    // SAFETY: `sk` is this program's context; type is readable.
-    if unsafe { (*sk).type_ } != SOCK_STREAM {
+    // SAFETY: `sk` is this program's context; type and state are readable.
+    if unsafe { (*sk).type_ != SOCK_STREAM || (*sk).state != BPF_TCP_CLOSE } {
         return ALLOW;
     }
     // SAFETY: the context pointer is valid for the cookie helper.
@@ -726,27 +727,31 @@ const IPPROTO_DSTOPTS: u8 = 60;
 
 /// The ancillary forms (IPV6_RTHDR / IPV6_DSTOPTS / IPV6_HOPOPTS, IP_RETOPTS cmsgs on sendmsg) never reach a
 /// socket-option hook: every packet a tagged cgroup's socket sends with IPv4 options or an IPv6 routing,
-/// destination-options or hop-by-hop header is dropped (sendmsg fails with EPERM). Other packets leave
-/// after one header byte is read.
+/// destination-options or hop-by-hop header is dropped (sendmsg fails with EPERM). Attached to each tagged
+/// cgroup (not the root), so untagged sockets never run it; other packets leave after one header read.
 #[cgroup_skb(egress)]
 pub fn warden_egress(ctx: SkBuffContext) -> i32 {
-    let Ok(first) = ctx.load::<u8>(0) else { return 1 };
-    let (shaped, v6) = match first >> 4 {
-        4 => (first & 0x0f != 5, false),
-        6 => match ctx.load::<u8>(6) {
-            Ok(IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS) => (true, true),
-            _ => (false, true),
-        },
-        _ => (false, false),
+    let skb = ctx.skb.skb;
+    // SAFETY: `skb` is this program's context; data and data_end bound the packet's linear part, read
+    // directly within them (checked).
+    let (shaped, v6) = unsafe {
+        let data = (*skb).data as usize;
+        let end = (*skb).data_end as usize;
+        if data + 8 > end {
+            // Not even a header in the linear part: read through the helper.
+            match (ctx.load::<u8>(0), ctx.load::<u8>(6)) {
+                (Ok(b), Ok(nh)) => shaped_header(b, nh),
+                _ => return 1,
+            }
+        } else {
+            shaped_header(*(data as *const u8), *((data + 6) as *const u8))
+        }
     };
     if !shaped {
         return 1;
     }
-    let skb = ctx.skb.skb;
     // SAFETY: a plain helper call on this program's context.
-    let Some(tag) = nearest_tag(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }) else {
-        return 1;
-    };
+    let tag = nearest_tag(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }).unwrap_or_default();
     let dst = if v6 {
         let mut ip = [0u32; 4];
         let mut i = 0;
@@ -761,6 +766,16 @@ pub fn warden_egress(ctx: SkBuffContext) -> i32 {
     let family = u32::from(if v6 { AF_INET6 } else { AF_INET });
     report_skb(skb, tag, &dst, family);
     0
+}
+
+/// (carries options or routing/extension headers, is IPv6) from the first byte and the IPv6 next-header.
+#[inline(always)]
+fn shaped_header(first: u8, next_header: u8) -> (bool, bool) {
+    match first >> 4 {
+        4 => (first & 0x0f != 5, false),
+        6 => (matches!(next_header, IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS), true),
+        _ => (false, false),
+    }
 }
 
 /// Like [`report`], for a packet: the socket's cgroup, no process (the packet may leave from softirq).
