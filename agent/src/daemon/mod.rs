@@ -610,8 +610,13 @@ impl State {
         let ended = if was_tagged {
             crate::sockdiag::Ended::default()
         } else {
-            let ports: Vec<u16> = self.config.proxy_listen().iter().map(SocketAddr::port).collect();
-            match crate::sockdiag::end_connected(path, |peer| ports.contains(&peer.port())) {
+            let listen = self.config.proxy_listen();
+            let to_proxy = |peer: SocketAddr| {
+                listen.iter().any(|l| {
+                    l.port() == peer.port() && (peer.ip().is_loopback() || l.ip().to_canonical() == peer.ip())
+                })
+            };
+            match crate::sockdiag::end_connected(path, to_proxy) {
                 Ok(n) => n,
                 Err(e) => {
                     let _ = self.kernel.remove_tag(cgroup_id);
