@@ -11,3 +11,4 @@ mod harness;
 mod holes;
 mod identity;
 mod operator;
+mod splice;

@@ -5,6 +5,9 @@
 //! re-opens what is pinned and attaches only what is missing, so a restart (even after `kill -9`) never
 //! has a window without enforcement. Only [`uninstall`] unpins.
 
+mod splice;
+pub use splice::{Splice, SplicedBytes};
+
 use std::collections::HashSet;
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
@@ -119,6 +122,8 @@ pub struct Kernel {
     lost: PerCpuArray<MapData, u64>,
     logger: Mutex<Option<KernelLogger>>,
     pub report: InstallReport,
+    splice: Mutex<Option<aya::maps::SockHash<MapData, u64>>>,
+    splice_peer: Mutex<HashMap<MapData, u64, warden_common::SplicePeer>>,
     /// The loaded object, for the per-cgroup programs attached at tag time.
     ebpf: Mutex<Option<Ebpf>>,
     links_dir: PathBuf,
@@ -277,7 +282,15 @@ pub fn install(settings: &Settings) -> Result<Kernel, BpfError> {
             _ => return Err(BpfError::MissingProgram { name }),
         }
     }
+    let splice = match splice::attach(&mut ebpf) {
+        Ok(hash) => Some(hash),
+        Err(e) => {
+            report.unavailable.push((names::SPLICE_PROGRAM, e));
+            None
+        }
+    };
     let mut kernel = Kernel::from_ebpf(&mut ebpf, report, logger)?;
+    kernel.splice = Mutex::new(splice);
     kernel.links_dir.clone_from(&links_dir);
     kernel.cgroup_root.clone_from(&settings.cgroup_root);
     kernel.ebpf = Mutex::new(Some(ebpf));
@@ -411,6 +424,8 @@ impl Kernel {
             lost: take(ebpf, names::LOST)?,
             logger: Mutex::new(logger),
             report,
+            splice: Mutex::new(None),
+            splice_peer: Mutex::new(take(ebpf, names::SPLICE_PEER)?),
             ebpf: Mutex::new(None),
             links_dir: PathBuf::new(),
             cgroup_root: PathBuf::new(),
@@ -635,6 +650,25 @@ impl EventReader {
         }
         guard.clear_ready();
         Ok(())
+    }
+}
+
+/// What is lost without an optional program, and the fix.
+pub fn without(program: &str) -> &'static str {
+    match program {
+        "warden_socket_create" => {
+            "non-IP sockets (vsock, packet) from tagged processes are not refused; enable BPF LSM (add `bpf` to \
+             the kernel's lsm= list) to close them"
+        }
+        "warden_setsockopt" => {
+            "routing socket options are not refused at setsockopt (their packets are still dropped on egress); \
+             a 6.x kernel takes this program"
+        }
+        names::SPLICE_PROGRAM => {
+            "opaque TCP sessions are relayed in user space instead of spliced in the kernel (needs \
+             CONFIG_BPF_STREAM_PARSER)"
+        }
+        _ => "see ARCHITECTURE.md, kernel hooks",
     }
 }
 

@@ -28,6 +28,13 @@ pub mod names {
     pub const DEPTH: &str = "WARDEN_DEPTH";
     /// Redirected sockets in flight per tagged cgroup (tagged cgroup id → count, `i64`).
     pub const INFLIGHT: &str = "WARDEN_INFLIGHT";
+    /// Spliced opaque TCP sessions: both sockets of each, by socket cookie (a sockhash).
+    pub const SPLICE: &str = "WARDEN_SPLICE";
+    /// Spliced socket cookie → [`SplicePeer`].
+    pub const SPLICE_PEER: &str = "WARDEN_SPLICE_PEER";
+    /// The stream verdict program attached to the splice map (not to a cgroup); without it, sessions are
+    /// relayed in user space.
+    pub const SPLICE_PROGRAM: &str = "warden_splice";
     /// Limits the daemon may override ([`Limits`], slot 0; zero fields mean the built-in defaults).
     pub const LIMITS: &str = "WARDEN_LIMITS";
     /// Attached only where the kernel takes them: the LSM hook needs BPF LSM enabled; the setsockopt hook
@@ -137,6 +144,17 @@ pub struct Depth {
 /// [`Limits::origins_per_cgroup`] says otherwise: a flood from one cgroup refuses only its own connects and
 /// cannot push other cgroups' origins out of the LRU origin map.
 pub const ORIGINS_PER_CGROUP: u32 = 4096;
+
+/// What the splice map's verdict program needs for one spliced socket: where its bytes go, and how many it
+/// has sent there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SplicePeer {
+    /// The peer socket's cookie (its key in the splice map).
+    pub peer: u64,
+    /// Bytes received on this socket and redirected to the peer.
+    pub bytes: u64,
+}
 
 /// Limits, in slot 0 of the limits map; 0 means the default.
 #[repr(C)]
@@ -251,6 +269,7 @@ const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<AllowKey>() == 18);
 const _: () = assert!(core::mem::size_of::<Depth>() == 16);
 const _: () = assert!(core::mem::size_of::<Limits>() == 8);
+const _: () = assert!(core::mem::size_of::<SplicePeer>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -265,4 +284,5 @@ mod pod {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::Depth {}
     unsafe impl aya::Pod for super::Limits {}
+    unsafe impl aya::Pod for super::SplicePeer {}
 }

@@ -34,13 +34,14 @@ use aya_ebpf::{
         bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id,
         bpf_skb_cgroup_id,
     },
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, lsm, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, lsm, map, sock_ops, stream_verdict},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash, lpm_trie::Key},
     programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext},
 };
 use warden_common::{
     AF_INET, AF_INET6, AF_NETLINK, AF_UNIX, AllowKey, Binding, Depth, Endpoint, Event, GUARD, Limits,
-    MAX_CGROUP_DEPTH, ORIGIN_CONNECTING, ORIGINS_PER_CGROUP, Origin, ProxyConfig, TargetRef, event,
+    MAX_CGROUP_DEPTH, ORIGIN_CONNECTING, ORIGINS_PER_CGROUP, Origin, ProxyConfig, SplicePeer, TargetRef,
+    event,
 };
 
 const ALLOW: i32 = 1;
@@ -808,6 +809,31 @@ fn to_proxy_port(ctx: &SockOpsContext) -> bool {
     // `bpf_ntohl(remote_port)` is the port).
     let port = u32::from_be(ctx.remote_port()) as u16;
     proxy().is_some_and(|p| (p.v4.port != 0 && port == p.v4.port) || (p.v6.port != 0 && port == p.v6.port))
+}
+
+/// Both sockets of each spliced session (the proxy's accepted client socket and its upstream socket).
+#[map(name = "WARDEN_SPLICE")]
+static SPLICE: SockHash<u64> = SockHash::pinned(65_536, 0);
+
+/// Each spliced socket's peer and byte count, by cookie.
+#[map(name = "WARDEN_SPLICE_PEER")]
+static SPLICE_PEER: LruHashMap<u64, SplicePeer> = LruHashMap::pinned(131_072, 0);
+
+const SK_PASS: u32 = 1;
+
+/// Bytes arriving on a spliced socket go straight out of its peer (no copy through user space), counted.
+/// A socket whose peer entry is gone (the daemon is ending the splice) passes its bytes to user space.
+#[stream_verdict]
+pub fn warden_splice(ctx: SkBuffContext) -> u32 {
+    // SAFETY: the context pointer is valid for the cookie helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let Some(p) = SPLICE_PEER.get_ptr_mut(&cookie) else { return SK_PASS };
+    // SAFETY: a live map value, 8-byte aligned; the byte count is only changed with atomic adds.
+    let peer = unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*p).bytes, u64::from(ctx.len()));
+        (*p).peer
+    };
+    SPLICE.redirect_skb(&ctx, peer, 0) as u32
 }
 
 #[cfg(not(test))]
