@@ -107,8 +107,7 @@ impl Kernel {
         SplicedBytes { a_to_b: bytes(s.a), b_to_a: bytes(s.b) }
     }
 
-    /// Ends a splice and returns its final byte counts: bytes arriving afterwards reach user space again (the
-    /// caller then relays them, or shuts both sockets to cut the session).
+    /// Ends a splice and returns its final byte counts; the caller then closes (or shuts down) both sockets.
     pub fn unsplice(&self, s: &Splice) -> SplicedBytes {
         let bytes = self.spliced_bytes(s);
         // The peer entries first: the verdict program passes bytes up once its entry is gone.

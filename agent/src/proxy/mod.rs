@@ -214,7 +214,7 @@ impl Proxy {
         });
         let until = admission.until.unwrap_or_else(|| Box::pin(std::future::pending()));
         let reason: String = tokio::select! {
-            r = Self::run(&self.kernel, &mut client, upstream, &counters) => r,
+            r = Self::run(&mut client, upstream, &counters) => r,
             why = until => why,
             () = kill.cancelled() => "killed_by_operator".into(),
             () = self.audit_failed.cancelled() => "audit_unavailable".into(),
@@ -239,7 +239,6 @@ impl Proxy {
 
     /// Runs the protocol handler over the upstream connection; returns why it finished.
     async fn run(
-        kernel: &Kernel,
         client: &mut TcpStream,
         upstream: Result<std::io::Result<TcpStream>, tokio::time::error::Elapsed>,
         counters: &tcp::Counters,
@@ -254,11 +253,6 @@ impl Proxy {
         };
         let _ = upstream.set_nodelay(true);
         let _ = client.set_nodelay(true);
-        // Opaque TCP is spliced in the kernel where it can be; relayed in user space otherwise.
-        if let Some(finished) = crate::protocol::splice::relay(kernel, client, &mut upstream, counters).await
-        {
-            return finished.reason().into();
-        }
         tcp::relay(client, &mut upstream, counters).await.reason().into()
     }
 }
