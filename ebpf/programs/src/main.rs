@@ -825,6 +825,11 @@ const SK_PASS: u32 = 1;
 /// A socket whose peer entry is gone (the daemon is ending the splice) passes its bytes to user space.
 #[stream_verdict]
 pub fn warden_splice(ctx: SkBuffContext) -> u32 {
+    // An empty segment (the FIN) stays with its own socket: end of stream is the handler's to pass on, after
+    // the bytes before it, and redirecting it would fail on a peer whose sending side is already shut.
+    if ctx.len() == 0 {
+        return SK_PASS;
+    }
     // SAFETY: the context pointer is valid for the cookie helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     let Some(p) = SPLICE_PEER.get_ptr_mut(&cookie) else { return SK_PASS };
