@@ -382,3 +382,53 @@ fn tagging_ends_connections_made_before() {
     // New connections from the cgroup are governed as usual.
     assert_reached(&cg.probe_as_nobody(&["connect", "127.0.0.5", &db.addr.port().to_string()]), "db");
 }
+
+/// The tag depth range the kernel programs look at.
+fn tag_depth(w: &crate::harness::Warden) -> warden_common::Depth {
+    let data = aya::maps::MapData::from_pin(w.bpffs.join("maps/WARDEN_DEPTH")).expect("pinned depth map");
+    let map: aya::maps::Array<_, warden_common::Depth> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("depth map type");
+    map.get(&0, 0).expect("depth slot")
+}
+
+/// Untagged processes pay only for the cgroup levels that hold tags: the range follows tagging and
+/// untagging, and a process anywhere below a tagged cgroup, at any depth, is still governed.
+#[test]
+fn the_tag_depth_range_covers_every_tag_and_nothing_else() {
+    if !privileged("the_tag_depth_range_covers_every_tag_and_nothing_else") {
+        return;
+    }
+    let idp = Idp::start();
+    let db = Server::start("127.0.0.5", "db");
+    let other = Server::start("127.0.0.6", "other");
+    let op = other.addr.port().to_string();
+    let w = setup("depth", &idp, &db, &[]);
+    // The test's cgroups: <root>/warden-test/depth-PID/... (level 2), so "a" is level 3.
+    let a = w.cgroup("a");
+    let deep = w.cgroup("b/c/d");
+    let level = |cg: &TestCgroup| u32::try_from(cg.rel().matches('/').count()).unwrap();
+    let (la, ld) = (level(&a), level(&deep));
+    let d = tag_depth(&w);
+    assert!(d.known == 0 || d.lo > d.hi, "no tags yet: {d:?}");
+    w.tag(&a, "bot");
+    let d = tag_depth(&w);
+    assert_eq!((d.known, d.lo, d.hi), (1, la, la), "{d:?}");
+    // A process two levels below the tagged cgroup is found through its ancestor at the tagged level.
+    let below = w.cgroup("a/x/y");
+    let v = below.probe_as_nobody(&["connect", "127.0.0.6", &op]);
+    assert_eq!(errno(&v), Some(EPERM), "below a tagged cgroup: {v}");
+    w.tag(&deep, "bot");
+    let d = tag_depth(&w);
+    assert_eq!((d.lo, d.hi), (la, ld), "{d:?}");
+    let v = deep.probe_as_nobody(&["connect", "127.0.0.6", &op]);
+    assert_eq!(errno(&v), Some(EPERM), "the deeper tag: {v}");
+    let out = w.cli(&["untag", a.path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let d = tag_depth(&w);
+    assert_eq!((d.lo, d.hi), (ld, ld), "narrowed to the remaining tag: {d:?}");
+    // Untagged now: passes (the non-target is reachable for untagged processes).
+    assert_reached(&below.probe_as_nobody(&["connect", "127.0.0.6", &op]), "other");
+    let v = deep.probe_as_nobody(&["connect", "127.0.0.6", &op]);
+    assert_eq!(errno(&v), Some(EPERM), "still tagged: {v}");
+    drop(below);
+}
