@@ -93,6 +93,31 @@ impl Endpoint {
         Self::new([u32::MAX; 4], port)
     }
 
+    /// The IPv4 endpoints (mapped, same port) this IPv6 address embeds, that a relay or tunnel on the path
+    /// turns it into: 6to4 (`2002:V4::/48`), Teredo (`2001:0:SERVER::` with the client obfuscated in the
+    /// last 32 bits: both), ISATAP (interface id `0:5efe:V4` or `200:5efe:V4`, under any prefix).
+    #[expect(clippy::inline_always, reason = "called from the kernel programs, where it must be inlined")]
+    #[inline(always)]
+    pub fn embedded_v4(&self) -> [Option<Self>; 2] {
+        if self.is_v4_mapped() {
+            return [None, None];
+        }
+        let w0 = self.ip[0].to_ne_bytes();
+        let w1 = self.ip[1].to_ne_bytes();
+        let w2 = self.ip[2].to_ne_bytes();
+        if w0[0] == 0x20 && w0[1] == 0x02 {
+            let v4 = u32::from_ne_bytes([w0[2], w0[3], w1[0], w1[1]]);
+            return [Some(Self::mapped(v4, self.port)), None];
+        }
+        if w0 == [0x20, 0x01, 0, 0] {
+            return [Some(Self::mapped(self.ip[1], self.port)), Some(Self::mapped(!self.ip[3], self.port))];
+        }
+        if (w2[0] == 0 || w2[0] == 2) && w2[1] == 0 && w2[2] == 0x5e && w2[3] == 0xfe {
+            return [Some(Self::mapped(self.ip[3], self.port)), None];
+        }
+        [None, None]
+    }
+
     /// An address that always means this host: IPv4 0.0.0.0/8 and 127.0.0.0/8 (plain or mapped),
     /// IPv6 `::` and `::1`.
     pub const fn is_this_host(&self) -> bool {
@@ -270,6 +295,39 @@ const _: () = assert!(core::mem::size_of::<AllowKey>() == 18);
 const _: () = assert!(core::mem::size_of::<Depth>() == 16);
 const _: () = assert!(core::mem::size_of::<Limits>() == 8);
 const _: () = assert!(core::mem::size_of::<SplicePeer>() == 16);
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::Endpoint;
+
+    fn v6(s: &str, port: u16) -> Endpoint {
+        let a: std::net::Ipv6Addr = s.parse().unwrap();
+        let o = a.octets();
+        let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+        Endpoint::new([w(0), w(4), w(8), w(12)], port)
+    }
+
+    fn v4(a: [u8; 4], port: u16) -> Endpoint {
+        Endpoint::mapped(u32::from_ne_bytes(a), port)
+    }
+
+    #[test]
+    fn embedded_ipv4_targets_are_found_in_6to4_teredo_and_isatap() {
+        let t = [127, 0, 0, 5];
+        assert_eq!(v6("2002:7f00:5::1", 80).embedded_v4(), [Some(v4(t, 80)), None]);
+        assert_eq!(v6("2002:7f00:5:ffff::abcd", 80).embedded_v4(), [Some(v4(t, 80)), None]);
+        assert_eq!(v6("2001:0:7f00:5::1", 80).embedded_v4()[0], Some(v4(t, 80)));
+        assert_eq!(v6("2001:0:a00:1::80ff:fffa", 80).embedded_v4()[1], Some(v4(t, 80)));
+        assert_eq!(v6("2001:db8::5efe:7f00:5", 80).embedded_v4(), [Some(v4(t, 80)), None]);
+        assert_eq!(v6("fe80::200:5efe:7f00:5", 80).embedded_v4(), [Some(v4(t, 80)), None]);
+        for none in ["2001:db8::1", "::1", "64:ff9b::7f00:5", "2003::1"] {
+            assert_eq!(v6(none, 80).embedded_v4(), [None, None], "{none}");
+        }
+        assert_eq!(v4(t, 80).embedded_v4(), [None, None]);
+    }
+}
 
 #[cfg(feature = "user")]
 mod pod {

@@ -234,35 +234,10 @@ fn shadows_target(e: &Endpoint) -> bool {
     }
 }
 
-/// The IPv4 endpoints an IPv6 address embeds (as mapped endpoints on the same port): 6to4 (2002:V4::/48),
-/// Teredo (2001:0:SERVER::~CLIENT, both the server and the de-obfuscated client) and ISATAP (any prefix,
-/// interface id 0:5efe:V4 or 200:5efe:V4). A relay or tunnel on the path turns them into that IPv4
-/// destination.
-#[inline(always)]
-fn embedded_v4(e: &Endpoint) -> [Option<Endpoint>; 2] {
-    if e.is_v4_mapped() {
-        return [None, None];
-    }
-    let w0 = e.ip[0].to_ne_bytes();
-    let w1 = e.ip[1].to_ne_bytes();
-    let w2 = e.ip[2].to_ne_bytes();
-    if w0[0] == 0x20 && w0[1] == 0x02 {
-        let v4 = u32::from_ne_bytes([w0[2], w0[3], w1[0], w1[1]]);
-        return [Some(Endpoint::mapped(v4, e.port)), None];
-    }
-    if w0 == [0x20, 0x01, 0, 0] {
-        return [Some(Endpoint::mapped(e.ip[1], e.port)), Some(Endpoint::mapped(!e.ip[3], e.port))];
-    }
-    if (w2[0] == 0 || w2[0] == 2) && w2[1] == 0 && w2[2] == 0x5e && w2[3] == 0xfe {
-        return [Some(Endpoint::mapped(e.ip[3], e.port)), None];
-    }
-    [None, None]
-}
-
 /// True when `e` embeds an IPv4 endpoint that is a target, a guard, or this host on a target's port.
 #[inline(always)]
 fn embeds_target(e: &Endpoint) -> bool {
-    for v4 in embedded_v4(e).iter().flatten() {
+    for v4 in e.embedded_v4().iter().flatten() {
         // SAFETY: read-only lookup of a Copy value.
         if unsafe { TARGETS.get(v4) }.is_some() || shadows_target(v4) {
             return true;
