@@ -1,7 +1,8 @@
 //! The proxy through its seams, in process and without root: a stand-in origin source and a stand-in gate,
 //! the real opaque-TCP handler and audit writer, real loopback sockets. Allowed (bytes relayed, the
 //! session recorded), refused (the client sees a reset, `session.refused` with the code), killed
-//! mid-session (`killed_by_operator`), cut by a policy change and then killed (the first cause is recorded).
+//! mid-session (`killed_by_operator`), cut by a policy change and then killed (the first cause is recorded),
+//! and a target kind without a handler (refused at the hello, code `protocol`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,13 +19,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warden::audit::{Audit, AuditOptions};
 use warden::origin::{ConnOrigin, Origins};
-use warden::policy::{Access, Approval, Target, TargetKind, Terms};
+use warden::policy::{Access, Approval, SshLogin, SshTarget, Target, TargetKind, Terms};
 use warden::protocol::{Ask, Authorize, End, Handlers, Hello, IdentityView, Refusal, RefusalCode, Session};
 use warden::proxy::{Admission, Gate, Proxy, Sessions};
 
 /// What the stand-in gate does, chosen by the origin's uid.
 const ALLOW: u32 = 1;
 const REFUSE: u32 = 2;
+/// Redirected for an SSH target, whose handler this build does not have yet.
+const SSH: u32 = 3;
 
 /// Origins the test registers by the client's local address before it connects.
 #[derive(Default)]
@@ -65,11 +68,25 @@ impl Gate for StandInGate {
         if origin.dst != self.upstream {
             return Err(Refusal::new(RefusalCode::UnknownTarget, "not the echo target"));
         }
+        let kind = if origin.uid == SSH {
+            TargetKind::Ssh(SshTarget {
+                host_key: Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPlaceholder".into()),
+                host_ca: None,
+                credentials: SshLogin {
+                    user: "deploy".into(),
+                    private_key_file: None,
+                    certificate_file: None,
+                    password_file: None,
+                },
+            })
+        } else {
+            TargetKind::Tcp
+        };
         Ok(Arc::new(Target {
             name: "echo".into(),
             host: self.upstream.ip().to_string(),
             port: self.upstream.port(),
-            kind: TargetKind::Tcp,
+            kind,
         }))
     }
 
@@ -260,6 +277,23 @@ async fn a_refused_session_is_reset_and_recorded_with_its_code() {
     assert_eq!(refused[0]["decision"], "deny");
     assert_eq!(refused[0]["target"], "echo");
     assert!(find(&records, "session.start", REFUSE).is_empty(), "{records:?}");
+}
+
+#[tokio::test]
+async fn a_target_kind_without_a_handler_is_refused_at_the_hello() {
+    let rig = rig().await;
+    let mut client = rig.connect(SSH).await;
+    let mut buf = [0u8; 16];
+    let err = client.read(&mut buf).await.expect_err("refused with a reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    drop(client);
+
+    let records = rig.records().await;
+    let refused = find(&records, "session.refused", SSH);
+    assert_eq!(refused.len(), 1, "{records:?}");
+    assert_eq!(refused[0]["code"], "protocol");
+    assert!(refused[0]["reason"].as_str().unwrap().contains("speaks ssh"), "{:?}", refused[0]);
+    assert!(find(&records, "session.start", SSH).is_empty(), "{records:?}");
 }
 
 #[tokio::test]

@@ -886,7 +886,7 @@ an environment variable: proxy CPU per GiB over 1 connection was 0.68 s and 0.68
 per-direction buffers, 0.62 s and 0.44 s with 128 KiB, 0.48 s with 256 KiB, and 0.62 s with tokio's \
 `copy_bidirectional_with_sizes` at 128 KiB; haproxy took 0.76–1.10 s in the same runs, and Warden's Gbit/s \
 was above haproxy's in every one of them. Larger buffers may save some CPU, but the runs scatter as much as \
-the differences and each session would hold 4–8 times the memory, so `agent/src/protocol/tcp.rs` keeps \
+the differences and each session would hold 4–8 times the memory, so `agent/src/protocol/tcp/relay.rs` keeps \
 32 KiB.\n\n\
 ### Where a Warden connection's set-up goes (one-off measurement, not repeated by this command)\n\n\
 `strace -f -c` on the daemon for 8 s of the sequential latency loop (647 connections): 1274 `fdatasync` \

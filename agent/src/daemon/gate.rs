@@ -158,3 +158,45 @@ fn within(terms: &crate::policy::Terms, ask: &Ask<'_>) -> Result<(), String> {
         Ask::Shell | Ask::Forward { .. } | Ask::Subsystem { .. } => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::policy::{Access, Approval, Terms};
+
+    fn terms(commands: Option<Vec<String>>, forward: bool, sftp: bool) -> Terms {
+        Terms {
+            rule: "ops".into(),
+            target: "build-host".into(),
+            access: Access::Exec,
+            ttl: Duration::from_secs(60),
+            mask: Vec::new(),
+            approval: Approval::None,
+            commands,
+            forward,
+            sftp,
+        }
+    }
+
+    #[test]
+    fn asks_are_checked_against_the_terms() {
+        let open = terms(None, false, false);
+        assert!(within(&open, &Ask::Exec { command: "uptime" }).is_ok());
+        assert!(within(&open, &Ask::Shell).is_ok());
+        assert!(within(&open, &Ask::Forward { what: "direct-tcpip" }).unwrap_err().contains("forward: true"));
+        assert!(within(&open, &Ask::Subsystem { name: "sftp" }).unwrap_err().contains("sftp: true"));
+        assert!(within(&open, &Ask::Subsystem { name: "other" }).is_err());
+
+        let wide = terms(None, true, true);
+        assert!(within(&wide, &Ask::Forward { what: "direct-tcpip" }).is_ok());
+        assert!(within(&wide, &Ask::Subsystem { name: "sftp" }).is_ok());
+
+        // With an allow-list no shell runs; commands go through protocol::ssh::command_allowed (a
+        // placeholder that refuses every command until the SSH handler lands).
+        let listed = terms(Some(vec!["uptime".into()]), false, false);
+        assert!(within(&listed, &Ask::Shell).is_err());
+        assert!(within(&listed, &Ask::Exec { command: "rm -rf /" }).is_err());
+    }
+}

@@ -1,6 +1,9 @@
-//! `warden run` and `warden check`: validates everything, installs (or adopts) the kernel programs,
-//! fills their maps from config and policy, starts the audit writer, the proxy listeners, the kernel
-//! event reader and the control socket, and keeps the kernel's view in step with bindings and policy.
+//! The daemon's wiring (`run`): installs (or adopts) the kernel programs, fills their maps from config and
+//! policy, starts the audit writer, the proxy listeners, the kernel event reader and the control socket,
+//! keeps the kernel's view and the live sessions in step with the policy, and stops. Its jobs, one file
+//! each: the gate (`gate.rs`), target resolution and guards (`targets.rs`), reserved proxy ports
+//! (`reserved_ports.rs`), kernel events and their rate limit (`events.rs`), the control handler
+//! (`handler.rs`), tagging (`tagging.rs`) and the bindings file (`bindings.rs`).
 
 mod bindings;
 mod events;

@@ -13,6 +13,7 @@
 //! - `setsockopt` refuses options that route packets elsewhere (IPv6 routing headers, IPv4 source routes);
 //!   `egress` drops packets that carry them anyway (set through ancillary data).
 //! - `sock_release` forgets origins of sockets that closed before sock_ops could see them.
+//!
 //! Untagged processes pay one tag-map lookup per cgroup level that holds tags (`WARDEN_DEPTH`), and are
 //! never changed; sockets not connected to the proxy's port leave sock_ops and getpeername at once.
 #![no_std]
@@ -150,16 +151,13 @@ fn take_share(tagged_cgroup: u64) -> bool {
         Some(l) if l.origins_per_cgroup != 0 => l.origins_per_cgroup,
         _ => ORIGINS_PER_CGROUP,
     };
-    let ptr = match INFLIGHT.get_ptr_mut(&tagged_cgroup) {
-        Some(p) => p,
-        None => {
-            // Another CPU may create it first: that is fine, the lookup below finds it.
-            let _ = INFLIGHT.insert(&tagged_cgroup, &0, u64::from(BPF_NOEXIST));
-            match INFLIGHT.get_ptr_mut(&tagged_cgroup) {
-                Some(p) => p,
-                None => return false,
-            }
-        }
+    let ptr = if let Some(p) = INFLIGHT.get_ptr_mut(&tagged_cgroup) {
+        p
+    } else {
+        // Another CPU may create it first: that is fine, the lookup below finds it.
+        let _ = INFLIGHT.insert(&tagged_cgroup, &0, u64::from(BPF_NOEXIST));
+        let Some(p) = INFLIGHT.get_ptr_mut(&tagged_cgroup) else { return false };
+        p
     };
     // SAFETY: a pointer to a live map value, 8-byte aligned; the kernel programs only touch it with
     // atomic adds, so a racing CPU can overshoot the cap by at most one per CPU.
@@ -283,8 +281,8 @@ fn report(kind: u32, tag: (u64, Binding), dst: &Endpoint, family: u32, sock_type
 /// Reads the destination of a sock_addr context as an endpoint.
 #[inline(always)]
 unsafe fn destination(sa: *const bpf_sock_addr, v6: bool) -> Endpoint {
-    // SAFETY (caller): `sa` is the program's context. Each field is read with its natural 4-byte width,
-    // as the verifier requires.
+    // SAFETY: the caller passes the program's own context as `sa` (this function's contract). Each field
+    // is read with its natural 4-byte width, as the verifier requires.
     unsafe {
         let port = u16::from_be((*sa).user_port as u16);
         if v6 {
@@ -306,8 +304,8 @@ unsafe fn destination(sa: *const bpf_sock_addr, v6: bool) -> Endpoint {
 /// Rewrites the destination of a sock_addr context.
 #[inline(always)]
 unsafe fn rewrite(sa: *mut bpf_sock_addr, v6: bool, to: &Endpoint) {
-    // SAFETY (caller): `sa` is the program's context; user_ip4/user_ip6/user_port are writable in
-    // connect and getpeername hooks, with 4-byte stores.
+    // SAFETY: the caller passes the program's own context as `sa`, in a connect or getpeername hook
+    // (this function's contract), where user_ip4/user_ip6/user_port are writable with 4-byte stores.
     unsafe {
         if v6 {
             core::ptr::write_volatile(&raw mut (*sa).user_ip6[0], to.ip[0]);

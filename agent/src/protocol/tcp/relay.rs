@@ -20,17 +20,6 @@ pub enum Finished {
     UpstreamError,
 }
 
-impl Finished {
-    pub fn reason(self) -> &'static str {
-        match self {
-            Self::ClientClosed => "client_closed",
-            Self::UpstreamClosed => "upstream_closed",
-            Self::ClientError => "client_error",
-            Self::UpstreamError => "upstream_error",
-        }
-    }
-}
-
 impl From<Finished> for End {
     fn from(f: Finished) -> Self {
         match f {
