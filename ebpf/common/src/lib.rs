@@ -345,7 +345,10 @@ mod pod {
     unsafe impl aya::Pod for super::Origin {}
     // SAFETY: #[repr(C)] integers and explicit padding only (sizes checked above): any bit pattern is valid.
     unsafe impl aya::Pod for super::Event {}
+    // SAFETY: #[repr(C)] integers and explicit padding only (sizes checked above): any bit pattern is valid.
     unsafe impl aya::Pod for super::Depth {}
+    // SAFETY: #[repr(C)] integers and explicit padding only (sizes checked above): any bit pattern is valid.
     unsafe impl aya::Pod for super::Limits {}
+    // SAFETY: #[repr(C)] integers and explicit padding only (sizes checked above): any bit pattern is valid.
     unsafe impl aya::Pod for super::SplicePeer {}
 }
