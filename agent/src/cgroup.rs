@@ -77,6 +77,13 @@ pub fn id(path: &Path) -> Result<u64, CgroupError> {
     }
 }
 
+/// How many levels below the root a cgroup is (the root is level 0), as the kernel's ancestor helpers
+/// count them.
+pub fn level(root: &Path, path: &Path) -> u32 {
+    let depth = path.strip_prefix(root).map_or(0, |rel| rel.components().count());
+    u32::try_from(depth).unwrap_or(u32::MAX)
+}
+
 /// Checks a cgroup may be tagged: it exists, is under the root, not too deep, and does not contain us.
 pub fn check_taggable(root: &Path, path: &Path) -> Result<u64, CgroupError> {
     let id = id(path)?;

@@ -25,4 +25,5 @@ pub mod origin;
 pub mod policy;
 pub mod protocol;
 pub mod proxy;
+pub mod sockdiag;
 pub mod timestamp;

@@ -24,6 +24,14 @@ probe.py cgroup-escape DIR...        write our pid into DIR/cgroup.procs, and mk
 probe.py spin HOST PORT SECS N       leave N detached children retrying connect for SECS, then exit at once
 probe.py autobind PORT SECS          listen() on unbound sockets until the kernel picks PORT (or SECS pass)
 probe.py flood HOST PORT N           N connects (non-blocking, each closed at once); counts the outcomes
+probe.py rthdr HOST PORT SEG         UDP to [HOST]:PORT with an IPv6 segment routing header through SEG: as a
+                                     socket option (IPV6_RTHDR), then as ancillary data on sendmsg
+probe.py ipopts HOST PORT HOP|rr     UDP to HOST:PORT with IPv4 options (a loose source route through HOP, or
+                                     record-route): as IP_OPTIONS, then as ancillary data (IP_RETOPTS) on sendmsg
+probe.py sniff IFACE                 (root) record the IPv4/IPv6 packets seen on IFACE until a line on stdin
+probe.py hold-many HOST PORT N       N blocking connects kept open; counts the outcomes; hold until a line on stdin
+probe.py pretag HOST PORT UHOST UPORT   a TCP connection (greeting read) and a connected UDP socket; after a
+                                     line on stdin, use both again and report how that went
 """
 import ctypes, errno as errnos, json, os, socket, struct, sys, threading, time
 
@@ -345,5 +353,123 @@ elif op == "flood":
         counts[k] = counts.get(k, 0) + 1
         s.close()
     out(ok=True, counts=counts)
+elif op in ("rthdr", "ipopts"):
+    host, port, via = args[0], int(args[1]), args[2]
+    if op == "rthdr":
+        fam, level, name = socket.AF_INET6, socket.IPPROTO_IPV6, 57  # IPV6_RTHDR
+        # struct ipv6_sr_hdr: nexthdr, hdrlen (8-octet units after the first 8), type 4, segments_left 1,
+        # last_entry 1, flags, tag; then segments[0] (the final destination, filled in by the kernel) and
+        # segments[1] (the first hop).
+        opt = bytes([0, 4, 4, 1, 1, 0, 0, 0]) + socket.inet_pton(fam, host) + socket.inet_pton(fam, via)
+        cmsg_level, cmsg_type = socket.IPPROTO_IPV6, 57
+    else:
+        fam, level, name = socket.AF_INET, socket.IPPROTO_IP, 4  # IP_OPTIONS
+        # Unprivileged users may not set source routes (LSRR/SSRR need CAP_NET_RAW on current kernels), but
+        # any other option still shapes the packet: a record-route option (type 7, length 7, pointer 4,
+        # one empty slot) if VIA is "rr", else a loose source route through VIA (type 131).
+        if via == "rr":
+            opt = bytes([7, 7, 4, 0, 0, 0, 0, 0])
+        else:
+            opt = bytes([131, 7, 4]) + socket.inet_aton(via) + bytes([0])
+        cmsg_level, cmsg_type = socket.IPPROTO_IP, 7  # IP_RETOPTS
+    res = {}
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(level, name, opt)
+        res["sockopt"] = {"ok": True}
+        try:
+            s.sendto(b"routed-sockopt", (host, port))
+            res["sockopt_send"] = {"ok": True}
+        except OSError as e:
+            res["sockopt_send"] = err(e)
+    except OSError as e:
+        res["sockopt"] = err(e)
+    s.close()
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    try:
+        s.sendmsg([b"routed-cmsg"], [(cmsg_level, cmsg_type, opt)], 0, (host, port))
+        res["cmsg"] = {"ok": True}
+    except OSError as e:
+        res["cmsg"] = err(e)
+    s.close()
+    # Control: the same destination without any option.
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    try:
+        s.sendto(b"plain", (host, port))
+        res["plain"] = {"ok": True}
+    except OSError as e:
+        res["plain"] = err(e)
+    out(ok=True, **res)
+elif op == "sniff":
+    import select
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    s.bind((args[0], 0))
+    out(ready=True)
+    seen = []
+    def take(data):
+        pkt = data[14:]  # loopback frames carry a zeroed Ethernet header
+        if not pkt:
+            return
+        v = pkt[0] >> 4
+        if v == 6 and len(pkt) >= 40:
+            seen.append({"v": 6, "dst": socket.inet_ntop(socket.AF_INET6, pkt[24:40]), "nh": pkt[6]})
+        elif v == 4 and len(pkt) >= 20:
+            seen.append({"v": 4, "dst": socket.inet_ntop(socket.AF_INET, pkt[16:20]), "ihl": pkt[0] & 15})
+    while True:
+        r, _, _ = select.select([s, sys.stdin], [], [])
+        if s in r:
+            take(s.recv(65535))
+        if sys.stdin in r:
+            sys.stdin.readline()
+            s.setblocking(False)
+            try:
+                while True:
+                    take(s.recv(65535))
+            except BlockingIOError:
+                pass
+            break
+    out(ok=True, seen=seen)
+elif op == "hold-many":
+    host, port, n = args[0], int(args[1]), int(args[2])
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    counts, held = {}, []
+    for _ in range(n):
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.settimeout(10)
+        try:
+            s.connect((host, port))
+            k = "ok"
+            held.append(s)
+        except OSError as e:
+            k = errnos.errorcode.get(e.errno, str(e.errno))
+            s.close()
+        counts[k] = counts.get(k, 0) + 1
+    out(ok=True, counts=counts)
+    sys.stdin.readline()
+    for s in held:
+        s.close()
+    out(ok=True, closed=len(held))
+elif op == "pretag":
+    t = socket.create_connection((args[0], int(args[1])), timeout=10)
+    greeting = t.recv(200).decode(errors="replace")
+    u = socket.socket(socket.AF_INET6 if ":" in args[2] else socket.AF_INET, socket.SOCK_DGRAM)
+    u.connect((args[2], int(args[3])))
+    u.send(b"before")
+    out(ready=True, greeting=greeting)
+    sys.stdin.readline()
+    res = {}
+    try:
+        t.sendall(b"after\n")
+        data = t.recv(200)
+        res["tcp"] = {"ok": bool(data), "data": data.decode(errors="replace")}
+    except OSError as e:
+        res["tcp"] = err(e)
+    try:
+        u.send(b"after")
+        u.send(b"after")
+        res["udp"] = {"ok": True}
+    except OSError as e:
+        res["udp"] = err(e)
+    out(ok=True, **res)
 else:
     out(ok=False, error=f"unknown op {op}")

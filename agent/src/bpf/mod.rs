@@ -5,9 +5,13 @@
 //! re-opens what is pinned and attaches only what is missing, so a restart (even after `kill -9`) never
 //! has a window without enforcement. Only [`uninstall`] unpins.
 
+mod splice;
+pub use splice::{Splice, SplicedBytes};
+
 use std::collections::HashSet;
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -17,10 +21,12 @@ use aya::EbpfLoader;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, Program, ProgramError};
+use aya::programs::{CgroupAttachMode, CgroupSkbAttachType, Program, ProgramError};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use warden_common::{AllowKey, Binding, Endpoint, Event, Origin, ProxyConfig, TargetRef, names};
+use warden_common::{
+    AllowKey, Binding, Depth, Endpoint, Event, MAX_CGROUP_DEPTH, Origin, ProxyConfig, TargetRef, names,
+};
 
 /// The kernel programs, built by build.rs from ebpf/programs (empty when built without the toolchain).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/warden-ebpf.o"));
@@ -106,15 +112,62 @@ pub struct InstallReport {
 /// The loaded maps. Cheap lookups take `&self`; updates go through short, synchronous locks that are
 /// never held across an await.
 pub struct Kernel {
-    tags: Mutex<HashMap<MapData, u64, Binding>>,
+    tags: Mutex<Tags>,
     targets: Mutex<HashMap<MapData, Endpoint, TargetRef>>,
     allow: Mutex<LpmTrie<MapData, AllowKey, u32>>,
     proxy: Mutex<Array<MapData, ProxyConfig>>,
     by_addr: HashMap<MapData, Endpoint, Origin>,
+    inflight: Mutex<HashMap<MapData, u64, i64>>,
     events: Mutex<Option<RingBuf<MapData>>>,
     lost: PerCpuArray<MapData, u64>,
     logger: Mutex<Option<KernelLogger>>,
     pub report: InstallReport,
+    splice: Mutex<Option<aya::maps::SockHash<MapData, u64>>>,
+    splice_peer: Mutex<HashMap<MapData, u64, warden_common::SplicePeer>>,
+    /// The loaded object, for the per-cgroup programs attached at tag time.
+    ebpf: Mutex<Option<Ebpf>>,
+    links_dir: PathBuf,
+    cgroup_root: PathBuf,
+}
+
+/// The tag map, the depth map, and the level of each tag this daemon set (under one lock, so the depth
+/// range always covers every tag in the map).
+struct Tags {
+    map: HashMap<MapData, u64, Binding>,
+    depth: Array<MapData, Depth>,
+    levels: std::collections::HashMap<u64, u32>,
+}
+
+impl Tags {
+    /// The range covering `levels`, or every level if the map holds a tag of unknown level (one a
+    /// previous daemon set and this one has not re-applied yet).
+    fn exact(&self) -> Depth {
+        let all_known = self.map.keys().filter_map(Result::ok).all(|k| self.levels.contains_key(&k));
+        if !all_known {
+            return Depth::default();
+        }
+        let lo = self.levels.values().copied().min();
+        let hi = self.levels.values().copied().max();
+        match (lo, hi) {
+            (Some(lo), Some(hi)) => Depth { known: 1, lo, hi, pad: 0 },
+            _ => Depth { known: 1, lo: 1, hi: 0, pad: 0 },
+        }
+    }
+
+    fn write_depth(&mut self, d: Depth) -> Result<(), BpfError> {
+        self.depth.set(0, d, 0).map_err(map_err(names::DEPTH))
+    }
+
+    /// The current range widened to include `level` (a range not yet known stays "every level").
+    fn widened(&self, level: u32) -> Depth {
+        match self.depth.get(&0, 0) {
+            Ok(d) if d.known != 0 && d.lo <= d.hi => {
+                Depth { known: 1, lo: d.lo.min(level), hi: d.hi.max(level), pad: 0 }
+            }
+            Ok(d) if d.known != 0 => Depth { known: 1, lo: level, hi: level, pad: 0 },
+            _ => Depth::default(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Kernel {
@@ -220,7 +273,28 @@ pub fn install(settings: &Settings) -> Result<Kernel, BpfError> {
     std::fs::write(&hash_file, &embedded)
         .map_err(|source| BpfError::Io { path: hash_file.clone(), source })?;
     let logger = attach_logger(&links_dir);
-    Kernel::from_ebpf(&mut ebpf, report, logger)
+    // Per-cgroup programs are loaded now and attached when a cgroup is tagged.
+    for &name in names::PER_CGROUP {
+        match ebpf.program_mut(name) {
+            Some(Program::CgroupSkb(p)) => {
+                p.load().map_err(|source| BpfError::Program { name, source: Box::new(source) })?;
+            }
+            _ => return Err(BpfError::MissingProgram { name }),
+        }
+    }
+    let splice = match splice::attach(&mut ebpf) {
+        Ok(hash) => Some(hash),
+        Err(e) => {
+            report.unavailable.push((names::SPLICE_PROGRAM, e));
+            None
+        }
+    };
+    let mut kernel = Kernel::from_ebpf(&mut ebpf, report, logger)?;
+    kernel.splice = Mutex::new(splice);
+    kernel.links_dir.clone_from(&links_dir);
+    kernel.cgroup_root.clone_from(&settings.cgroup_root);
+    kernel.ebpf = Mutex::new(Some(ebpf));
+    Ok(kernel)
 }
 
 /// The kernel programs' log (aya-log), found through the running connect4 program (adopted or new),
@@ -253,6 +327,18 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin: &Path) -> Res
         Program::CgroupSockAddr(p) => cgroup_link!(p),
         Program::CgroupSock(p) => cgroup_link!(p),
         Program::SockOps(p) => cgroup_link!(p),
+        Program::CgroupSockopt(p) => {
+            // aya 0.14 cannot turn a sockopt link into an FdLink (to pin it): make the link here.
+            p.load().map_err(perr)?;
+            let prog = p.fd().map_err(perr)?;
+            return pin_raw_link(prog.as_fd(), cgroup.as_fd(), BPF_CGROUP_SETSOCKOPT, pin)
+                .map_err(|e| pin_err(format!("creating the link: {e}")));
+        }
+        Program::CgroupSkb(p) => {
+            p.load().map_err(perr)?;
+            let id = p.attach(cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::Single).map_err(perr)?;
+            FdLink::try_from(p.take_link(id).map_err(perr)?).map_err(|e| pin_err(e.to_string()))?
+        }
         Program::Lsm(p) => {
             let btf = Btf::from_sys_fs().map_err(|e| pin_err(format!("kernel BTF unavailable: {e}")))?;
             p.load("socket_create", &btf).map_err(perr)?;
@@ -262,6 +348,51 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin: &Path) -> Res
         _ => return Err(BpfError::MissingProgram { name }),
     };
     link.pin(pin).map_err(|e| pin_err(e.to_string()))?;
+    Ok(())
+}
+
+/// `bpf_attach_type` of cgroup/setsockopt programs (uapi/linux/bpf.h).
+const BPF_CGROUP_SETSOCKOPT: u32 = 22;
+
+/// Creates a BPF link attaching `prog` to the cgroup `target` and pins it at `pin` (BPF_LINK_CREATE then
+/// BPF_OBJ_PIN); the link's own descriptor is closed, so the pin alone keeps it attached.
+fn pin_raw_link(
+    prog: std::os::fd::BorrowedFd<'_>,
+    target: std::os::fd::BorrowedFd<'_>,
+    attach_type: u32,
+    pin: &Path,
+) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    // union bpf_attr, link_create: prog_fd, target_fd, attach_type, flags; the rest zero.
+    let mut attr = [0u32; 16];
+    attr[0] = u32::try_from(prog.as_raw_fd()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    attr[1] = u32::try_from(target.as_raw_fd()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    attr[2] = attach_type;
+    // SAFETY: bpf(2) reads `size_of_val(&attr)` bytes from a live, initialised buffer.
+    let fd =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_CREATE, attr.as_ptr(), std::mem::size_of_val(&attr)) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let raw = i32::try_from(fd).map_err(|_| std::io::ErrorKind::InvalidData)?;
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    let link = unsafe { OwnedFd::from_raw_fd(raw) };
+    let path =
+        std::ffi::CString::new(pin.as_os_str().as_bytes()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // union bpf_attr, obj_pin: pathname (u64), bpf_fd (u32), file_flags, path_fd; the rest zero.
+    let mut pin_attr = [0u64; 4];
+    pin_attr[0] = path.as_ptr() as u64;
+    pin_attr[1] = u64::from(u32::try_from(link.as_raw_fd()).map_err(|_| std::io::ErrorKind::InvalidInput)?);
+    // SAFETY: bpf(2) reads the attribute buffer and the NUL-terminated path, both live for the call.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin_attr.as_ptr(), std::mem::size_of_val(&pin_attr))
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(())
 }
 
@@ -279,7 +410,12 @@ impl Kernel {
             T::try_from(map).map_err(map_err(name))
         }
         Ok(Self {
-            tags: Mutex::new(take(ebpf, names::TAGS)?),
+            tags: Mutex::new(Tags {
+                map: take(ebpf, names::TAGS)?,
+                depth: take(ebpf, names::DEPTH)?,
+                levels: std::collections::HashMap::new(),
+            }),
+            inflight: Mutex::new(take(ebpf, names::INFLIGHT)?),
             targets: Mutex::new(take(ebpf, names::TARGETS)?),
             allow: Mutex::new(take(ebpf, names::ALLOW)?),
             proxy: Mutex::new(take(ebpf, names::PROXY)?),
@@ -288,6 +424,11 @@ impl Kernel {
             lost: take(ebpf, names::LOST)?,
             logger: Mutex::new(logger),
             report,
+            splice: Mutex::new(None),
+            splice_peer: Mutex::new(take(ebpf, names::SPLICE_PEER)?),
+            ebpf: Mutex::new(None),
+            links_dir: PathBuf::new(),
+            cgroup_root: PathBuf::new(),
         })
     }
 
@@ -320,16 +461,83 @@ impl Kernel {
         self.proxy.lock().expect("proxy map lock").set(0, config, 0).map_err(map_err(names::PROXY))
     }
 
-    pub fn set_tag(&self, cgroup_id: u64, binding: u32) -> Result<(), BpfError> {
+    /// Tags the cgroup at `path` (id `cgroup_id`). First its own programs ([`names::PER_CGROUP`]) are
+    /// attached to it, with pinned links (kept if already there); then, since the hooks look only at levels
+    /// between the shallowest and the deepest tag, the depth range is widened to cover it; then the tag goes
+    /// in, and the range is narrowed to exactly the tags' levels. Any failure before the tag refuses it.
+    pub fn set_tag(&self, path: &Path, cgroup_id: u64, binding: u32) -> Result<(), BpfError> {
+        self.attach_per_cgroup(path, cgroup_id)?;
+        let level = crate::cgroup::level(&self.cgroup_root, path).min(MAX_CGROUP_DEPTH.unsigned_abs());
+        let mut tags = self.tags.lock().expect("tag map lock");
+        let wide = tags.widened(level);
+        tags.write_depth(wide)?;
         let value = Binding { id: binding, pad: 0 };
-        self.tags.lock().expect("tag map lock").insert(cgroup_id, value, 0).map_err(map_err(names::TAGS))
+        tags.map.insert(cgroup_id, value, 0).map_err(map_err(names::TAGS))?;
+        tags.levels.insert(cgroup_id, level);
+        let exact = tags.exact();
+        if let Err(e) = tags.write_depth(exact) {
+            // The wider range stays: still correct, only slower for untagged processes.
+            tracing::warn!(error = %e, "could not narrow the kernel's tag depth range");
+        }
+        Ok(())
     }
 
-    pub fn remove_tag(&self, cgroup_id: u64) -> Result<(), BpfError> {
-        match self.tags.lock().expect("tag map lock").remove(&cgroup_id) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(names::TAGS)(e)),
+    fn per_cgroup_pin(&self, name: &str, cgroup_id: u64) -> PathBuf {
+        self.links_dir.join(format!("{name}_cgroup_{cgroup_id}"))
+    }
+
+    fn attach_per_cgroup(&self, path: &Path, cgroup_id: u64) -> Result<(), BpfError> {
+        let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+        let Some(ebpf) = ebpf.as_mut() else { return Ok(()) };
+        for &name in names::PER_CGROUP {
+            let pin = self.per_cgroup_pin(name, cgroup_id);
+            if pin.exists() && PinnedLink::from_pin(&pin).is_ok() {
+                continue;
+            }
+            let _ = std::fs::remove_file(&pin);
+            let cgroup =
+                File::open(path).map_err(|source| BpfError::Io { path: path.to_path_buf(), source })?;
+            let perr = |source: ProgramError| BpfError::Program { name, source: Box::new(source) };
+            let Some(Program::CgroupSkb(p)) = ebpf.program_mut(name) else {
+                return Err(BpfError::MissingProgram { name });
+            };
+            let id =
+                p.attach(&cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::Single).map_err(perr)?;
+            let link = FdLink::try_from(p.take_link(id).map_err(perr)?).map_err(|e| BpfError::Pin {
+                name,
+                path: pin.clone(),
+                detail: e.to_string(),
+            })?;
+            link.pin(&pin).map_err(|e| BpfError::Pin { name, path: pin.clone(), detail: e.to_string() })?;
         }
+        Ok(())
+    }
+
+    /// Untags a cgroup, narrows the depth range, forgets the cgroup's in-flight count, and detaches its own
+    /// programs (after the tag is gone: never a tagged cgroup without them).
+    pub fn remove_tag(&self, cgroup_id: u64) -> Result<(), BpfError> {
+        let mut tags = self.tags.lock().expect("tag map lock");
+        match tags.map.remove(&cgroup_id) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(names::TAGS)(e)),
+        }
+        tags.levels.remove(&cgroup_id);
+        let exact = tags.exact();
+        if let Err(e) = tags.write_depth(exact) {
+            tracing::warn!(error = %e, "could not narrow the kernel's tag depth range");
+        }
+        drop(tags);
+        let _ = self.inflight.lock().expect("inflight map lock").remove(&cgroup_id);
+        for &name in names::PER_CGROUP {
+            let _ = std::fs::remove_file(self.per_cgroup_pin(name, cgroup_id));
+        }
+        Ok(())
+    }
+
+    /// The cgroup levels the kernel programs look at for tags: `None` for every level.
+    pub fn tag_levels(&self) -> Option<(u32, u32)> {
+        let tags = self.tags.lock().expect("tag map lock");
+        tags.depth.get(&0, 0).ok().filter(|d| d.known != 0).map(|d| (d.lo, d.hi))
     }
 
     /// Live entries in the origin index (one per established redirected socket; they go at close).
@@ -340,7 +548,7 @@ impl Kernel {
     /// Tagged cgroup ids and their binding numbers, as the kernel sees them.
     pub fn tags(&self) -> Vec<(u64, u32)> {
         let tags = self.tags.lock().expect("tag map lock");
-        tags.iter().filter_map(Result::ok).map(|(k, v)| (k, v.id)).collect()
+        tags.map.iter().filter_map(Result::ok).map(|(k, v)| (k, v.id)).collect()
     }
 
     /// Entries in the target map (targets and their guards).
@@ -452,6 +660,25 @@ impl EventReader {
         }
         guard.clear_ready();
         Ok(())
+    }
+}
+
+/// What is lost without an optional program, and the fix.
+pub fn without(program: &str) -> &'static str {
+    match program {
+        "warden_socket_create" => {
+            "non-IP sockets (vsock, packet) from tagged processes are not refused; enable BPF LSM (add `bpf` to \
+             the kernel's lsm= list) to close them"
+        }
+        "warden_setsockopt" => {
+            "routing socket options are not refused at setsockopt (their packets are still dropped on egress); \
+             a 6.x kernel takes this program"
+        }
+        names::SPLICE_PROGRAM => {
+            "opaque TCP sessions are relayed in user space instead of spliced in the kernel (needs \
+             CONFIG_BPF_STREAM_PARSER)"
+        }
+        _ => "see ARCHITECTURE.md, kernel hooks",
     }
 }
 

@@ -152,6 +152,19 @@ impl State {
                 ("socket.refused", "socket", "socket family, type or protocol not allowed")
             }
             event::BIND_REFUSED => ("bind.refused", "bind", "binding the proxy's port"),
+            event::ORIGIN_QUOTA => {
+                ("connect.refused", "connect", "the cgroup has its share of in-flight redirected connections")
+            }
+            event::SOCKOPT_REFUSED => (
+                "socket.refused",
+                "setsockopt",
+                "socket option that routes packets elsewhere (IPv6 extension header, IPv4 options)",
+            ),
+            event::PACKET_REFUSED => (
+                "connect.refused",
+                "packet",
+                "packet with an IPv6 routing/options header or IPv4 options, dropped",
+            ),
             _ => ("kernel.event", "unknown", "unknown kernel event"),
         };
         let binding = self.bindings.by_id(ev.binding);
@@ -170,6 +183,8 @@ impl State {
             .field("via", via);
         if ev.kind == event::SOCKET_REFUSED {
             rec = rec.field("family", ev.family).field("type", ev.sock_type).field("protocol", ev.protocol);
+        } else if ev.kind == event::SOCKOPT_REFUSED {
+            rec = rec.field("family", ev.family).field("level", ev.protocol).field("option", ev.sock_type);
         } else {
             let proto = match ev.sock_type {
                 1 => "tcp",

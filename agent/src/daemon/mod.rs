@@ -93,12 +93,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     })?);
     tracing::info!(adopted = ?kernel.report.adopted, attached = ?kernel.report.attached, "kernel programs in place");
     for (name, why) in &kernel.report.unavailable {
-        tracing::warn!(
-            program = name,
-            error = %why,
-            "optional kernel program not attached: non-IP sockets (vsock, packet) from tagged processes are not \
-             refused; enable BPF LSM (add `bpf` to the kernel's lsm= list) to close them"
-        );
+        tracing::warn!(program = name, error = %why, "optional kernel program not attached: {}", bpf::without(name));
     }
     let unavailable: Vec<&str> = kernel.report.unavailable.iter().map(|(n, _)| *n).collect();
     let _ = audit.append(

@@ -19,6 +19,8 @@ pub enum TagError {
     Kernel(#[from] crate::bpf::BpfError),
     #[error("cgroup {0} is not tagged")]
     NotTagged(String),
+    #[error("not tagged: {0}")]
+    Sockets(#[source] crate::sockdiag::SockDiagError),
 }
 
 impl State {
@@ -44,16 +46,14 @@ impl State {
         }
         for b in self.bindings.all() {
             let path = self.cgroup_root.join(b.cgroup.trim_start_matches('/'));
-            match crate::cgroup::id(&path) {
-                Ok(id) => {
-                    if let Err(e) = self.kernel.set_tag(id, b.id) {
-                        tracing::error!(cgroup = %b.cgroup, error = %e, "restoring a tag failed");
-                    }
+            if let Ok(id) = crate::cgroup::id(&path) {
+                if let Err(e) = self.kernel.set_tag(&path, id, b.id) {
+                    tracing::error!(cgroup = %b.cgroup, error = %e, "restoring a tag failed");
                 }
-                Err(_) => {
-                    // The cgroup is gone (e.g. a `warden exec` that ended while we were down).
-                    let _ = self.bindings.remove(&b.cgroup);
-                }
+            } else {
+                // The cgroup is gone (e.g. a `warden exec` that ended while we were down).
+                let _ = self.bindings.remove(&b.cgroup);
+                let _ = self.kernel.remove_tag(b.cgroup_id);
             }
         }
     }
@@ -72,14 +72,35 @@ impl State {
         let rel = crate::cgroup::relative(&self.cgroup_root, path);
         let binding =
             self.bindings.add(&rel, cgroup_id, identity, task, from_config).map_err(TagError::Save)?;
-        self.kernel.set_tag(cgroup_id, binding.id)?;
+        let was_tagged = self.kernel.tags().iter().any(|(id, _)| *id == cgroup_id);
+        self.kernel.set_tag(path, cgroup_id, binding.id)?;
+        // Connections made before the tag would keep talking ungoverned: end them (not those to the proxy).
+        let ended = if was_tagged {
+            crate::sockdiag::Ended::default()
+        } else {
+            let listen = self.config.proxy_listen();
+            let to_proxy = |peer: std::net::SocketAddr| {
+                listen.iter().any(|l| {
+                    l.port() == peer.port() && (peer.ip().is_loopback() || l.ip().to_canonical() == peer.ip())
+                })
+            };
+            match crate::sockdiag::end_connected(path, to_proxy) {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = self.kernel.remove_tag(cgroup_id);
+                    let _ = self.bindings.remove(&rel);
+                    return Err(TagError::Sockets(e));
+                }
+            }
+        };
         let _ = self.audit.append(
             Record::new("binding.added")
                 .field("cgroup", &rel)
                 .field("cgroup_id", cgroup_id)
                 .field("identity", identity)
                 .field("task", &binding.task)
-                .field("source", if from_config { "config" } else { "control" }),
+                .field("source", if from_config { "config" } else { "control" })
+                .field("sockets_ended", serde_json::json!({ "tcp": ended.tcp, "udp": ended.udp })),
         );
         Ok(binding)
     }

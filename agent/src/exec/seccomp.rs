@@ -4,13 +4,15 @@
 //! filter; 32-bit and x32 system calls (another way to call socket) are refused. ptrace, process_vm_writev
 //! and pidfd_getfd are refused too: they would let the command take a connected socket from, or inject
 //! code into, an untagged process of the same user (writing /proc/PID/mem still can: run each agent as its
-//! own user). Everything else is allowed.
+//! own user). setsockopt of the options that route packets elsewhere (IPv6 routing, destination-options
+//! and hop-by-hop headers, IPv4 options) is refused too (their ancillary forms are dropped by the kernel's
+//! egress program). Everything else is allowed.
 //! Inherited by every child and kept across exec. Built before the fork; installing it allocates nothing.
 
 /// The filter's instructions, held inline (no heap).
 pub struct Filter {
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-    program: [libc::sock_filter; 20],
+    program: [libc::sock_filter; 38],
 }
 
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -31,7 +33,8 @@ impl Filter {
         const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
         const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
         const EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
-        // struct seccomp_data: nr at 0, arch at 4, args[0] at 16 (its low 32 bits on little-endian).
+        // struct seccomp_data: nr at 0, arch at 4, args[0] at 16, args[1] at 24, args[2] at 32 (their low 32
+        // bits on little-endian).
         let stmt = |code: u16, k: u32| libc::sock_filter { code, jt: 0, jf: 0, k };
         let jump = |code: u16, k: u32, jt: u8, jf: u8| libc::sock_filter { code, jt, jf, k };
         let program = [
@@ -46,6 +49,26 @@ impl Filter {
             jump(JEQ, libc::SYS_process_vm_writev as u32, 1, 0),
             jump(JEQ, libc::SYS_pidfd_getfd as u32, 0, 1),
             stmt(RET, EPERM),
+            // setsockopt(fd, level, optname, ...): options that route packets past the kernel hooks'
+            // judgement (IPv6 routing/destination/hop-by-hop headers, old and new spellings; IPv4 options).
+            jump(JEQ, libc::SYS_setsockopt as u32, 0, 17),
+            stmt(LD, 24), // level
+            jump(JEQ, libc::IPPROTO_IPV6 as u32, 0, 10),
+            stmt(LD, 32),        // optname
+            jump(JEQ, 3, 11, 0), // IPV6_2292HOPOPTS
+            jump(JEQ, 4, 10, 0), // IPV6_2292DSTOPTS
+            jump(JEQ, 5, 9, 0),  // IPV6_2292RTHDR
+            jump(JEQ, 6, 8, 0),  // IPV6_2292PKTOPTIONS
+            jump(JEQ, 54, 7, 0), // IPV6_HOPOPTS
+            jump(JEQ, 55, 6, 0), // IPV6_RTHDRDSTOPTS
+            jump(JEQ, 57, 5, 0), // IPV6_RTHDR
+            jump(JEQ, 59, 4, 0), // IPV6_DSTOPTS
+            stmt(RET, ALLOW),
+            jump(JEQ, libc::IPPROTO_IP as u32, 0, 3),
+            stmt(LD, 32),
+            jump(JEQ, libc::IP_OPTIONS as u32, 0, 1),
+            stmt(RET, EPERM),
+            stmt(RET, ALLOW),
             jump(JEQ, libc::SYS_socket as u32, 1, 0),
             stmt(RET, ALLOW),
             stmt(LD, 16),

@@ -7,29 +7,42 @@
 //!   peer) and forgets it when the socket closes.
 //! - `getpeername4/6` show the process the original peer.
 //! - `sendmsg4/6` let UDP reach only allow-listed destinations.
-//! - `bind4/6` keep tagged processes off the proxy's port; `sock_create` refuses raw, packet and every
-//!   other socket kind that could carry traffic around these hooks.
+//! - `bind4/6` keep every process but root outside tagged cgroups (the daemon) off the proxy's port;
+//!   `sock_create` refuses raw, packet and every other socket kind that could carry traffic around these
+//!   hooks.
+//! - `setsockopt` refuses options that route packets elsewhere (IPv6 routing headers, IPv4 source routes);
+//!   `egress` drops packets that carry them anyway (set through ancillary data).
+//! - `sock_release` forgets origins of sockets that closed before sock_ops could see them.
 //!
-//! Untagged processes pay one tag-map lookup per ancestor level and are never changed.
+//! Untagged processes pay one tag-map lookup per cgroup level that holds tags (`WARDEN_DEPTH`), and are
+//! never changed; sockets not connected to the proxy's port leave sock_ops and getpeername at once.
 #![no_std]
 #![no_main]
+// The BPF target has no compare-and-swap, so core's atomic types offer no fetch_add: the intrinsic gives
+// the BPF atomic add instruction directly.
+#![expect(internal_features, reason = "core::intrinsics::atomic_xadd is the BPF atomic add")]
+#![feature(core_intrinsics)]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
+        BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, __sk_buff, bpf_sock_addr,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id,
+        bpf_skb_cgroup_id,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, lsm, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{LsmContext, SockAddrContext, SockContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, lsm, map, sock_ops, stream_verdict},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash, lpm_trie::Key},
+    programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext},
 };
 use warden_common::{
-    AF_INET, AF_INET6, AF_NETLINK, AF_UNIX, AllowKey, Binding, Endpoint, Event, GUARD, MAX_CGROUP_DEPTH,
-    Origin, ProxyConfig, TargetRef, event,
+    AF_INET, AF_INET6, AF_NETLINK, AF_UNIX, AllowKey, Binding, Depth, Endpoint, Event, GUARD, Limits,
+    MAX_CGROUP_DEPTH, ORIGIN_CONNECTING, ORIGINS_PER_CGROUP, Origin, ProxyConfig, SplicePeer, TargetRef,
+    event,
 };
 
 const ALLOW: i32 = 1;
@@ -73,23 +86,106 @@ static EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
 #[map(name = "WARDEN_LOST")]
 static LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
-/// The binding that applies to the current task: its nearest tagged ancestor (or itself).
+/// The cgroup levels that hold tags (slot 0), kept by the daemon: untagged tasks pay for those levels only.
+#[map(name = "WARDEN_DEPTH")]
+static DEPTH: Array<Depth> = Array::pinned(1, 0);
+
+/// Redirected sockets in flight per tagged cgroup: each has a bounded share of the origin map.
+#[map(name = "WARDEN_INFLIGHT")]
+static INFLIGHT: HashMap<u64, i64> = HashMap::pinned(65_536, 0);
+
+/// Limits the daemon may override (slot 0).
+#[map(name = "WARDEN_LIMITS")]
+static LIMITS: Array<Limits> = Array::pinned(1, 0);
+
+/// The levels to look at, deepest first: (hi, lo), empty when hi < lo.
 #[inline(always)]
-fn tagged() -> Option<(u64, Binding)> {
+fn tag_levels() -> (i32, i32) {
+    match DEPTH.get(0) {
+        Some(d) if d.known != 0 => (d.hi.min(MAX_CGROUP_DEPTH as u32) as i32, d.lo as i32),
+        _ => (MAX_CGROUP_DEPTH, 0),
+    }
+}
+
+/// The nearest tagged ancestor (or itself) among the cgroup ids `ancestor(level)` gives.
+#[inline(always)]
+fn nearest_tag(ancestor: impl Fn(i32) -> u64) -> Option<(u64, Binding)> {
+    let (hi, lo) = tag_levels();
+    if hi < lo {
+        return None;
+    }
     let mut i = 0;
     while i <= MAX_CGROUP_DEPTH {
         let level = MAX_CGROUP_DEPTH - i;
-        // SAFETY: a plain helper call with an integer argument.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if id != 0 {
-            // SAFETY: the value is Copy and read at once; the map holds plain integers.
-            if let Some(b) = unsafe { TAGS.get(&id) } {
-                return Some((id, *b));
-            }
-        }
         i += 1;
+        if level > hi {
+            continue;
+        }
+        if level < lo {
+            break;
+        }
+        let id = ancestor(level);
+        if id == 0 {
+            continue;
+        }
+        // SAFETY: the value is Copy and read at once; the map holds plain integers.
+        if let Some(b) = unsafe { TAGS.get(&id) } {
+            return Some((id, *b));
+        }
     }
     None
+}
+
+/// The binding that applies to the current task: its nearest tagged ancestor (or itself).
+#[inline(always)]
+fn tagged() -> Option<(u64, Binding)> {
+    // SAFETY: a plain helper call with an integer argument.
+    nearest_tag(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
+}
+
+/// Takes one of the tagged cgroup's in-flight slots; false when it has used its share (or the count
+/// cannot be kept: fail closed).
+#[inline(always)]
+fn take_share(tagged_cgroup: u64) -> bool {
+    let cap = match LIMITS.get(0) {
+        Some(l) if l.origins_per_cgroup != 0 => l.origins_per_cgroup,
+        _ => ORIGINS_PER_CGROUP,
+    };
+    let ptr = if let Some(p) = INFLIGHT.get_ptr_mut(&tagged_cgroup) {
+        p
+    } else {
+        // Another CPU may create it first: that is fine, the lookup below finds it.
+        let _ = INFLIGHT.insert(&tagged_cgroup, &0, u64::from(BPF_NOEXIST));
+        let Some(p) = INFLIGHT.get_ptr_mut(&tagged_cgroup) else { return false };
+        p
+    };
+    // SAFETY: a pointer to a live map value, 8-byte aligned; the kernel programs only touch it with
+    // atomic adds, so a racing CPU can overshoot the cap by at most one per CPU.
+    unsafe {
+        if core::ptr::read_volatile(ptr) >= i64::from(cap) {
+            return false;
+        }
+        atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(ptr, 1);
+    }
+    true
+}
+
+/// Gives back a slot taken by [`take_share`] (a count below zero, after the daemon reset it, counts as 0).
+#[inline(always)]
+fn release_share(tagged_cgroup: u64) {
+    if let Some(ptr) = INFLIGHT.get_ptr_mut(&tagged_cgroup) {
+        // SAFETY: as in take_share.
+        unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(ptr, -1) };
+    }
+}
+
+/// Forgets a redirected socket's origin and gives back its slot, once (only the call that deletes the
+/// entry gives the slot back).
+#[inline(always)]
+fn forget_origin(cookie: u64, origin: &Origin) {
+    if ORIGINS.remove(&cookie).is_ok() {
+        release_share(origin.tagged_cgroup);
+    }
 }
 
 #[inline(always)]
@@ -134,6 +230,18 @@ fn shadows_target(e: &Endpoint) -> bool {
         }
         e.is_this_host() && TARGETS.get(&Endpoint::local_port_guard(e.port)).is_some()
     }
+}
+
+/// True when `e` embeds an IPv4 endpoint that is a target, a guard, or this host on a target's port.
+#[inline(always)]
+fn embeds_target(e: &Endpoint) -> bool {
+    for v4 in e.embedded_v4().iter().flatten() {
+        // SAFETY: read-only lookup of a Copy value.
+        if unsafe { TARGETS.get(v4) }.is_some() || shadows_target(v4) {
+            return true;
+        }
+    }
+    false
 }
 
 #[inline(always)]
@@ -231,7 +339,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         return DENY;
     }
     if sock_type == SOCK_STREAM {
-        if shadows_target(&dst) {
+        if shadows_target(&dst) || embeds_target(&dst) {
             report(event::CONNECT_REFUSED, tag, &dst, family, sock_type, protocol);
             return DENY;
         }
@@ -260,7 +368,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
                 cookie,
                 dst,
                 family: family as u16,
-                pad0: 0,
+                flags: 0,
                 target: target.id,
                 pid: pid_tgid as u32,
                 tgid: (pid_tgid >> 32) as u32,
@@ -268,9 +376,19 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
                 gid: (uid_gid >> 32) as u32,
                 binding: tag.1.id,
             };
+            // A socket connecting again (after a failed attempt) already holds its slot.
+            // SAFETY: read-only lookup of a Copy value.
+            let held = unsafe { ORIGINS.get(&cookie) }.is_some_and(|o| o.tagged_cgroup == tag.0);
+            if !held && !take_share(tag.0) {
+                report(event::ORIGIN_QUOTA, tag, &dst, family, sock_type, protocol);
+                return DENY;
+            }
             if ORIGINS.insert(&cookie, &origin, 0).is_err() {
                 // Fail closed: a connection whose origin cannot be found would reach the proxy anonymous.
                 aya_log_ebpf::error!(ctx, "origin map full: refused a connect to port {}", dst.port);
+                if !held {
+                    release_share(tag.0);
+                }
                 report(event::ORIGIN_FULL, tag, &dst, family, sock_type, protocol);
                 return DENY;
             }
@@ -321,21 +439,31 @@ pub fn warden_sendmsg6(ctx: SockAddrContext) -> i32 {
     sendmsg(&ctx, true)
 }
 
-/// Tagged processes may not bind the proxy's port (to impersonate it while the daemon is down), nor a
-/// target's endpoint on this host (to stand in for the target when it is down and receive what Warden
-/// sends upstream).
+/// Only root outside tagged cgroups (the daemon) may bind the proxy's port: any other process could
+/// impersonate the proxy while the daemon is down, and keep it from starting again. Tagged processes may
+/// not bind a target's endpoint on this host either (to stand in for the target when it is down and
+/// receive what Warden sends upstream).
 #[inline(always)]
 fn bind(ctx: &SockAddrContext, v6: bool) -> i32 {
-    let Some(tag) = tagged() else { return ALLOW };
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is this program's context.
     let (local, sock_type, protocol) = unsafe { (destination(sa, v6), (*sa).type_, (*sa).protocol) };
+    let family = u32::from(if v6 { AF_INET6 } else { AF_INET });
+    if proxy().is_some_and(|p| is_proxy_port(&p, &local)) {
+        let tag = tagged();
+        // The real uid in the initial user namespace: root of a user namespace is not root here.
+        let uid = bpf_get_current_uid_gid() as u32;
+        if tag.is_some() || uid != 0 {
+            report(event::BIND_REFUSED, tag.unwrap_or_default(), &local, family, sock_type, protocol);
+            return DENY;
+        }
+        return ALLOW;
+    }
+    let Some(tag) = tagged() else { return ALLOW };
     // SAFETY: read-only lookup of a Copy value.
     let target =
         sock_type == SOCK_STREAM && (unsafe { TARGETS.get(&local) }.is_some() || shadows_target(&local));
-    let proxy_port = proxy().is_some_and(|p| is_proxy_port(&p, &local));
-    if target || proxy_port {
-        let family = u32::from(if v6 { AF_INET6 } else { AF_INET });
+    if target {
         report(event::BIND_REFUSED, tag, &local, family, sock_type, protocol);
         return DENY;
     }
@@ -352,10 +480,17 @@ pub fn warden_bind6(ctx: SockAddrContext) -> i32 {
     bind(&ctx, true)
 }
 
-/// A redirected socket's peer is its original destination.
+/// A redirected socket's peer is its original destination. Only a peer on the proxy's port can be one:
+/// every other socket leaves at once.
 #[inline(always)]
 fn getpeername(ctx: &SockAddrContext, v6: bool) -> i32 {
     let sa = ctx.sock_addr;
+    // SAFETY: `sa` is this program's context; user_port is readable with a 4-byte load.
+    let port = u16::from_be(unsafe { (*sa).user_port } as u16);
+    if !proxy().is_some_and(|p| (p.v4.port != 0 && port == p.v4.port) || (p.v6.port != 0 && port == p.v6.port))
+    {
+        return ALLOW;
+    }
     // SAFETY: the context pointer is valid for the cookie helper.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
     // SAFETY: read-only lookup of a Copy value.
@@ -453,6 +588,8 @@ fn local_endpoint(ctx: &SockOpsContext) -> Endpoint {
     }
 }
 
+/// Only sockets connecting to the proxy's port (every redirected one) go past the first checks; state
+/// callbacks are asked for on redirected sockets only.
 #[sock_ops]
 pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
@@ -462,16 +599,23 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
     {
         return 1;
     }
+    if op != BPF_SOCK_OPS_STATE_CB && !to_proxy_port(&ctx) {
+        return 1;
+    }
     // SAFETY: the sock_ops context is valid for the cookie helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    // SAFETY: read-only lookup of a Copy value.
-    let origin = (unsafe { ORIGINS.get(&cookie) }).copied();
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        if origin.is_some() {
+        if let Some(o) = ORIGINS.get_ptr_mut(&cookie) {
+            // SAFETY: a live map value; only this socket's own callbacks write its flags.
+            unsafe { (*o).flags |= ORIGIN_CONNECTING };
             // Be told when this socket closes, even if it never establishes.
             let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         }
-    } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        return 1;
+    }
+    // SAFETY: read-only lookup of a Copy value.
+    let origin = (unsafe { ORIGINS.get(&cookie) }).copied();
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         let local = local_endpoint(&ctx);
         if let Some(origin) = origin {
             let _ = BY_ADDR.insert(&local, &origin, 0);
@@ -488,9 +632,147 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
         if unsafe { BY_ADDR.get(&local) }.is_some_and(|o| o.cookie == cookie) {
             let _ = BY_ADDR.remove(&local);
         }
-        let _ = ORIGINS.remove(&cookie);
+        if let Some(origin) = origin {
+            forget_origin(cookie, &origin);
+        }
     }
     1
+}
+
+/// A redirected socket closed before it ever reached `TCP_CONNECT_CB` (its connect failed after the
+/// rewrite, so it is still in TCP_CLOSE): sock_ops will never see it close, so its origin and its slot go
+/// here. Every other socket leaves after two field reads.
+#[cgroup_sock(sock_release)]
+pub fn warden_sock_release(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    // SAFETY: `sk` is this program's context; type and state are readable.
+    if unsafe { (*sk).type_ != SOCK_STREAM || (*sk).state != BPF_TCP_CLOSE } {
+        return ALLOW;
+    }
+    // SAFETY: the context pointer is valid for the cookie helper.
+    let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+    // SAFETY: read-only lookup of a Copy value.
+    if let Some(origin) = unsafe { ORIGINS.get(&cookie) }.copied()
+        && origin.flags & ORIGIN_CONNECTING == 0
+    {
+        forget_origin(cookie, &origin);
+    }
+    ALLOW
+}
+
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+const IP_OPTIONS: i32 = 4;
+
+/// True for the socket options that change where a packet goes or what a router does with it: IPv4
+/// options (source routes among them) and IPv6 routing, destination-options and hop-by-hop headers, in
+/// both the RFC 3542 and the RFC 2292 spellings (including IPV6_2292PKTOPTIONS, which sets them all).
+#[inline(always)]
+fn routes_packets(level: i32, optname: i32) -> bool {
+    match level {
+        SOL_IP => optname == IP_OPTIONS,
+        // IPV6_2292HOPOPTS 3, 2292DSTOPTS 4, 2292RTHDR 5, 2292PKTOPTIONS 6, HOPOPTS 54, RTHDRDSTOPTS 55,
+        // RTHDR 57, DSTOPTS 59.
+        SOL_IPV6 => matches!(optname, 3..=6 | 54 | 55 | 57 | 59),
+        _ => false,
+    }
+}
+
+/// Tagged processes may not set options that route packets somewhere other than the address the connect
+/// and sendmsg hooks judged.
+#[cgroup_sockopt(setsockopt)]
+pub fn warden_setsockopt(ctx: SockoptContext) -> i32 {
+    let so = ctx.sockopt;
+    // SAFETY: `so` is this program's context; level and optname are readable.
+    let (level, optname) = unsafe { ((*so).level, (*so).optname) };
+    if !routes_packets(level, optname) {
+        return ALLOW;
+    }
+    let Some(tag) = tagged() else { return ALLOW };
+    // SAFETY: `so` is this program's context; its socket pointer is valid for reads of family.
+    let family = unsafe { (*(*so).__bindgen_anon_1.sk).family };
+    report(event::SOCKOPT_REFUSED, tag, &Endpoint::default(), family, optname as u32, level as u32);
+    DENY
+}
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_DSTOPTS: u8 = 60;
+
+/// The ancillary forms (IPV6_RTHDR / IPV6_DSTOPTS / IPV6_HOPOPTS, IP_RETOPTS cmsgs on sendmsg) never reach a
+/// socket-option hook: every packet a tagged cgroup's socket sends with IPv4 options or an IPv6 routing,
+/// destination-options or hop-by-hop header is dropped (sendmsg fails with EPERM). Attached to each tagged
+/// cgroup (not the root), so untagged sockets never run it; other packets leave after one header read.
+#[cgroup_skb(egress)]
+pub fn warden_egress(ctx: SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: `skb` is this program's context; data and data_end bound the packet's linear part, read
+    // directly within them (checked).
+    let (shaped, v6) = unsafe {
+        let data = (*skb).data as usize;
+        let end = (*skb).data_end as usize;
+        if data + 8 > end {
+            // Not even a header in the linear part: read through the helper.
+            match (ctx.load::<u8>(0), ctx.load::<u8>(6)) {
+                (Ok(b), Ok(nh)) => shaped_header(b, nh),
+                _ => return 1,
+            }
+        } else {
+            shaped_header(*(data as *const u8), *((data + 6) as *const u8))
+        }
+    };
+    if !shaped {
+        return 1;
+    }
+    // SAFETY: a plain helper call on this program's context.
+    let tag = nearest_tag(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }).unwrap_or_default();
+    let dst = if v6 {
+        let mut ip = [0u32; 4];
+        let mut i = 0;
+        while i < 4 {
+            ip[i] = ctx.load::<u32>(24 + i * 4).unwrap_or(0);
+            i += 1;
+        }
+        Endpoint::new(ip, 0)
+    } else {
+        Endpoint::mapped(ctx.load::<u32>(16).unwrap_or(0), 0)
+    };
+    let family = u32::from(if v6 { AF_INET6 } else { AF_INET });
+    report_skb(skb, tag, &dst, family);
+    0
+}
+
+/// (carries options or routing/extension headers, is IPv6) from the first byte and the IPv6 next-header.
+#[inline(always)]
+fn shaped_header(first: u8, next_header: u8) -> (bool, bool) {
+    match first >> 4 {
+        4 => (first & 0x0f != 5, false),
+        6 => (matches!(next_header, IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS), true),
+        _ => (false, false),
+    }
+}
+
+/// Like [`report`], for a packet: the socket's cgroup, no process (the packet may leave from softirq).
+#[inline(always)]
+fn report_skb(skb: *mut __sk_buff, tag: (u64, Binding), dst: &Endpoint, family: u32) {
+    // SAFETY: plain helper calls on this program's context.
+    let (cgroup, now) = unsafe { (bpf_skb_cgroup_id(skb), bpf_ktime_get_ns()) };
+    if let Some(mut entry) = EVENTS.reserve::<Event>(0) {
+        entry.write(Event {
+            cgroup,
+            tagged_cgroup: tag.0,
+            ktime_ns: now,
+            dst: *dst,
+            kind: event::PACKET_REFUSED,
+            family,
+            binding: tag.1.id,
+            ..Event::default()
+        });
+        entry.submit(0);
+    } else if let Some(n) = LOST.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it while this program runs.
+        unsafe { *n += 1 };
+    }
 }
 
 /// True when a sock_ops socket's peer port is one of the proxy's ports.
@@ -500,6 +782,36 @@ fn to_proxy_port(ctx: &SockOpsContext) -> bool {
     // `bpf_ntohl(remote_port)` is the port).
     let port = u32::from_be(ctx.remote_port()) as u16;
     proxy().is_some_and(|p| (p.v4.port != 0 && port == p.v4.port) || (p.v6.port != 0 && port == p.v6.port))
+}
+
+/// Both sockets of each spliced session (the proxy's accepted client socket and its upstream socket).
+#[map(name = "WARDEN_SPLICE")]
+static SPLICE: SockHash<u64> = SockHash::pinned(65_536, 0);
+
+/// Each spliced socket's peer and byte count, by cookie.
+#[map(name = "WARDEN_SPLICE_PEER")]
+static SPLICE_PEER: LruHashMap<u64, SplicePeer> = LruHashMap::pinned(131_072, 0);
+
+const SK_PASS: u32 = 1;
+
+/// Bytes arriving on a spliced socket go straight out of its peer (no copy through user space), counted.
+/// A socket whose peer entry is gone (the daemon is ending the splice) passes its bytes to user space.
+#[stream_verdict]
+pub fn warden_splice(ctx: SkBuffContext) -> u32 {
+    // An empty segment (the FIN) stays with its own socket: end of stream is the handler's to pass on, after
+    // the bytes before it, and redirecting it would fail on a peer whose sending side is already shut.
+    if ctx.len() == 0 {
+        return SK_PASS;
+    }
+    // SAFETY: the context pointer is valid for the cookie helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let Some(p) = SPLICE_PEER.get_ptr_mut(&cookie) else { return SK_PASS };
+    // SAFETY: a live map value, 8-byte aligned; the byte count is only changed with atomic adds.
+    let peer = unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*p).bytes, u64::from(ctx.len()));
+        (*p).peer
+    };
+    SPLICE.redirect_skb(&ctx, peer, 0) as u32
 }
 
 #[cfg(not(test))]
