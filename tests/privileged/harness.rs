@@ -206,6 +206,8 @@ pub struct Warden {
     pub cgroup_parent: PathBuf,
     child: Option<Child>,
     log: PathBuf,
+    /// A command `warden run` is started under (e.g. `setpriv ...`), empty for none.
+    wrapper: Vec<String>,
 }
 
 pub struct WardenBuilder {
@@ -214,6 +216,7 @@ pub struct WardenBuilder {
     allow: Vec<String>,
     identities: Vec<(IdentitySpec, String)>,
     extra: String,
+    wrapper: Vec<String>,
 }
 
 impl Warden {
@@ -224,6 +227,7 @@ impl Warden {
             allow: vec![],
             identities: vec![],
             extra: String::new(),
+            wrapper: vec![],
         }
     }
 }
@@ -246,6 +250,12 @@ impl WardenBuilder {
 
     pub fn config_extra(mut self, toml: &str) -> Self {
         self.extra.push_str(toml);
+        self
+    }
+
+    /// Starts `warden run` as the last arguments of this command (e.g. `setpriv --bounding-set ... --`).
+    pub fn wrapper(mut self, argv: &[&str]) -> Self {
+        self.wrapper = argv.iter().map(ToString::to_string).collect();
         self
     }
 
@@ -291,6 +301,7 @@ impl WardenBuilder {
             child: None,
             log,
             dir,
+            wrapper: self.wrapper,
         };
         w.spawn();
         w
@@ -300,7 +311,15 @@ impl WardenBuilder {
 impl Warden {
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
-        let child = Command::new(WARDEN)
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(WARDEN);
+                c
+            }
+            None => Command::new(WARDEN),
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(&self.config)
             .env("WARDEN_LOG", "info,warden=debug")
