@@ -41,8 +41,44 @@ pub fn write(out: &Path) -> std::io::Result<Vec<PathBuf>> {
         )?);
     }
     clap_mangen::generate_to(warden::cli::Cli::command(), &man)?;
+    append_to_top_page(&man.join("warden.1"))?;
     let mut pages: Vec<_> = std::fs::read_dir(&man)?.filter_map(Result::ok).map(|e| e.path()).collect();
     pages.sort();
     written.extend(pages);
     Ok(written)
+}
+
+/// What the top page adds to clap's sections: exit status (from `warden::cli`'s codes), environment, files.
+fn append_to_top_page(page: &Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use warden::cli::{EXIT_FAILED, EXIT_INTERNAL, EXIT_INVALID, EXIT_NOPERM, EXIT_UNAVAILABLE};
+    let codes = [
+        (0, "success"),
+        (
+            EXIT_FAILED,
+            "a check failed (e.g. `audit verify` found tampering) or the daemon refused the request",
+        ),
+        (EXIT_INVALID, "invalid configuration or policy"),
+        (EXIT_UNAVAILABLE, "the daemon is not reachable"),
+        (EXIT_INTERNAL, "internal error"),
+        (EXIT_NOPERM, "not permitted (run as root)"),
+    ];
+    let mut f = std::fs::OpenOptions::new().append(true).open(page)?;
+    writeln!(f, ".SH \"EXIT STATUS\"")?;
+    for (code, what) in codes {
+        writeln!(f, ".TP\n\\fB{code}\\fR\n{}", what.replace('`', ""))?;
+    }
+    writeln!(
+        f,
+        ".SH ENVIRONMENT\n.TP\n\\fBWARDEN_CONFIG\\fR\nthe configuration file (default {})",
+        warden::cli::DEFAULT_CONFIG
+    )?;
+    writeln!(f, ".TP\n\\fBWARDEN_LOG\\fR\nlog filter (tracing env-filter syntax, default info)")?;
+    writeln!(
+        f,
+        ".SH FILES\n.TP\n{}\nthe configuration\n.TP\n/etc/warden/policies/\npolicy files (*.yaml)\n.TP\n/var/lib/warden/\n\
+         grants, the audit trail and the signing key (root only)\n.TP\n/usr/lib/systemd/system/warden.service\nthe unit",
+        warden::cli::DEFAULT_CONFIG
+    )?;
+    Ok(())
 }

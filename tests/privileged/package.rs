@@ -253,6 +253,18 @@ fn deb_installs_for_real_remove_keeps_enforcement_and_purge_lifts_it() {
     let pinned = std::fs::read_dir(&links).map_or(0, Iterator::count);
     assert!(pinned > 0, "no pinned links under {}:\n{}", links.display(), daemon_log());
 
+    // Upgrade (the same version again: dpkg runs the upgrade paths of prerm and postinst): the operator's
+    // config stays, and so do the daemon and its pins.
+    let out = run(Command::new("dpkg").arg("-i").arg(&deb).env("DEBIAN_FRONTEND", "noninteractive"));
+    assert!(out.status.success(), "dpkg -i again:\n{}", text(&out));
+    assert_eq!(std::fs::read_to_string(CONFIG).unwrap(), edited, "the upgrade replaced an edited conffile");
+    assert!(
+        matches!(g.daemon.as_mut().map(Child::try_wait), Some(Ok(None))),
+        "the upgrade stopped the daemon"
+    );
+    assert_eq!(std::fs::read_dir(&links).map_or(0, Iterator::count), pinned, "the upgrade unpinned programs");
+    assert_eq!(mode("/var/lib/warden"), 0o700);
+
     // remove: enforcement stays, and the operator is told how to lift it.
     let out = run(Command::new("dpkg").args(["-r", "warden"]));
     assert!(out.status.success(), "dpkg -r:\n{}", text(&out));
@@ -276,6 +288,14 @@ fn deb_installs_for_real_remove_keeps_enforcement_and_purge_lifts_it() {
     });
 }
 
+/// This process's hard limit on open files.
+fn hard_nofile() -> u64 {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("Max open files");
+    let hard = line.split_whitespace().nth(4).expect("hard limit");
+    if hard == "unlimited" { u64::MAX } else { hard.parse().expect("a number") }
+}
+
 /// `KEY=value` lines of the unit's [Service] section.
 fn unit_values(key: &str) -> Vec<String> {
     let unit = std::fs::read_to_string(repo().join("dist/warden.service")).unwrap();
@@ -289,24 +309,36 @@ fn the_units_capabilities_and_limits_are_enough_to_enforce() {
     }
     let caps = unit_values("CapabilityBoundingSet");
     assert_eq!(caps.len(), 1, "one CapabilityBoundingSet= line: {caps:?}");
+    let caps: Vec<&str> = caps[0].split_whitespace().collect();
+    assert_eq!(caps, ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"]);
+    enforces_under("unitcaps", &caps);
+    // The drop-in the unit's comments offer: without CAP_SYS_ADMIN only the programs' log goes.
+    enforces_under("unitnosysadmin", &caps[..3]);
+}
+
+/// Starts `warden run` with only `caps` in its bounding set (and the unit's no_new_privs and descriptor
+/// limit), and checks it enforces: a tagged process reaches the target through the proxy, is refused
+/// anything else, and both are recorded.
+fn enforces_under(name: &str, caps: &[&str]) {
     let bounding = std::iter::once("-all".to_owned())
-        .chain(
-            caps[0].split_whitespace().map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase())),
-        )
+        .chain(caps.iter().map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase())))
         .collect::<Vec<_>>()
         .join(",");
     assert_eq!(unit_values("NoNewPrivileges"), ["yes"]);
     let nofile = unit_values("LimitNOFILE");
     assert_eq!(nofile.len(), 1);
-    let nofile = format!("--nofile={0}:{0}", nofile[0]);
+    // systemd sets the unit's limit; here it can only be lowered to it (raising a hard limit needs
+    // CAP_SYS_RESOURCE, which this machine's root may lack), so the daemon gets the smaller of the two.
+    let nofile = nofile[0].parse::<u64>().expect("LimitNOFILE= is a number").min(hard_nofile());
+    let nofile_arg = format!("--nofile={nofile}:{nofile}");
     let idp = Idp::start();
     let db = Server::start("127.0.0.5", "db");
-    let w = Warden::builder("unitcaps")
+    let w = Warden::builder(name)
         .policy(&tcp_policy("db", db.addr, "5m"))
         .identity(IdentitySpec::pkjwt(&idp, "bot"), &idp.issuer)
         .wrapper(&[
             "prlimit",
-            &nofile,
+            &nofile_arg,
             "--",
             "setpriv",
             "--bounding-set",
@@ -321,15 +353,23 @@ fn the_units_capabilities_and_limits_are_enough_to_enforce() {
     let field = |name: &str| {
         status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default().to_owned()
     };
-    // CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21, CAP_PERFMON 38, CAP_BPF 39.
-    let want = (1u64 << 12) | (1 << 21) | (1 << 38) | (1 << 39);
+    let number = |cap: &str| match cap {
+        "CAP_NET_ADMIN" => 12,
+        "CAP_SYS_ADMIN" => 21,
+        "CAP_PERFMON" => 38,
+        "CAP_BPF" => 39,
+        other => panic!("no number for {other}"),
+    };
+    let want = caps.iter().fold(0u64, |m, c| m | (1 << number(c)));
     assert_eq!(u64::from_str_radix(&field("CapBnd:"), 16).unwrap(), want, "{status}");
     assert_eq!(u64::from_str_radix(&field("CapEff:"), 16).unwrap(), want, "{status}");
     assert_eq!(field("NoNewPrivs:"), "1", "{status}");
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    assert!(limits.lines().any(|l| l.starts_with("Max open files") && l.contains("1048576")), "{limits}");
+    assert!(
+        limits.lines().any(|l| l.starts_with("Max open files") && l.contains(&format!(" {nofile} "))),
+        "{limits}"
+    );
 
-    // It enforces: a tagged process reaches the target through the proxy and nothing else.
     let cg = w.cgroup("agent");
     w.tag(&cg, "bot");
     let v = cg.probe(&["connect", "127.0.0.5", &db.addr.port().to_string()]);
@@ -337,5 +377,8 @@ fn the_units_capabilities_and_limits_are_enough_to_enforce() {
     w.wait_record("session.start", |r| r["event"] == "session.start");
     let v = cg.probe(&["connect", "127.0.0.6", &db.addr.port().to_string()]);
     assert_eq!(errno(&v), Some(EPERM), "{v}");
+    w.wait_record("connect.refused", |r| {
+        r["event"] == "connect.refused" && r["dst"].as_str().is_some_and(|d| d.starts_with("127.0.0.6:"))
+    });
     assert!(!w.log().contains("could not reserve"), "the proxy's ports were not reserved:\n{}", w.log());
 }
