@@ -16,9 +16,15 @@ grep -q ' /sys/fs/cgroup cgroup2 ' /proc/mounts || { echo "cgroup v2 is not moun
 [ -r /sys/kernel/btf/vmlinux ] || { echo "the kernel has no BTF (/sys/kernel/btf/vmlinux)" >&2; exit 1; }
 
 log "Debian packages: PostgreSQL, OpenSSH, Node.js (for the test provider)"
-apt-get update -q
-apt-get install -y -q --no-install-recommends postgresql postgresql-client openssh-server openssh-client \
-  nodejs npm python3 ca-certificates curl procps
+PKGS=(postgresql postgresql-client openssh-server openssh-client nodejs npm python3 ca-certificates curl procps)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
 
 deb=$(ls -t "$SRC"/target/debian/warden_*.deb 2>/dev/null | head -n1 || true)
 if [ -z "$deb" ]; then
@@ -59,7 +65,11 @@ systemctl enable --now ssh
 log "the test OpenID provider (npm oidc-provider, shaped like Okta) on 127.0.0.1:$IDP_PORT"
 install -d -m 0755 "$IDP_DIR"
 cp "$SRC/tests/idp/server.js" "$SRC/tests/idp/package.json" "$SRC/tests/idp/package-lock.json" "$IDP_DIR/"
-(cd "$IDP_DIR" && npm ci --no-audit --no-fund --omit=dev)
+if [ -d "$SRC/tests/idp/node_modules/oidc-provider" ]; then
+  cp -a "$SRC/tests/idp/node_modules" "$IDP_DIR/"       # the checkout's, where it was synced
+else
+  (cd "$IDP_DIR" && npm ci --no-audit --no-fund --omit=dev)
+fi
 install -d -m 0700 "$IDP_KEYS"
 cat >/etc/systemd/system/warden-test-idp.service <<UNIT
 [Unit]
@@ -86,7 +96,7 @@ port, keys = sys.argv[1], sys.argv[2]
 path = "/etc/warden/warden.toml"
 text = open(path).read()
 text = re.sub(r'^allow = .*$', 'allow = ["dns"]', text, count=1, flags=re.M)
-if "[identity.research-bot]" not in text:
+if not re.search(r'^\[identity\.research-bot\]', text, flags=re.M):
     text += f'''
 # Added by the demo VM's provisioning: the test provider's private_key_jwt client.
 [identity.research-bot]
