@@ -2,6 +2,9 @@
 //! object in OUT_DIR for `bpf` to embed. Without that toolchain it embeds an empty object and warns:
 //! `cargo build`/`clippy` of the userspace crates never need the nightly, and the daemon refuses to start
 //! with a message naming the command that installs it. Under CI=true a missing toolchain is an error.
+//! The kernel crate's own `[lints]` (it is outside the workspace) are checked here too: clippy with the
+//! same nightly runs first, and a warning fails the build (skipped, with a cargo warning, when that
+//! nightly has no clippy).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -40,7 +43,14 @@ fn main() -> anyhow::Result<()> {
     }
     let target_dir =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from).join("ebpf");
-    build(&programs, &target_dir)?;
+    if nightly_has_clippy() {
+        cargo(&programs, &target_dir, "clippy", &["--", "-D", "warnings"])?;
+    } else {
+        println!(
+            "cargo:warning=the kernel programs' lints are not checked: {TOOLCHAIN} has no clippy; {INSTALL}"
+        );
+    }
+    cargo(&programs, &target_dir, "build", &[])?;
     std::fs::copy(target_dir.join("bpfel-unknown-none/release/warden-ebpf"), &out)?;
     Ok(())
 }
@@ -59,13 +69,22 @@ fn missing_toolchain() -> Option<String> {
     None
 }
 
-fn build(programs: &Path, target_dir: &Path) -> anyhow::Result<()> {
+fn nightly_has_clippy() -> bool {
+    Command::new("rustup")
+        .args(["run", TOOLCHAIN, "cargo", "clippy", "--version"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `cargo <subcommand>` of the kernel programs with the pinned nightly, for the BPF target.
+fn cargo(programs: &Path, target_dir: &Path, subcommand: &str, extra: &[&str]) -> anyhow::Result<()> {
     let mut cmd = Command::new("rustup");
     cmd.args([
         "run",
         TOOLCHAIN,
         "cargo",
-        "build",
+        subcommand,
         "--release",
         "--target",
         "bpfel-unknown-none",
@@ -74,6 +93,7 @@ fn build(programs: &Path, target_dir: &Path) -> anyhow::Result<()> {
     ])
     .arg("--target-dir")
     .arg(target_dir)
+    .args(extra)
     .current_dir(programs);
     // The outer cargo's settings (its rustc, clippy's wrapper, flags) must not leak into the nested build.
     for (key, _) in std::env::vars_os() {
@@ -91,7 +111,7 @@ fn build(programs: &Path, target_dir: &Path) -> anyhow::Result<()> {
     let output = cmd.output()?;
     if !output.status.success() {
         anyhow::bail!(
-            "building the kernel programs failed:\n{}\n{}",
+            "`cargo {subcommand}` of the kernel programs failed:\n{}\n{}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );

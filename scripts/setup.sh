@@ -41,7 +41,7 @@ fi
 NIGHTLY_COMMIT="e50aa6fba"   # the commit nightly-2026-05-20 names (rustc 1.97.0-nightly, LLVM 22)
 if ! rustup toolchain list | grep -q "^${NIGHTLY}"; then
   log "installing ${NIGHTLY}"
-  if ! rustup toolchain install "${NIGHTLY}" --profile minimal --component rust-src; then
+  if ! rustup toolchain install "${NIGHTLY}" --profile minimal --component rust-src --component clippy; then
     # Offline fallback: a preinstalled `nightly` of the same commit serves under the pinned name.
     if rustc +nightly -vV 2>/dev/null | grep -q "commit-hash: ${NIGHTLY_COMMIT}"; then
       log "linking the preinstalled nightly (${NIGHTLY_COMMIT}) as ${NIGHTLY}"
@@ -55,6 +55,9 @@ if ! rustup toolchain list | grep -q "^${NIGHTLY}"; then
 else
   rustup component add rust-src --toolchain "${NIGHTLY}" >/dev/null 2>&1 || true
 fi
+# clippy for the kernel programs' own lints (agent/build.rs runs it before building them).
+rustup component add clippy --toolchain "${NIGHTLY}" >/dev/null 2>&1 \
+  || log "no clippy for ${NIGHTLY}: the kernel programs' lints will not be checked"
 
 # bpf-linker built against that nightly's LLVM (no system LLVM needed).
 if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null | grep -q "${BPF_LINKER_VERSION}"; then

@@ -6,9 +6,12 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
+
+use crate::duration::Written;
 
 /// One problem found in a configuration or policy file, located for the operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,14 +207,17 @@ impl Default for AuditServeConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct GrantsConfig {
     /// How long a connection is held waiting for `warden grant approve` before it is refused.
-    pub approval_wait: Spanned<String>,
+    pub approval_wait: Written,
     /// How long a pending grant waits for approval before it lapses.
-    pub pending_max: Spanned<String>,
+    pub pending_max: Written,
 }
 
 impl Default for GrantsConfig {
     fn default() -> Self {
-        Self { approval_wait: Spanned::new(0..0, "60s".into()), pending_max: Spanned::new(0..0, "1h".into()) }
+        Self {
+            approval_wait: Written(Duration::from_secs(60)),
+            pending_max: Written(Duration::from_secs(3600)),
+        }
     }
 }
 
@@ -298,11 +304,6 @@ impl Config {
                 );
             }
         }
-        for d in [&self.grants.approval_wait, &self.grants.pending_max] {
-            if let Err(msg) = crate::policy::parse_duration(d.get_ref()) {
-                err(d.span(), format!("grants: {msg}"));
-            }
-        }
         if !self.audit.serve.listen.is_empty() && self.audit.serve.listen.parse::<SocketAddr>().is_err() {
             err(0..0, format!("audit.serve.listen: `{}` is not an ip:port", self.audit.serve.listen));
         }
@@ -378,6 +379,17 @@ mod tests {
         assert_eq!(c.agent.control_socket, PathBuf::from("/run/warden/control.sock"));
         assert_eq!(c.proxy_listen().len(), 2);
         assert_eq!(c.allow_entries().len(), 2);
+    }
+
+    #[test]
+    fn grant_durations_are_parsed_as_the_file_loads() {
+        let c = Config::parse(Path::new("w.toml"), "[grants]\napproval_wait = \"90s\"\n").unwrap();
+        assert_eq!(c.grants.approval_wait.0, Duration::from_secs(90));
+        assert_eq!(c.grants.pending_max.0, Duration::from_secs(3600));
+        let err = Config::parse(Path::new("w.toml"), "[grants]\npending_max = \"5x\"\n").unwrap_err();
+        let ConfigError::Invalid(d) = err else { panic!("{err}") };
+        assert_eq!(d[0].line, 2, "{d:?}");
+        assert!(d[0].message.contains("`5x` is not a duration"), "{d:?}");
     }
 
     #[test]

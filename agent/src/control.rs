@@ -1,8 +1,7 @@
 //! The control socket: a Unix socket (mode 0600, and peers must be uid 0) speaking one JSON request and
-//! one JSON response per line; the daemon's side (`serve`) and the CLI's (`request`, `client_cli`).
+//! one JSON response per line; the daemon's side (`serve`) and the client's (`request`, `stop_daemon`).
 //! The request and response types are a boundary of their own: changing them changes the CLI contract.
 
-use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
@@ -13,10 +12,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
-
-use crate::cli::{
-    Command, EXIT_FAILED, EXIT_INVALID, EXIT_NOPERM, EXIT_UNAVAILABLE, GrantAction, SessionAction,
-};
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -166,16 +161,6 @@ pub enum ClientError {
     Protocol(String),
 }
 
-impl ClientError {
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Self::Unavailable { .. } => EXIT_UNAVAILABLE,
-            Self::Permission { .. } => EXIT_NOPERM,
-            Self::Refused(_) | Self::Protocol(_) => EXIT_FAILED,
-        }
-    }
-}
-
 /// Sends one request and waits for its answer (synchronous: the CLI stays single-threaded, which
 /// `warden exec` relies on before it forks).
 pub fn request(path: &Path, request: &Request) -> Result<Value, ClientError> {
@@ -212,139 +197,5 @@ pub fn stop_daemon(path: &Path) {
         while std::os::unix::net::UnixStream::connect(path).is_ok() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-    }
-}
-
-/// The CLI commands that talk to the daemon.
-pub fn client_cli(command: Command) -> u8 {
-    let (config, req, json, render): (_, _, bool, fn(&Value) -> String) = match command {
-        Command::Tag { cgroup, identity, config } => {
-            (config, Request::Tag { cgroup, identity, task: None }, false, |_| "tagged".into())
-        }
-        Command::Untag { cgroup, config } => {
-            (config, Request::Untag { cgroup }, false, |_| "untagged".into())
-        }
-        Command::Sessions { action: Some(SessionAction::Kill { id, config }), .. } => {
-            (config, Request::KillSession { id }, false, |_| "killed".into())
-        }
-        Command::Sessions { action: None, json, config } => {
-            (config, Request::Sessions, json.json, sessions_table)
-        }
-        Command::Grants { json, config } => (config, Request::Grants, json.json, grants_table),
-        Command::Grant { action } => match action {
-            GrantAction::Issue { identity, target, cgroup, access, json, config } => {
-                (config, Request::GrantIssue { identity, target, cgroup, access }, json.json, json_record)
-            }
-            GrantAction::Approve { id, config } => (config, Request::GrantApprove { id }, false, json_record),
-            GrantAction::Revoke { id, config } => (config, Request::GrantRevoke { id }, false, json_record),
-        },
-        Command::Status { json, config } => (config, Request::Status, json.json, status_text),
-        other => {
-            return crate::cli::fail(EXIT_INVALID, &format!("{other:?} does not use the control socket"));
-        }
-    };
-    let socket = match crate::config::Config::load(&config.config) {
-        Ok(c) => c.agent.control_socket,
-        Err(e) => return crate::cli::fail(EXIT_INVALID, &e),
-    };
-    match request(&socket, &req) {
-        Ok(data) => {
-            if json {
-                println!("{}", serde_json::to_string_pretty(&data).unwrap_or_default());
-            } else {
-                println!("{}", render(&data));
-            }
-            0
-        }
-        Err(e) => crate::cli::fail(e.exit_code(), &e),
-    }
-}
-
-fn sessions_table(data: &Value) -> String {
-    let rows = data.as_array().cloned().unwrap_or_default();
-    let mut out = format!(
-        "{:<34} {:<8} {:<20} {:<16} {:<22} {:>10} {:>10}  {}\n",
-        "SESSION", "PID", "IDENTITY", "TARGET", "DST", "UP", "DOWN", "CGROUP"
-    );
-    for r in &rows {
-        let s = |k: &str| {
-            r.get(k).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned)).unwrap_or_default()
-        };
-        let _ = writeln!(
-            out,
-            "{:<34} {:<8} {:<20} {:<16} {:<22} {:>10} {:>10}  {}",
-            s("session"),
-            s("pid"),
-            s("identity"),
-            s("target"),
-            s("dst"),
-            s("bytes_up"),
-            s("bytes_down"),
-            s("cgroup")
-        );
-    }
-    if rows.is_empty() {
-        out.push_str("(no live sessions)\n");
-    }
-    out.trim_end().to_owned()
-}
-
-fn status_text(data: &Value) -> String {
-    serde_json::to_string_pretty(data).unwrap_or_default()
-}
-
-fn grants_table(data: &Value) -> String {
-    match serde_json::from_value::<Vec<crate::grants::GrantView>>(data.clone()) {
-        Ok(views) => crate::grants::table(&views).trim_end().to_owned(),
-        Err(_) => json_table(data),
-    }
-}
-
-/// A table of an array of flat JSON objects; columns are the first object's keys.
-fn json_table(data: &Value) -> String {
-    let rows = data.as_array().cloned().unwrap_or_default();
-    let Some(Value::Object(first)) = rows.first() else { return "(none)".into() };
-    let cols: Vec<String> = first.keys().cloned().collect();
-    let cell = |r: &Value, c: &str| match r.get(c) {
-        None | Some(Value::Null) => "-".to_owned(),
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
-            .collect::<Vec<_>>()
-            .join(","),
-        Some(v) => v.to_string(),
-    };
-    let widths: Vec<usize> = cols
-        .iter()
-        .map(|c| rows.iter().map(|r| cell(r, c).len()).chain([c.len()]).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    let line = |vals: Vec<String>| {
-        vals.iter()
-            .zip(&widths)
-            .map(|(v, w)| format!("{v:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_owned()
-    };
-    out.push_str(&line(cols.iter().map(|c| c.to_uppercase()).collect()));
-    for r in &rows {
-        out.push('\n');
-        out.push_str(&line(cols.iter().map(|c| cell(r, c)).collect()));
-    }
-    out
-}
-
-/// One JSON object as `key: value` lines.
-fn json_record(data: &Value) -> String {
-    match data {
-        Value::Object(m) => m
-            .iter()
-            .map(|(k, v)| format!("{k}: {}", v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        other => other.to_string(),
     }
 }

@@ -2,8 +2,10 @@
 //! their Okta identity, grants scoped time-bound access, injects credentials and records every session.
 //!
 //! Modules in the order a connection meets them: `bpf` (load, attach, pin) → `origin` (who opened this
-//! socket) → `identity` (Okta tokens) → `policy` (pure decisions) → `grants` (time) → `proxy` (sessions)
-//! → `protocol` → `audit` (the record). `daemon` wires them; `control` and `cli` are the operator's side.
+//! socket) → `proxy` (the path of one connection) → `protocol` (the target kind's handler) → the gate in
+//! `daemon` (`identity`: Okta tokens, `policy`: pure decisions, `grants`: time) → `audit` (the record).
+//! `daemon` wires them; `control` is the control socket; `cli` is the top layer (nothing imports it);
+//! `exec` runs `warden exec`'s command; `cgroup`, `config`, `clock`, `duration` and `timestamp` are leaves.
 
 pub mod audit;
 pub mod bpf;
@@ -13,9 +15,12 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod duration;
+pub mod exec;
 pub mod grants;
 pub mod identity;
 pub mod origin;
 pub mod policy;
 pub mod protocol;
 pub mod proxy;
+pub mod timestamp;

@@ -1,8 +1,10 @@
 //! Who opened a connection the proxy accepted: the kernel's origin record, turned into the daemon's
-//! terms (process, user, cgroup path, original destination, wall-clock time).
+//! terms (process, user, cgroup path, original destination, wall-clock time). [`Origins`] is the seam the
+//! proxy asks; [`KernelOrigins`] (the kernel's maps) is the production source.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::bpf::{Kernel, socket_addr};
@@ -26,6 +28,25 @@ pub struct ConnOrigin {
     pub dst: SocketAddr,
     /// When it called connect().
     pub at: SystemTime,
+}
+
+/// Where the proxy learns who opened an accepted connection.
+pub trait Origins: Send + Sync + 'static {
+    /// The origin of the connection whose peer (as `accept` saw it) is `peer`; `None` when it did not come
+    /// through the kernel's redirect.
+    fn lookup(&self, peer: SocketAddr) -> Option<ConnOrigin>;
+}
+
+/// The kernel's origin maps (filled by the `sock_ops` program).
+pub struct KernelOrigins {
+    pub kernel: Arc<Kernel>,
+    pub cgroup_root: PathBuf,
+}
+
+impl Origins for KernelOrigins {
+    fn lookup(&self, peer: SocketAddr) -> Option<ConnOrigin> {
+        lookup(&self.kernel, peer, &self.cgroup_root)
+    }
 }
 
 /// Looks up the origin of an accepted connection by its peer address.

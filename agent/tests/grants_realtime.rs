@@ -44,6 +44,8 @@ fn terms(ttl: Duration, approval: Approval) -> Terms {
         mask: vec![],
         approval,
         commands: None,
+        forward: false,
+        sftp: false,
     }
 }
 

@@ -55,7 +55,7 @@ fn broken_policies_print_every_error_located_and_exit_64() {
         [
             format!("{a}:4:14: address: `99999` is not a port (1-65535)"),
             format!(
-                "{a}:5:5: unknown key `colour` in target `db`; expected one of: protocol, address, databases, tls, credentials, host_key, host_ca"
+                "{a}:5:5: unknown key `colour` in target `db`; expected one of: protocol, address, databases, tls, ca_file, credentials, record_parameters, host_key, host_ca"
             ),
             format!("{b}:4:23: unknown target `dbb`; did you mean `db`?"),
             format!(

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use warden::policy::{self, Access, Decision, Protocol, Subject, TlsMode};
+use warden::policy::{self, Access, Decision, PgCredentials, Protocol, Subject, TargetKind, TlsMode};
 
 fn examples() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
@@ -45,13 +45,14 @@ fn every_example_policy_is_valid() {
         Ok(p) => p,
         Err(diags) => panic!("{}", diags.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")),
     };
-    let protocols: Vec<Protocol> = policy.targets().map(|t| t.protocol).collect();
+    let protocols: Vec<Protocol> = policy.targets().map(policy::Target::protocol).collect();
     for p in [Protocol::Postgres, Protocol::Ssh, Protocol::Tcp] {
         assert!(protocols.contains(&p), "no {p} example");
     }
     let db = policy.target("orders-db").unwrap();
-    assert_eq!((db.host.as_str(), db.port, db.tls), ("10.0.0.5", 5432, TlsMode::VerifyFull));
-    let creds = db.credentials.as_ref().unwrap();
+    let TargetKind::Postgres(pg) = &db.kind else { panic!("{db:?}") };
+    assert_eq!((db.host.as_str(), db.port, pg.tls), ("10.0.0.5", 5432, TlsMode::VerifyFull));
+    let PgCredentials::One(creds) = &pg.credentials else { panic!("{pg:?}") };
     assert!(creds.password_file.as_ref().unwrap().ends_with("policies/secrets/orders-db"), "{creds:?}");
     assert_eq!(policy.target("metrics").unwrap().host, "fd00::20");
 

@@ -154,6 +154,55 @@ fn revocation_and_kill_end_live_sessions_at_once() {
 }
 
 #[test]
+fn removing_a_target_ends_its_sessions_as_a_policy_change() {
+    if !privileged("removing_a_target_ends_its_sessions_as_a_policy_change") {
+        return;
+    }
+    let idp = Idp::start();
+    let db = Server::start("127.0.0.5", "db");
+    let other = Server::start("127.0.0.6", "other");
+    // Two targets; the edit removes `db`: its grant ends and its sessions are cut, both as policy_changed.
+    let w = start("rmtarget", &idp, &policy_of_two(&db, &other));
+    let cg = w.cgroup("agent");
+    w.tag(&cg, "bot");
+
+    let h = hold(&cg, &db, 20);
+    let live = live_session(&w);
+    std::fs::write(w.policy_path(), tcp_policy("other", other.addr, "10m")).unwrap();
+    let v = h.join().unwrap();
+    assert_ne!(v["ended"], "still open", "{v}");
+    let end = w.wait_record("the removed target's session.end", |r| {
+        r["event"] == "session.end" && r["session"] == live["session"]
+    });
+    assert_eq!(end["reason"], "policy_changed", "the true cause, never killed_by_operator: {end}");
+}
+
+/// A policy with targets `db` and `other`, both granted to the research group.
+fn policy_of_two(db: &Server, other: &Server) -> String {
+    [
+        "targets:".to_owned(),
+        "  db:".into(),
+        "    protocol: tcp".into(),
+        format!("    address: \"{}\"", db.addr),
+        "  other:".into(),
+        "    protocol: tcp".into(),
+        format!("    address: \"{}\"", other.addr),
+        "rules:".into(),
+        "  - name: research reaches both".into(),
+        "    match: { groups: [agents-research] }".into(),
+        "    grant:".into(),
+        "      - target: db".into(),
+        "        access: connect".into(),
+        "        ttl: 10m".into(),
+        "      - target: other".into(),
+        "        access: connect".into(),
+        "        ttl: 10m".into(),
+        String::new(),
+    ]
+    .join("\n")
+}
+
+#[test]
 fn no_matching_rule_is_refused_and_a_bad_policy_edit_keeps_the_old_policy() {
     if !privileged("no_matching_rule_is_refused_and_a_bad_policy_edit_keeps_the_old_policy") {
         return;

@@ -61,8 +61,7 @@
 //! `warden audit export --mark` raises it to the last record it wrote. With `retain_until_exported`,
 //! retention deletes only files whose every record is at or below the mark.
 
-pub mod cli;
-mod files;
+pub mod files;
 pub mod format;
 pub mod serve;
 pub mod sign;
@@ -119,21 +118,6 @@ impl AuditError {
 
 /// Wall-clock time for `ts` and day rotation; tests pass their own.
 pub type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
-
-/// `ts` format: RFC 3339, UTC, nine fractional digits.
-pub fn format_ts(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:09}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.nanosecond()
-    )
-}
 
 /// One record before the writer gives it `seq`, `ts`, `host`, `prev` and `hash`.
 #[derive(Debug, Clone)]
@@ -462,16 +446,5 @@ async fn run(
             tracing::error!(%reason, "audit writer failed while shutting down");
             failed.cancel();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ts_has_nine_fraction_digits_in_utc() {
-        let t = OffsetDateTime::from_unix_timestamp_nanos(1_795_000_000_000_000_123).unwrap();
-        assert_eq!(format_ts(t), "2026-11-18T11:06:40.000000123Z");
     }
 }

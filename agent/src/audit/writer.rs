@@ -13,7 +13,8 @@ use time::{Date, OffsetDateTime};
 
 use super::files::{self, file_name};
 use super::format::{self, GENESIS_PREV, RESERVED};
-use super::{AuditError, Clock, Record, format_ts, sign};
+use super::{AuditError, Clock, Record, sign};
+use crate::timestamp::format as format_ts;
 
 /// What `Writer::open` found and repaired, reported in a `recovered` record.
 #[derive(Debug, Default)]

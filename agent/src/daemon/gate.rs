@@ -1,26 +1,22 @@
-//! The daemon's gate: binding → verified identity → policy decision → grant, for each connection; and the
-//! control-socket grant commands, which go through the same identity and policy.
+//! The daemon's gate: the target a connection was redirected for, then binding → verified identity →
+//! policy decision → grant; mid-session questions (SSH channels and commands) re-decided against the
+//! current policy; and the control-socket grant commands, which go through the same identity and policy.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
-use serde_json::Value;
-
 use super::State;
-use crate::control::{Refused, Request};
 use crate::grants::{GrantEnd, GrantKey};
 use crate::origin::ConnOrigin;
-use crate::policy::{Access, Decision, Protocol, Subject};
-use crate::proxy::{Admission, Gate, IdentityView, Refusal};
+use crate::policy::{Decision, Subject, Target};
+use crate::protocol::{Ask, Authorize, End, Hello, IdentityView, Refusal, RefusalCode, Session};
+use crate::proxy::{Admission, Gate};
 
 pub struct DaemonGate {
     pub state: Arc<State>,
 }
 
-fn refusal(code: &'static str, reason: impl Into<String>) -> Refusal {
-    Refusal { code, reason: reason.into(), target: None, identity: None }
-}
-
-fn subject(v: &crate::identity::VerifiedIdentity) -> Subject {
+pub(super) fn subject(v: &crate::identity::VerifiedIdentity) -> Subject {
     Subject {
         client_id: v.client_id.clone(),
         sub: v.sub.clone(),
@@ -29,89 +25,87 @@ fn subject(v: &crate::identity::VerifiedIdentity) -> Subject {
     }
 }
 
+fn refusal(
+    code: RefusalCode,
+    reason: impl Into<String>,
+    target: &str,
+    identity: Option<&Arc<IdentityView>>,
+) -> Refusal {
+    Refusal { code, reason: reason.into(), target: Some(target.to_owned()), identity: identity.cloned() }
+}
+
 impl Gate for DaemonGate {
+    fn target(&self, origin: &ConnOrigin) -> Result<Arc<Target>, Refusal> {
+        let policy = self.state.policy.current();
+        self.state
+            .targets
+            .name(origin.target)
+            .and_then(|n| policy.target(&n).cloned())
+            .map(Arc::new)
+            .ok_or_else(|| {
+                Refusal::new(
+                    RefusalCode::UnknownTarget,
+                    format!("{} is no longer a target in the policy", origin.dst),
+                )
+            })
+    }
+
     fn admit<'a>(
         &'a self,
         origin: &'a ConnOrigin,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Admission, Refusal>> + Send + 'a>> {
+        target: &'a Arc<Target>,
+        _hello: &'a Hello,
+    ) -> Pin<Box<dyn Future<Output = Result<Admission, Refusal>> + Send + 'a>> {
         Box::pin(async move {
             let s = &self.state;
+            let name = target.name.as_str();
             let binding = s.bindings.by_id(origin.binding).ok_or_else(|| {
-                refusal(
-                    "unknown_binding",
+                Refusal::new(
+                    RefusalCode::UnknownBinding,
                     "the process's cgroup is tagged but its binding is unknown to this daemon",
                 )
             })?;
             let policy = s.policy.current();
-            let target =
-                s.targets.name(origin.target).filter(|n| policy.target(n).is_some()).ok_or_else(|| {
-                    refusal("unknown_target", format!("{} is no longer a target in the policy", origin.dst))
+            let verified =
+                s.identities.verified(&binding.identity).await.map_err(|e| {
+                    refusal(RefusalCode::Identity, format!("{e} ({})", e.reason()), name, None)
                 })?;
-            let verified = s.identities.verified(&binding.identity).await.map_err(|e| Refusal {
-                code: "identity",
-                reason: format!("{e} ({})", e.reason()),
-                target: Some(target.clone()),
-                identity: None,
-            })?;
             let view = IdentityView {
                 name: verified.name.clone(),
                 sub: verified.sub.clone(),
                 client_id: verified.client_id.clone(),
                 groups: verified.groups.clone(),
             };
+            let shared = Arc::new(view.clone());
             let subject = subject(&verified);
             s.subjects.lock().expect("subjects lock").insert(binding.identity.clone(), subject.clone());
-            let terms = match policy.decide(&subject, &target, None) {
+            let terms = match policy.decide(&subject, name, None) {
                 Decision::Allow(t) => t,
                 Decision::Deny { reason } => {
-                    return Err(Refusal {
-                        code: "policy",
-                        reason,
-                        target: Some(target),
-                        identity: Some(view),
-                    });
+                    return Err(refusal(RefusalCode::Policy, reason, name, Some(&shared)));
                 }
             };
-            // Only opaque TCP has a handler so far. A postgres or ssh target relayed as opaque bytes would let
-            // a `read` grant write and would need the agent to hold the credential: refuse instead.
-            let protocol = policy.target(&target).map_or(Protocol::Tcp, |t| t.protocol);
-            if protocol != Protocol::Tcp {
-                return Err(Refusal {
-                    code: "unsupported_protocol",
-                    reason: format!(
-                        "target {target} speaks {}, whose protocol handler this warden does not have yet; \
-                         only `protocol: tcp` targets are proxied",
-                        protocol.as_str()
-                    ),
-                    target: Some(target),
-                    identity: Some(view),
-                });
-            }
             let key = GrantKey {
                 identity: binding.identity.clone(),
                 client_id: verified.client_id.clone(),
                 cgroup: binding.cgroup.clone(),
-                target: target.clone(),
+                target: name.to_owned(),
                 access: terms.access,
             };
-            let mut lease = s.grants.acquire(key, &terms).await.map_err(|e| Refusal {
-                code: "grant",
-                reason: e.to_string(),
-                target: Some(target.clone()),
-                identity: Some(view.clone()),
-            })?;
+            let mut lease = s
+                .grants
+                .acquire(key, &terms)
+                .await
+                .map_err(|e| refusal(RefusalCode::Grant, e.to_string(), name, Some(&shared)))?;
             Ok(Admission {
-                target,
-                protocol: protocol.as_str().to_owned(),
+                terms,
                 identity: Some(view),
                 grant: Some(lease.grant_id.clone()),
-                rule: Some(lease.rule.clone()),
-                access: Some(lease.access.as_str().to_owned()),
                 until: Some(Box::pin(async move {
                     match lease.ended().await {
-                        GrantEnd::Expired => "grant_expired".to_owned(),
-                        GrantEnd::Revoked { .. } => "grant_revoked".to_owned(),
-                        GrantEnd::PolicyChanged { .. } => "policy_changed".to_owned(),
+                        GrantEnd::Expired => End::GrantExpired,
+                        GrantEnd::Revoked { by } => End::GrantRevoked { by },
+                        GrantEnd::PolicyChanged { reason } => End::PolicyChanged { reason },
                     }
                 })),
             })
@@ -119,49 +113,48 @@ impl Gate for DaemonGate {
     }
 }
 
-/// `warden grants` and `warden grant issue|approve|revoke`.
-pub async fn grant_request(state: &State, request: Request) -> Result<Value, Refused> {
-    fn to_value<T: serde::Serialize>(v: T) -> Value {
-        serde_json::to_value(v).unwrap_or_default()
+impl Authorize for DaemonGate {
+    /// Re-decides the session against the current policy, with the subject its identity was last verified
+    /// as, then checks the ask against those terms.
+    fn authorize(&self, session: &Session, ask: &Ask<'_>) -> Result<(), Refusal> {
+        let target = session.target.name.as_str();
+        let identity = session.identity.as_ref().map(|i| Arc::new(i.clone()));
+        let no = |code, reason: String| refusal(code, reason, target, identity.as_ref());
+        let Some(name) = session.identity.as_ref().map(|i| i.name.as_str()) else {
+            return Err(no(RefusalCode::Identity, "the session has no verified identity".into()));
+        };
+        let subject = self.state.subjects.lock().expect("subjects lock").get(name).cloned();
+        let Some(subject) = subject else {
+            return Err(no(RefusalCode::Identity, format!("identity `{name}` has not been verified")));
+        };
+        let terms = match self.state.policy.current().decide(&subject, target, Some(session.terms.access)) {
+            Decision::Allow(t) => t,
+            Decision::Deny { reason } => return Err(no(RefusalCode::Policy, reason)),
+        };
+        within(&terms, ask).map_err(|reason| no(RefusalCode::NotGranted, reason))
     }
-    match request {
-        Request::Grants => Ok(to_value(state.grants.list())),
-        Request::GrantApprove { id } => {
-            state.grants.approve(&id, "operator").await.map(to_value).map_err(|e| Refused(e.to_string()))
+}
+
+/// Whether `ask` is within `terms`: the `commands` allow-list, `forward`, `sftp`.
+fn within(terms: &crate::policy::Terms, ask: &Ask<'_>) -> Result<(), String> {
+    let rule = &terms.rule;
+    match ask {
+        Ask::Exec { command } => match &terms.commands {
+            Some(list) if !crate::protocol::ssh::command_allowed(list, command) => {
+                Err(format!("rule `{rule}` does not allow the command `{command}`"))
+            }
+            _ => Ok(()),
+        },
+        Ask::Shell if terms.commands.is_some() => {
+            Err(format!("rule `{rule}` allows only listed commands, not an interactive shell"))
         }
-        Request::GrantRevoke { id } => {
-            state.grants.revoke(&id, "operator").await.map(to_value).map_err(|e| Refused(e.to_string()))
+        Ask::Forward { what } if !terms.forward => {
+            Err(format!("rule `{rule}` does not allow forwarding ({what}); it needs `forward: true`"))
         }
-        Request::GrantIssue { identity, target, cgroup, access } => {
-            let access = access
-                .map(|a| Access::parse(&a).ok_or_else(|| Refused(format!("unknown access `{a}`"))))
-                .transpose()?;
-            let path =
-                crate::cgroup::resolve(&state.cgroup_root, &cgroup).map_err(|e| Refused(e.to_string()))?;
-            let cgroup = crate::cgroup::relative(&state.cgroup_root, &path);
-            let verified = state
-                .identities
-                .verified(&identity)
-                .await
-                .map_err(|e| Refused(format!("identity `{identity}` could not be verified: {e}")))?;
-            let terms = match state.policy.current().decide(&subject(&verified), &target, access) {
-                Decision::Allow(t) => t,
-                Decision::Deny { reason } => return Err(Refused(reason)),
-            };
-            let key = GrantKey {
-                identity,
-                client_id: verified.client_id.clone(),
-                cgroup,
-                target,
-                access: terms.access,
-            };
-            state
-                .grants
-                .issue(key, &terms, "operator")
-                .await
-                .map(to_value)
-                .map_err(|e| Refused(e.to_string()))
+        Ask::Subsystem { name } if *name != "sftp" => Err(format!("the subsystem `{name}` is not allowed")),
+        Ask::Subsystem { .. } if !terms.sftp => {
+            Err(format!("rule `{rule}` does not allow sftp; it needs `sftp: true`"))
         }
-        _ => Err(Refused("not a grant request".into())),
+        Ask::Shell | Ask::Forward { .. } | Ask::Subsystem { .. } => Ok(()),
     }
 }

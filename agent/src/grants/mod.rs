@@ -28,7 +28,11 @@
 //! - **Policy changes** ([`Grants::revalidate`]): a grant the new policy no longer allows ends
 //!   (`grant.revoked` by `policy`, [`GrantEnd::PolicyChanged`]); one whose rule now has a shorter TTL is
 //!   shortened; none is lengthened.
+//!
+//! A grant's expiry is kept in one place, its [`Expiry`], which the table and every lease share. The
+//! operator's view is `view.rs`, the on-disk form `store.rs`, the records `records.rs`.
 
+mod records;
 mod store;
 mod view;
 
@@ -43,11 +47,14 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
 
 pub use crate::clock::{Clock, SystemClock, TestClock};
+use records::{expired_record, issued_record};
 pub use view::{GrantView, table};
+use view::{status, view};
 
 use crate::audit::{Audit, AuditError, Record};
 use crate::policy::{Access, Approval, Decision, Policy, Subject, Terms};
-use store::{StoredGrant, StoredSpent, parse_rfc3339, rfc3339};
+use crate::timestamp;
+use store::restore;
 
 /// How long timers sleep at most before looking at the wall clock again (it may jump).
 const MAX_NAP: Duration = Duration::from_secs(1);
@@ -152,10 +159,37 @@ enum Phase {
     /// Issued, its `grant.issued` record not yet durable: nothing runs under it yet.
     Recording,
     Pending,
-    Active {
-        expires_at: SystemTime,
-    },
+    /// Its expiry is in the grant's [`Expiry`].
+    Active,
     Ended(GrantEnd),
+}
+
+/// When a grant expires (`None` while pending): the one place its expiry is kept, shared by the grant
+/// table and every lease, so a policy change that brings it forward is seen by all at once.
+#[derive(Debug, Default)]
+struct Expiry(AtomicU64);
+
+impl Expiry {
+    fn new(at: Option<SystemTime>) -> Arc<Self> {
+        let e = Arc::new(Self::default());
+        e.set(at);
+        e
+    }
+
+    fn get(&self) -> Option<SystemTime> {
+        match self.0.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(n)),
+        }
+    }
+
+    fn set(&self, at: Option<SystemTime>) {
+        let n = at.map_or(0, |t| {
+            let nanos = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
+            u64::try_from(nanos).unwrap_or(u64::MAX).max(1)
+        });
+        self.0.store(n, Ordering::Release);
+    }
 }
 
 #[derive(Debug)]
@@ -169,8 +203,7 @@ struct Grant {
     approval: Approval,
     issued_by: String,
     requested_at: SystemTime,
-    /// `None` while pending.
-    expires_at: Option<SystemTime>,
+    expiry: Arc<Expiry>,
     phase: watch::Sender<Phase>,
     sessions: Arc<AtomicUsize>,
 }
@@ -226,6 +259,7 @@ pub struct Lease {
     pub access: Access,
     pub rule: String,
     rx: watch::Receiver<Phase>,
+    expiry: Arc<Expiry>,
     clock: Arc<dyn Clock>,
     sessions: Arc<AtomicUsize>,
 }
@@ -234,7 +268,7 @@ impl Lease {
     /// When the grant expires now (a policy change may bring it forward).
     pub fn expires_at(&self) -> SystemTime {
         match &*self.rx.borrow() {
-            Phase::Active { expires_at } => *expires_at,
+            Phase::Active => self.expiry.get().unwrap_or_else(|| self.clock.now()),
             Phase::Recording | Phase::Pending | Phase::Ended(_) => self.clock.now(),
         }
     }
@@ -292,14 +326,14 @@ impl Grants {
         let now = clock.now();
         let mut state = State::default();
         for s in stored.spent {
-            let ended_at = parse_rfc3339(&s.ended_at).unwrap_or(now);
+            let ended_at = timestamp::parse(&s.ended_at).unwrap_or(now);
             let task = Task { identity: s.identity, cgroup: s.cgroup, target: s.target };
             state.spent.insert(task, Spent { grant: s.grant, how: s.how, ended_at });
         }
         let mut records = Vec::new();
         for g in stored.grants {
             let Some(grant) = restore(g, now) else { continue };
-            match grant.expires_at {
+            match grant.expiry.get() {
                 Some(at) if at <= now => {
                     records.push(expired_record(&grant, "expired while the daemon was down"));
                     state.spent.insert(
@@ -348,7 +382,7 @@ impl Grants {
                     id: spent.grant.clone(),
                     target: key.target.clone(),
                     how: spent.how.clone(),
-                    at: rfc3339(spent.ended_at),
+                    at: timestamp::format_system(spent.ended_at),
                 });
             } else {
                 let pending = terms.approval == Approval::Required;
@@ -389,7 +423,7 @@ impl Grants {
             Ok(Ok(p)) => p.clone(),
         };
         match phase {
-            Phase::Active { .. } => {
+            Phase::Active => {
                 let state = inner.lock();
                 let Some(g) = state.grants.get(&id) else {
                     return Err(self.refusal_for_ended(&id));
@@ -400,6 +434,7 @@ impl Grants {
                     access: g.key.access,
                     rule: g.rule.clone(),
                     rx,
+                    expiry: g.expiry.clone(),
                     clock: inner.clock.clone(),
                     sessions: g.sessions.clone(),
                 })
@@ -420,7 +455,7 @@ impl Grants {
                     .map(|(t, _)| t.target.clone())
                     .unwrap_or_default(),
                 how: s.how.clone(),
-                at: rfc3339(s.ended_at),
+                at: timestamp::format_system(s.ended_at),
             },
             None => GrantRefusal::Lapsed {
                 id: id.to_owned(),
@@ -478,11 +513,11 @@ impl Grants {
             let now = inner.clock.now();
             inner.expire_due(&mut state, now);
             let g = state.grants.get_mut(id).ok_or_else(|| GrantError::NotFound { id: id.to_owned() })?;
-            if g.expires_at.is_some() {
+            if g.expiry.get().is_some() {
                 return Err(GrantError::NotPending { id: id.to_owned(), status: status(g).into() });
             }
             let expires_at = now + g.ttl;
-            g.expires_at = Some(expires_at);
+            g.expiry.set(Some(expires_at));
             let record = Record::new("grant.approved")
                 .field("grant", &g.id)
                 .field("by", by)
@@ -490,11 +525,11 @@ impl Grants {
                 .field("cgroup", &g.key.cgroup)
                 .field("target", &g.key.target)
                 .field("access", g.key.access.as_str())
-                .field("expires_at", rfc3339(expires_at));
+                .field("expires_at", timestamp::format_system(expires_at));
             let v = view(g, now);
             if let Err(e) = inner.persist(&state) {
                 if let Some(g) = state.grants.get_mut(id) {
-                    g.expires_at = None;
+                    g.expiry.set(None);
                 }
                 return Err(e);
             }
@@ -505,9 +540,9 @@ impl Grants {
         {
             let state = inner.lock();
             if let (Some(g), Ok(_)) = (state.grants.get(id), &recorded)
-                && let Some(expires_at) = g.expires_at
+                && g.expiry.get().is_some()
             {
-                g.phase.send_replace(Phase::Active { expires_at });
+                g.phase.send_replace(Phase::Active);
             }
         }
         inner.wake.notify_one();
@@ -582,18 +617,11 @@ impl Grants {
                     g.mask = terms.mask;
                     g.commands = terms.commands;
                     if terms.ttl < g.ttl {
-                        if let Some(at) = g.expires_at {
+                        if let Some(at) = g.expiry.get() {
                             let started = at.checked_sub(g.ttl).unwrap_or(at);
                             let latest = started + terms.ttl;
                             if latest < at {
-                                g.expires_at = Some(latest);
-                                g.phase.send_if_modified(|p| match p {
-                                    Phase::Active { expires_at } => {
-                                        *expires_at = latest;
-                                        true
-                                    }
-                                    _ => false,
-                                });
+                                g.expiry.set(Some(latest));
                             }
                         }
                         g.ttl = terms.ttl;
@@ -632,20 +660,7 @@ impl Inner {
     }
 
     fn persist(&self, state: &State) -> Result<(), GrantError> {
-        let grants = state.grants.values().map(stored).collect();
-        let spent = state
-            .spent
-            .iter()
-            .map(|(t, s)| StoredSpent {
-                identity: t.identity.clone(),
-                cgroup: t.cgroup.clone(),
-                target: t.target.clone(),
-                grant: s.grant.clone(),
-                how: s.how.clone(),
-                ended_at: rfc3339(s.ended_at),
-            })
-            .collect();
-        store::write(&self.path, &store::Stored::new(grants, spent))
+        store::write(&self.path, &store::snapshot(state))
     }
 
     fn new_id(&self, state: &State, now: SystemTime) -> String {
@@ -680,7 +695,7 @@ impl Inner {
             approval: terms.approval,
             issued_by,
             requested_at: now,
-            expires_at,
+            expiry: Expiry::new(expires_at),
             phase: watch::Sender::new(Phase::Recording),
             sessions: Arc::new(AtomicUsize::new(0)),
         }
@@ -690,8 +705,7 @@ impl Inner {
     fn recorded(&self, id: &str) {
         let state = self.lock();
         if let Some(g) = state.grants.get(id) {
-            g.phase
-                .send_replace(g.expires_at.map_or(Phase::Pending, |expires_at| Phase::Active { expires_at }));
+            g.phase.send_replace(if g.expiry.get().is_some() { Phase::Active } else { Phase::Pending });
         }
     }
 
@@ -700,7 +714,7 @@ impl Inner {
         let mut due = Vec::new();
         let mut next: Option<SystemTime> = None;
         for g in state.grants.values() {
-            let deadline = g.expires_at.unwrap_or(g.requested_at + self.options.pending_max);
+            let deadline = g.expiry.get().unwrap_or(g.requested_at + self.options.pending_max);
             if deadline <= now {
                 due.push(g.id.clone());
             } else {
@@ -712,7 +726,7 @@ impl Inner {
         }
         for id in due {
             let Some(g) = state.grants.remove(&id) else { continue };
-            match g.expires_at {
+            match g.expiry.get() {
                 Some(at) => {
                     self.record(expired_record(&g, "ttl reached"));
                     state.spent.insert(
@@ -749,19 +763,7 @@ impl Inner {
                 GrantEnd::PolicyChanged { reason } => ("policy".to_owned(), Some(reason.clone())),
                 GrantEnd::Expired => ("warden".to_owned(), None),
             };
-            record = Some(
-                Record::new("grant.revoked")
-                    .field("grant", &g.id)
-                    .field("by", by)
-                    .field("reason", reason)
-                    .field("identity", &g.key.identity)
-                    .field("client_id", &g.key.client_id)
-                    .field("cgroup", &g.key.cgroup)
-                    .field("target", &g.key.target)
-                    .field("access", g.key.access.as_str())
-                    .field("rule", &g.rule)
-                    .field("sessions", g.sessions.load(Ordering::Relaxed)),
-            );
+            record = Some(records::revoked(&g, &by, reason.as_deref()));
             state.spent.insert(Task::of(&g.key), Spent { grant: g.id.clone(), how, ended_at: now });
         }
         g.phase.send_replace(Phase::Ended(why.clone()));
@@ -788,116 +790,6 @@ async fn expiry_task(inner: Weak<Inner>, wake: Arc<Notify>) {
             () = wake.notified() => {}
         }
     }
-}
-
-fn status(g: &Grant) -> &'static str {
-    if g.expires_at.is_some() { "active" } else { "pending" }
-}
-
-fn view(g: &Grant, now: SystemTime) -> GrantView {
-    GrantView {
-        id: g.id.clone(),
-        status: status(g).to_owned(),
-        identity: g.key.identity.clone(),
-        client_id: g.key.client_id.clone(),
-        cgroup: g.key.cgroup.clone(),
-        target: g.key.target.clone(),
-        access: g.key.access.as_str().to_owned(),
-        rule: g.rule.clone(),
-        ttl_secs: g.ttl.as_secs(),
-        mask: g.mask.clone(),
-        commands: g.commands.clone(),
-        approval: g.approval.as_str().to_owned(),
-        issued_by: g.issued_by.clone(),
-        requested_at: rfc3339(g.requested_at),
-        expires_at: g.expires_at.map(rfc3339),
-        remaining_secs: g.expires_at.map(|at| at.duration_since(now).unwrap_or_default().as_secs()),
-        sessions: g.sessions.load(Ordering::Relaxed),
-    }
-}
-
-fn stored(g: &Grant) -> StoredGrant {
-    StoredGrant {
-        id: g.id.clone(),
-        identity: g.key.identity.clone(),
-        client_id: g.key.client_id.clone(),
-        cgroup: g.key.cgroup.clone(),
-        target: g.key.target.clone(),
-        access: g.key.access.as_str().to_owned(),
-        rule: g.rule.clone(),
-        ttl_secs: g.ttl.as_secs(),
-        mask: g.mask.clone(),
-        commands: g.commands.clone(),
-        approval: g.approval.as_str().to_owned(),
-        issued_by: g.issued_by.clone(),
-        requested_at: rfc3339(g.requested_at),
-        expires_at: g.expires_at.map(rfc3339),
-    }
-}
-
-/// A stored grant back in memory; its expiry never moves later, and never leaves more than its TTL.
-fn restore(s: StoredGrant, now: SystemTime) -> Option<Grant> {
-    let Some(access) = Access::parse(&s.access) else {
-        tracing::warn!(grant = %s.id, access = %s.access, "dropping a stored grant with an unknown access");
-        return None;
-    };
-    let requested_at = parse_rfc3339(&s.requested_at)?;
-    let ttl = Duration::from_secs(s.ttl_secs);
-    let expires_at = match &s.expires_at {
-        None => None,
-        Some(t) => Some(parse_rfc3339(t)?.min(now + ttl)),
-    };
-    let phase = expires_at.map_or(Phase::Pending, |expires_at| Phase::Active { expires_at });
-    Some(Grant {
-        id: s.id,
-        key: GrantKey {
-            identity: s.identity,
-            client_id: s.client_id,
-            cgroup: s.cgroup,
-            target: s.target,
-            access,
-        },
-        rule: s.rule,
-        ttl,
-        mask: s.mask,
-        commands: s.commands,
-        approval: if s.approval == "required" { Approval::Required } else { Approval::None },
-        issued_by: s.issued_by,
-        requested_at,
-        expires_at,
-        phase: watch::Sender::new(phase),
-        sessions: Arc::new(AtomicUsize::new(0)),
-    })
-}
-
-fn issued_record(g: &Grant) -> Record {
-    Record::new("grant.issued")
-        .field("grant", &g.id)
-        .field("status", status(g))
-        .field("identity", &g.key.identity)
-        .field("client_id", &g.key.client_id)
-        .field("cgroup", &g.key.cgroup)
-        .field("target", &g.key.target)
-        .field("access", g.key.access.as_str())
-        .field("rule", &g.rule)
-        .field("ttl_secs", g.ttl.as_secs())
-        .field("approval", g.approval.as_str())
-        .field("issued_by", &g.issued_by)
-        .field("expires_at", g.expires_at.map(rfc3339))
-}
-
-fn expired_record(g: &Grant, reason: &str) -> Record {
-    Record::new("grant.expired")
-        .field("grant", &g.id)
-        .field("reason", reason)
-        .field("identity", &g.key.identity)
-        .field("client_id", &g.key.client_id)
-        .field("cgroup", &g.key.cgroup)
-        .field("target", &g.key.target)
-        .field("access", g.key.access.as_str())
-        .field("rule", &g.rule)
-        .field("expires_at", g.expires_at.map(rfc3339))
-        .field("sessions", g.sessions.load(Ordering::Relaxed))
 }
 
 #[cfg(test)]
@@ -952,6 +844,8 @@ mod tests {
             mask: vec!["email".into()],
             approval,
             commands: None,
+            forward: false,
+            sftp: false,
         }
     }
 

@@ -4,11 +4,16 @@
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
-use super::GrantError;
+use super::{Expiry, Grant, GrantError, GrantKey, Phase};
+use crate::policy::{Access, Approval};
+use crate::timestamp;
 
 pub const FILE: &str = "grants.json";
 const VERSION: u32 = 1;
@@ -54,17 +59,6 @@ pub struct StoredSpent {
     pub how: String,
     /// RFC 3339.
     pub ended_at: String,
-}
-
-/// RFC 3339 in UTC, as the audit record writes times.
-pub fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| String::from("1970-01-01T00:00:00Z"))
-}
-
-pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok().map(SystemTime::from)
 }
 
 pub fn path(state_dir: &Path) -> PathBuf {
@@ -115,4 +109,76 @@ impl Stored {
     pub fn new(grants: Vec<StoredGrant>, spent: Vec<StoredSpent>) -> Self {
         Self { version: VERSION, grants, spent }
     }
+}
+
+/// What is written for the grant table now.
+pub(super) fn snapshot(state: &super::State) -> Stored {
+    let grants = state.grants.values().map(stored).collect();
+    let spent = state
+        .spent
+        .iter()
+        .map(|(t, s)| StoredSpent {
+            identity: t.identity.clone(),
+            cgroup: t.cgroup.clone(),
+            target: t.target.clone(),
+            grant: s.grant.clone(),
+            how: s.how.clone(),
+            ended_at: timestamp::format_system(s.ended_at),
+        })
+        .collect();
+    Stored::new(grants, spent)
+}
+
+fn stored(g: &Grant) -> StoredGrant {
+    StoredGrant {
+        id: g.id.clone(),
+        identity: g.key.identity.clone(),
+        client_id: g.key.client_id.clone(),
+        cgroup: g.key.cgroup.clone(),
+        target: g.key.target.clone(),
+        access: g.key.access.as_str().to_owned(),
+        rule: g.rule.clone(),
+        ttl_secs: g.ttl.as_secs(),
+        mask: g.mask.clone(),
+        commands: g.commands.clone(),
+        approval: g.approval.as_str().to_owned(),
+        issued_by: g.issued_by.clone(),
+        requested_at: timestamp::format_system(g.requested_at),
+        expires_at: g.expiry.get().map(timestamp::format_system),
+    }
+}
+
+/// A stored grant back in memory; its expiry never moves later, and never leaves more than its TTL.
+pub(super) fn restore(s: StoredGrant, now: SystemTime) -> Option<Grant> {
+    let Some(access) = Access::parse(&s.access) else {
+        tracing::warn!(grant = %s.id, access = %s.access, "dropping a stored grant with an unknown access");
+        return None;
+    };
+    let requested_at = timestamp::parse(&s.requested_at)?;
+    let ttl = Duration::from_secs(s.ttl_secs);
+    let expires_at = match &s.expires_at {
+        None => None,
+        Some(t) => Some(timestamp::parse(t)?.min(now + ttl)),
+    };
+    let phase = if expires_at.is_some() { Phase::Active } else { Phase::Pending };
+    Some(Grant {
+        id: s.id,
+        key: GrantKey {
+            identity: s.identity,
+            client_id: s.client_id,
+            cgroup: s.cgroup,
+            target: s.target,
+            access,
+        },
+        rule: s.rule,
+        ttl,
+        mask: s.mask,
+        commands: s.commands,
+        approval: if s.approval == "required" { Approval::Required } else { Approval::None },
+        issued_by: s.issued_by,
+        requested_at,
+        expiry: Expiry::new(expires_at),
+        phase: watch::Sender::new(phase),
+        sessions: Arc::new(AtomicUsize::new(0)),
+    })
 }

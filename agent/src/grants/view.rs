@@ -2,7 +2,13 @@
 
 use std::fmt::Write as _;
 
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
 use serde::{Deserialize, Serialize};
+
+use super::Grant;
+use crate::timestamp;
 
 /// One live or pending grant as the control socket reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +92,34 @@ fn human(secs: u64) -> String {
         s if s >= 3600 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
         s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
         s => format!("{s}s"),
+    }
+}
+
+/// Whether a grant runs (`active`) or waits for approval (`pending`).
+pub(super) fn status(g: &Grant) -> &'static str {
+    if g.expiry.get().is_some() { "active" } else { "pending" }
+}
+
+/// The operator's view of one grant now.
+pub(super) fn view(g: &Grant, now: SystemTime) -> GrantView {
+    GrantView {
+        id: g.id.clone(),
+        status: status(g).to_owned(),
+        identity: g.key.identity.clone(),
+        client_id: g.key.client_id.clone(),
+        cgroup: g.key.cgroup.clone(),
+        target: g.key.target.clone(),
+        access: g.key.access.as_str().to_owned(),
+        rule: g.rule.clone(),
+        ttl_secs: g.ttl.as_secs(),
+        mask: g.mask.clone(),
+        commands: g.commands.clone(),
+        approval: g.approval.as_str().to_owned(),
+        issued_by: g.issued_by.clone(),
+        requested_at: timestamp::format_system(g.requested_at),
+        expires_at: g.expiry.get().map(timestamp::format_system),
+        remaining_secs: g.expiry.get().map(|at| at.duration_since(now).unwrap_or_default().as_secs()),
+        sessions: g.sessions.load(Ordering::Relaxed),
     }
 }
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::yaml::{self, Node, Pos, Value};
-use super::{Access, Approval, Credentials, GrantSpec, Match, Policy, Protocol, Rule, Target, TlsMode};
+use super::{Access, Approval, GrantSpec, Match, Policy, Protocol, Rule, Target};
 use crate::config::Diagnostic;
 
 /// The longest TTL a rule may give.
@@ -27,38 +27,6 @@ pub fn load(files: &[PathBuf]) -> Result<Policy, Vec<Diagnostic>> {
         loader.file(file);
     }
     loader.finish(files)
-}
-
-/// Parses a TTL such as `90s`, `15m`, `2h` or `1h30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let hint = "write a number and a unit: s, m or h (e.g. 90s, 15m, 2h)";
-    let mut total: u64 = 0;
-    let mut digits = String::new();
-    for c in s.trim().chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            _ => return Err(format!("`{s}` is not a duration; {hint}")),
-        };
-        let n: u64 = digits.parse().map_err(|_| format!("`{s}` is not a duration; {hint}"))?;
-        total = n
-            .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(|| format!("`{s}` is too long"))?;
-        digits.clear();
-    }
-    if !digits.is_empty() || s.trim().is_empty() {
-        return Err(format!("`{s}` is not a duration; {hint}"));
-    }
-    if total == 0 {
-        return Err(format!("`{s}` is zero; a grant needs a positive ttl"));
-    }
-    Ok(Duration::from_secs(total))
 }
 
 /// A located problem, before it knows its file.
@@ -77,6 +45,8 @@ struct PendingGrant {
     mask: Option<(Vec<String>, Pos)>,
     approval: Approval,
     commands: Option<(Vec<String>, Pos)>,
+    forward: Option<(bool, Pos)>,
+    sftp: Option<(bool, Pos)>,
 }
 
 #[derive(Default)]
@@ -214,8 +184,11 @@ impl Loader {
             f.err(node.pos, "`grant` is empty; a rule must grant something".into());
         }
         for item in items {
-            let fields =
-                f.fields(item, "a grant entry", &["target", "access", "ttl", "mask", "approval", "commands"]);
+            let fields = f.fields(
+                item,
+                "a grant entry",
+                &["target", "access", "ttl", "mask", "approval", "commands", "forward", "sftp"],
+            );
             if !matches!(item.value, Value::Map(_)) {
                 continue;
             }
@@ -227,7 +200,8 @@ impl Loader {
                 .and_then(|n| f.string(n, "access").map(|s| (s, n.pos)));
             let ttl = f.required(&fields, "ttl", item.pos, "grant entry").and_then(|n| {
                 let s = f.string(n, "ttl")?;
-                parse_duration(&s)
+                crate::duration::parse(&s)
+                    .map_err(|e| e.to_string())
                     .and_then(|d| {
                         if d > MAX_TTL {
                             Err(format!("ttl `{s}` is longer than 24h; grants are meant to be short"))
@@ -252,6 +226,9 @@ impl Loader {
                     }
                 },
             };
+            let forward =
+                fields.get("forward").and_then(|(_, n)| f.boolean(n, "forward").map(|b| (b, n.pos)));
+            let sftp = fields.get("sftp").and_then(|(_, n)| f.boolean(n, "sftp").map(|b| (b, n.pos)));
             let (Some(target), Some(access)) = (target, access) else { continue };
             self.pending.push(PendingGrant {
                 file: f.file.to_path_buf(),
@@ -264,6 +241,8 @@ impl Loader {
                 mask,
                 approval,
                 commands,
+                forward,
+                sftp,
             });
         }
     }
@@ -295,7 +274,7 @@ impl Loader {
                 self.push(&g.file.clone(), *target_pos, format!("unknown target `{target_name}`{hint}"));
                 continue;
             };
-            let protocol = target.protocol;
+            let protocol = target.protocol();
             let (access_text, access_pos) = &g.access;
             let access = match Access::parse(access_text) {
                 Some(a) if a.protocol() == protocol => Some(a),
@@ -320,6 +299,16 @@ impl Loader {
                 && access != Some(Access::Exec)
             {
                 found.push((*pos, "commands apply to ssh `access: exec` only".into()));
+            }
+            for (key, flag) in [("forward", &g.forward), ("sftp", &g.sftp)] {
+                if let Some((_, pos)) = flag
+                    && protocol != Protocol::Ssh
+                {
+                    found.push((
+                        *pos,
+                        format!("{key} applies to ssh targets only; `{target_name}` is {protocol}"),
+                    ));
+                }
             }
             if let Some(a) = access
                 && let Some(first) = seen.insert((g.rule_ix, target_name.clone(), a), g.pos)
@@ -346,6 +335,8 @@ impl Loader {
                     mask: g.mask.map(|(m, _)| m).unwrap_or_default(),
                     approval: g.approval,
                     commands: g.commands.map(|(c, _)| c),
+                    forward: g.forward.is_some_and(|(b, _)| b),
+                    sftp: g.sftp.is_some_and(|(b, _)| b),
                 });
             }
         }
@@ -363,21 +354,21 @@ impl Loader {
 }
 
 /// Problems found while walking one file.
-struct FileCtx<'a> {
-    file: &'a Path,
-    dir: &'a Path,
+pub(super) struct FileCtx<'a> {
+    pub(super) file: &'a Path,
+    pub(super) dir: &'a Path,
     found: Vec<Found>,
 }
 
-type Fields<'n> = BTreeMap<&'n str, (Pos, &'n Node)>;
+pub(super) type Fields<'n> = BTreeMap<&'n str, (Pos, &'n Node)>;
 
 impl FileCtx<'_> {
-    fn err(&mut self, pos: Pos, msg: String) {
+    pub(super) fn err(&mut self, pos: Pos, msg: String) {
         self.found.push((pos, msg));
     }
 
     /// The keys of a mapping; reports a non-mapping, unknown keys (suggesting the near one) and repeats.
-    fn fields<'n>(&mut self, node: &'n Node, what: &str, allowed: &[&str]) -> Fields<'n> {
+    pub(super) fn fields<'n>(&mut self, node: &'n Node, what: &str, allowed: &[&str]) -> Fields<'n> {
         let mut out = Fields::new();
         let Value::Map(entries) = &node.value else {
             self.err(node.pos, format!("expected {what} (a mapping), found {}", node.kind()));
@@ -406,7 +397,13 @@ impl FileCtx<'_> {
         out
     }
 
-    fn required<'n>(&mut self, fields: &Fields<'n>, key: &str, at: Pos, what: &str) -> Option<&'n Node> {
+    pub(super) fn required<'n>(
+        &mut self,
+        fields: &Fields<'n>,
+        key: &str,
+        at: Pos,
+        what: &str,
+    ) -> Option<&'n Node> {
         let found = fields.get(key).map(|(_, n)| *n);
         if found.is_none() {
             self.err(at, format!("{what} needs `{key}`"));
@@ -414,7 +411,7 @@ impl FileCtx<'_> {
         found
     }
 
-    fn string(&mut self, node: &Node, what: &str) -> Option<String> {
+    pub(super) fn string(&mut self, node: &Node, what: &str) -> Option<String> {
         match &node.value {
             _ if node.is_null() => {
                 self.err(node.pos, format!("`{what}` has no value"));
@@ -428,7 +425,7 @@ impl FileCtx<'_> {
         }
     }
 
-    fn strings(&mut self, node: &Node, what: &str) -> Option<Vec<String>> {
+    pub(super) fn strings(&mut self, node: &Node, what: &str) -> Option<Vec<String>> {
         let Value::Seq(items) = &node.value else {
             self.err(node.pos, format!("`{what}` must be a list (e.g. [a, b]), not {}", node.kind()));
             return None;
@@ -438,6 +435,17 @@ impl FileCtx<'_> {
             out.push(self.string(item, what)?);
         }
         Some(out)
+    }
+
+    pub(super) fn boolean(&mut self, node: &Node, what: &str) -> Option<bool> {
+        match self.string(node, what)?.as_str() {
+            "true" => Some(true),
+            "false" => Some(false),
+            other => {
+                self.err(node.pos, format!("`{what}` must be true or false, not `{other}`"));
+                None
+            }
+        }
     }
 
     /// A target or rule name: a non-empty single line.
@@ -473,180 +481,10 @@ impl FileCtx<'_> {
         }
         Some(m)
     }
-
-    fn target(&mut self, name: &str, at: Pos, node: &Node) -> Option<Target> {
-        let what = format!("target `{name}`");
-        let fields = self.fields(
-            node,
-            &what,
-            &["protocol", "address", "databases", "tls", "credentials", "host_key", "host_ca"],
-        );
-        if !matches!(node.value, Value::Map(_)) {
-            return None;
-        }
-        let protocol = self.required(&fields, "protocol", at, &what).and_then(|n| {
-            let s = self.string(n, "protocol")?;
-            let p = match s.as_str() {
-                "postgres" => Protocol::Postgres,
-                "ssh" => Protocol::Ssh,
-                "tcp" => Protocol::Tcp,
-                other => {
-                    self.err(n.pos, format!("protocol `{other}` is not postgres, ssh or tcp"));
-                    return None;
-                }
-            };
-            Some(p)
-        });
-        let address = self.required(&fields, "address", at, &what).and_then(|n| {
-            let s = self.string(n, "address")?;
-            parse_address(&s).map_err(|m| self.err(n.pos, format!("address: {m}"))).ok()
-        });
-        let protocol = protocol?;
-        let only = |s: &mut Self, key: &str, p: Protocol| {
-            if let Some((pos, _)) = fields.get(key)
-                && protocol != p
-            {
-                s.err(*pos, format!("`{key}` applies to {p} targets only; `{name}` is {protocol}"));
-            }
-        };
-        only(self, "databases", Protocol::Postgres);
-        only(self, "tls", Protocol::Postgres);
-        only(self, "host_key", Protocol::Ssh);
-        only(self, "host_ca", Protocol::Ssh);
-
-        let mut databases = Vec::new();
-        let mut tls = TlsMode::Disable;
-        let mut host_key = None;
-        let mut host_ca = None;
-        match protocol {
-            Protocol::Postgres => {
-                if let Some(n) = self.required(&fields, "databases", at, &what) {
-                    databases = self.strings(n, "databases").unwrap_or_default();
-                    if databases.is_empty() {
-                        self.err(n.pos, "`databases` is empty; list the databases agents may open".into());
-                    }
-                }
-                tls = match fields.get("tls") {
-                    None => TlsMode::Prefer,
-                    Some((_, n)) => match self.string(n, "tls").as_deref() {
-                        Some("disable") => TlsMode::Disable,
-                        Some("prefer") | None => TlsMode::Prefer,
-                        Some("require") => TlsMode::Require,
-                        Some("verify-full") => TlsMode::VerifyFull,
-                        Some(other) => {
-                            self.err(
-                                n.pos,
-                                format!("tls `{other}` is not disable, prefer, require or verify-full"),
-                            );
-                            TlsMode::Prefer
-                        }
-                    },
-                };
-            }
-            Protocol::Ssh => {
-                for (key, slot) in [("host_key", &mut host_key), ("host_ca", &mut host_ca)] {
-                    if let Some((_, n)) = fields.get(key)
-                        && let Some(line) = self.string(n, key)
-                    {
-                        if ssh_key_line(&line) {
-                            *slot = Some(line);
-                        } else {
-                            self.err(
-                                n.pos,
-                                format!(
-                                    "{key} must be an OpenSSH public key line such as `ssh-ed25519 AAAA...`"
-                                ),
-                            );
-                        }
-                    }
-                }
-                if !fields.contains_key("host_key") && !fields.contains_key("host_ca") {
-                    self.err(
-                        node.pos,
-                        format!("ssh {what} needs host_key or host_ca so Warden can verify the upstream"),
-                    );
-                }
-            }
-            Protocol::Tcp => {}
-        }
-        let credentials = match (fields.get("credentials"), protocol) {
-            (Some((pos, _)), Protocol::Tcp) => {
-                self.err(
-                    *pos,
-                    "tcp targets carry opaque bytes; Warden cannot inject credentials (remove `credentials`)"
-                        .into(),
-                );
-                None
-            }
-            (Some((_, n)), p) => self.credentials(n, p),
-            (None, Protocol::Tcp) => None,
-            (None, _) => {
-                self.err(
-                    node.pos,
-                    format!("{what} needs `credentials` (agents never hold them; Warden injects them)"),
-                );
-                None
-            }
-        };
-        let (host, port) = address?;
-        Some(Target {
-            name: name.to_owned(),
-            protocol,
-            host,
-            port,
-            databases,
-            tls,
-            credentials,
-            host_key,
-            host_ca,
-        })
-    }
-
-    fn credentials(&mut self, node: &Node, protocol: Protocol) -> Option<Credentials> {
-        let fields = self.fields(node, "`credentials`", &["user", "password_file", "private_key_file"]);
-        if !matches!(node.value, Value::Map(_)) {
-            return None;
-        }
-        let user =
-            self.required(&fields, "user", node.pos, "`credentials`").and_then(|n| self.string(n, "user"));
-        let mut file = |key: &str| {
-            let (_, n) = fields.get(key)?;
-            let raw = self.string(n, key)?;
-            let path = self.dir.join(&raw);
-            match std::fs::File::open(&path).and_then(|f| f.metadata()) {
-                Ok(m) if m.is_file() => {}
-                Ok(_) => self.err(n.pos, format!("{key} {} is not a regular file", path.display())),
-                Err(e) => self.err(
-                    n.pos,
-                    format!("cannot read {key} {}: {e}; the daemon must be able to read it", path.display()),
-                ),
-            }
-            Some(path)
-        };
-        let password_file = file("password_file");
-        let private_key_file = file("private_key_file");
-        match protocol {
-            Protocol::Postgres => {
-                if let Some((pos, _)) = fields.get("private_key_file") {
-                    self.err(
-                        *pos,
-                        "postgres credentials take `password_file`, not `private_key_file`".into(),
-                    );
-                }
-            }
-            Protocol::Ssh => {
-                if !fields.contains_key("private_key_file") && !fields.contains_key("password_file") {
-                    self.err(node.pos, "ssh credentials need `private_key_file` (or `password_file`)".into());
-                }
-            }
-            Protocol::Tcp => {}
-        }
-        Some(Credentials { user: user?, password_file, private_key_file })
-    }
 }
 
 /// `ip:port`, `[v6]:port` or `host:port`, syntax only.
-fn parse_address(s: &str) -> Result<(String, u16), String> {
+pub(super) fn parse_address(s: &str) -> Result<(String, u16), String> {
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let (h, p) = rest.split_once("]:").ok_or_else(|| format!("`{s}` is not [ipv6]:port"))?;
         h.parse::<std::net::Ipv6Addr>().map_err(|_| format!("`{h}` is not an IPv6 address"))?;
@@ -686,7 +524,7 @@ fn host_name(h: &str) -> bool {
 }
 
 /// An OpenSSH public key line (optionally after markers such as `@cert-authority *`).
-fn ssh_key_line(line: &str) -> bool {
+pub(super) fn ssh_key_line(line: &str) -> bool {
     let parts: Vec<&str> = line.split_whitespace().collect();
     parts.windows(2).any(|w| {
         let known = w[0].starts_with("ssh-") || w[0].starts_with("ecdsa-sha2-") || w[0].starts_with("sk-");
@@ -724,17 +562,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
-        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        for bad in ["", "15", "m", "15 minutes", "1.5h", "0s", "-3m", "1d"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn addresses() {

@@ -22,6 +22,7 @@
 
 mod load;
 mod store;
+mod targets;
 mod yaml;
 
 use std::collections::BTreeMap;
@@ -29,26 +30,107 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use load::{load, parse_duration};
+pub use load::load;
 pub use store::Store;
 
-/// What a policy protects, as the daemon and the protocol handlers need it.
+/// What a policy protects, as the daemon and the protocol handlers need it: where it is, and what kind of
+/// target it is (its protocol, with only that protocol's settings).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub name: String,
-    pub protocol: Protocol,
     /// An IP literal or a host name, unresolved (the daemon resolves it).
     pub host: String,
     pub port: u16,
-    /// Postgres: the databases reachable. Empty for other protocols.
+    pub kind: TargetKind,
+}
+
+impl Target {
+    pub fn protocol(&self) -> Protocol {
+        self.kind.protocol()
+    }
+}
+
+/// The closed set of target kinds; each protocol handler reads only its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetKind {
+    /// Opaque bytes: Warden records the session but cannot look inside or inject credentials.
+    Tcp,
+    Postgres(PostgresTarget),
+    Ssh(SshTarget),
+}
+
+impl TargetKind {
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            Self::Tcp => Protocol::Tcp,
+            Self::Postgres(_) => Protocol::Postgres,
+            Self::Ssh(_) => Protocol::Ssh,
+        }
+    }
+}
+
+/// A PostgreSQL target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresTarget {
+    /// The databases agents may open (at least one).
     pub databases: Vec<String>,
-    /// Postgres upstream TLS; other protocols carry `Disable`.
+    /// Upstream TLS, as libpq's `sslmode` means it.
     pub tls: TlsMode,
-    pub credentials: Option<Credentials>,
-    /// SSH: the upstream's host key line (`ssh-ed25519 AAAA...`).
+    /// PEM roots for `tls: verify-full` (`ca_file`); `None`: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// The login Warden injects upstream, one for every access or one per access.
+    pub credentials: PgCredentials,
+    /// Record bind parameters in `pg.query` (`record_parameters: true`); redacted by default.
+    pub record_parameters: bool,
+}
+
+/// Upstream PostgreSQL logins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgCredentials {
+    /// `credentials: { user, password_file }` for every access.
+    One(PgLogin),
+    /// `credentials: { read: {...}, write: {...} }`: a read grant logs in as a read-only role.
+    PerAccess { read: PgLogin, write: PgLogin },
+}
+
+impl PgCredentials {
+    /// The login for a session granted `access` (`write` for anything but `read`).
+    pub fn for_access(&self, access: Access) -> &PgLogin {
+        match self {
+            Self::One(l) => l,
+            Self::PerAccess { read, .. } if access == Access::Read => read,
+            Self::PerAccess { write, .. } => write,
+        }
+    }
+}
+
+/// One upstream PostgreSQL login; the password file is read by the handler when it connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgLogin {
+    pub user: String,
+    /// `None`: the upstream asks for no password (trust or peer authentication).
+    pub password_file: Option<PathBuf>,
+}
+
+/// An SSH target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshTarget {
+    /// The upstream's host key line (`ssh-ed25519 AAAA...`).
     pub host_key: Option<String>,
-    /// SSH: a CA key line the upstream's host certificate must be signed by.
+    /// A CA key line the upstream's host certificate must be signed by. At least one of the two is set.
     pub host_ca: Option<String>,
+    pub credentials: SshLogin,
+}
+
+/// The upstream SSH login Warden uses; the agent never sees the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshLogin {
+    pub user: String,
+    /// An OpenSSH private key; read by the handler when it connects.
+    pub private_key_file: Option<PathBuf>,
+    /// An OpenSSH user certificate for that key (`certificate_file`), if the upstream trusts a user CA.
+    pub certificate_file: Option<PathBuf>,
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -90,15 +172,6 @@ pub enum TlsMode {
     Prefer,
     Require,
     VerifyFull,
-}
-
-/// Paths to the secrets the proxy injects; the loader checks they are readable, the protocol handlers
-/// read them. Relative paths in a policy file are resolved against that file's directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub user: String,
-    pub password_file: Option<PathBuf>,
-    pub private_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -217,6 +290,10 @@ pub struct GrantSpec {
     pub approval: Approval,
     /// SSH exec allow-list (globs); `None` = any command.
     pub commands: Option<Vec<String>>,
+    /// SSH: port forwarding (local, remote, `-W`) and agent forwarding allowed (`forward: true`).
+    pub forward: bool,
+    /// SSH: the `sftp` subsystem (and scp over it) allowed (`sftp: true`).
+    pub sftp: bool,
 }
 
 /// Who is asking, as read from a verified token. The policy does not depend on the identity module.
@@ -253,6 +330,8 @@ pub struct Terms {
     pub mask: Vec<String>,
     pub approval: Approval,
     pub commands: Option<Vec<String>>,
+    pub forward: bool,
+    pub sftp: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -297,12 +376,12 @@ impl Policy {
             return deny(format!("no target named `{target}` in the policy"));
         };
         if let Some(a) = access
-            && a.protocol() != t.protocol
+            && a.protocol() != t.protocol()
         {
             return deny(format!(
                 "access `{a}` does not apply to {} target `{target}` (it takes {})",
-                t.protocol,
-                names(t.protocol.accesses().iter().map(|a| a.as_str()))
+                t.protocol(),
+                names(t.protocol().accesses().iter().map(|a| a.as_str()))
             ));
         }
         let candidates: Vec<(&Rule, &GrantSpec)> = self
@@ -344,6 +423,8 @@ impl Policy {
             approval: spec.approval,
             // exec through a shell entry: a shell can run anything, so no allow-list applies
             commands: if spec.access == access { spec.commands.clone() } else { None },
+            forward: spec.forward,
+            sftp: spec.sftp,
         })
     }
 }
@@ -374,6 +455,8 @@ impl Policy {
             mask: spec.mask.clone(),
             approval: spec.approval,
             commands: if spec.access == access { spec.commands.clone() } else { None },
+            forward: spec.forward,
+            sftp: spec.sftp,
         })
     }
 }
@@ -391,17 +474,27 @@ mod tests {
     }
 
     fn target(name: &str, protocol: Protocol) -> Target {
-        Target {
-            name: name.into(),
-            protocol,
-            host: "127.0.0.1".into(),
-            port: 1,
-            databases: vec![],
-            tls: TlsMode::Disable,
-            credentials: None,
-            host_key: None,
-            host_ca: None,
-        }
+        let kind = match protocol {
+            Protocol::Tcp => TargetKind::Tcp,
+            Protocol::Postgres => TargetKind::Postgres(PostgresTarget {
+                databases: vec!["db".into()],
+                tls: TlsMode::Disable,
+                ca_file: None,
+                credentials: PgCredentials::One(PgLogin { user: "u".into(), password_file: None }),
+                record_parameters: false,
+            }),
+            Protocol::Ssh => TargetKind::Ssh(SshTarget {
+                host_key: Some("ssh-ed25519 AAAA".into()),
+                host_ca: None,
+                credentials: SshLogin {
+                    user: "u".into(),
+                    private_key_file: None,
+                    certificate_file: None,
+                    password_file: None,
+                },
+            }),
+        };
+        Target { name: name.into(), host: "127.0.0.1".into(), port: 1, kind }
     }
 
     fn spec(target: &str, access: Access, ttl: u64) -> GrantSpec {
@@ -412,6 +505,8 @@ mod tests {
             mask: vec![],
             approval: Approval::None,
             commands: None,
+            forward: false,
+            sftp: false,
         }
     }
 

@@ -1,91 +1,82 @@
-//! The transparent proxy: accepts the connections the kernel redirected, finds who opened them, asks the
-//! gate (identity → policy → grant) whether they may go on, records `session.start` durably, connects
-//! upstream and runs the target's protocol handler until either side closes, the grant ends, an
-//! operator kills the session, the audit record fails, or the daemon stops; then records `session.end`.
+//! The transparent proxy: accepts the connections the kernel redirected and takes each along one path:
+//! its origin (who opened it) → its target (the gate) → the target's handler reads the hello → the gate
+//! decides (identity → policy → grant) → `session.start` is made durable while the handler connects
+//! upstream → the handler runs until the session ends on its own or is cut (the grant ends, an operator
+//! kills it, the policy changes, the audit record fails, the daemon stops) → `session.end` with the typed
+//! cause. It knows no protocol: `protocol::Handlers` dispatches on the target's kind.
 //!
 //! **No byte reaches an upstream before its session's `session.start` record is durable.**
 
 pub mod sessions;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::audit::{Audit, Record};
-use crate::bpf::Kernel;
-use crate::origin::{self, ConnOrigin};
-use crate::protocol::tcp;
+use crate::origin::{ConnOrigin, Origins};
+use crate::policy::{Target, Terms};
+use crate::protocol::{
+    Authorize, Counters, Cut, End, Greeting, Handlers, Hello, IdentityView, Refusal, RefusalCode, Session,
+};
 pub use sessions::{SessionInfo, Sessions};
 
-/// How long an upstream connect may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send what its handler must read before the decision.
+const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a handler may take to return once its session is cut, before it is dropped.
+const CUT_GRACE: Duration = Duration::from_secs(2);
 
-/// The identity a session runs as, as recorded.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct IdentityView {
-    /// The configured identity name.
-    pub name: String,
-    pub sub: String,
-    pub client_id: String,
-    pub groups: Vec<String>,
-}
-
-/// A future that resolves, with a reason, when a session's grant ends.
-pub type GrantEnd = Pin<Box<dyn Future<Output = String> + Send>>;
+/// A future that resolves, with the cause, when a session's grant ends.
+pub type GrantEnd = Pin<Box<dyn Future<Output = End> + Send>>;
 
 /// What the gate hands a session it admits.
 pub struct Admission {
-    pub target: String,
-    pub protocol: String,
+    /// What the grant allows.
+    pub terms: Terms,
     pub identity: Option<IdentityView>,
     pub grant: Option<String>,
-    pub rule: Option<String>,
-    pub access: Option<String>,
-    /// Resolves when the grant expires or is revoked; the session is then cut.
+    /// Resolves when the grant expires, is revoked or is ended by a policy change; the session is then cut.
     pub until: Option<GrantEnd>,
 }
 
 impl std::fmt::Debug for Admission {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Admission")
-            .field("target", &self.target)
+            .field("terms", &self.terms)
             .field("identity", &self.identity)
             .field("grant", &self.grant)
             .finish_non_exhaustive()
     }
 }
 
-/// Why the gate refused a session: recorded, and what the client is told where the protocol allows.
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    /// Machine-readable: `unknown_binding`, `unknown_target`, `identity`, `policy`, `grant`, ...
-    pub code: &'static str,
-    pub reason: String,
-    pub target: Option<String>,
-    pub identity: Option<IdentityView>,
-}
+/// Decides whether a connection may proceed: the seam where bindings, identity, policy and grants plug in.
+/// It also answers a handler's mid-session questions ([`Authorize`]).
+pub trait Gate: Authorize + 'static {
+    /// Step 2: the policy target this connection was redirected for (a refusal here is a reset).
+    fn target(&self, origin: &ConnOrigin) -> Result<Arc<Target>, Refusal>;
 
-/// Decides whether a connection may proceed: the seam where identity, policy and grants plug in.
-pub trait Gate: Send + Sync + 'static {
+    /// Step 4: identity → policy → grant, with what the target's handler read from the client.
     fn admit<'a>(
         &'a self,
         origin: &'a ConnOrigin,
+        target: &'a Arc<Target>,
+        hello: &'a Hello,
     ) -> Pin<Box<dyn Future<Output = Result<Admission, Refusal>> + Send + 'a>>;
 }
 
 /// Everything a session needs, shared by all of them.
 pub struct Proxy {
-    pub kernel: Arc<Kernel>,
-    pub cgroup_root: PathBuf,
+    /// Who opened each accepted connection (the kernel, in production).
+    pub origins: Arc<dyn Origins>,
+    pub protocols: Handlers,
     pub audit: Audit,
     pub sessions: Arc<Sessions>,
     pub gate: Arc<dyn Gate>,
@@ -94,6 +85,8 @@ pub struct Proxy {
     pub shutdown: CancellationToken,
     /// Caps concurrent sessions; connections beyond it are refused and recorded.
     pub limit: Arc<Semaphore>,
+    /// The connections in flight, so a stop can wait for their end records.
+    pub tasks: TaskTracker,
 }
 
 impl Proxy {
@@ -113,12 +106,18 @@ impl Proxy {
                 },
             };
             let this = self.clone();
-            tokio::spawn(async move { this.connection(stream, peer).await });
+            self.tasks.spawn(async move { this.connection(stream, peer).await });
         }
     }
 
+    /// Resolves once every connection accepted so far has finished (and recorded its end).
+    pub async fn drained(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
     async fn connection(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
-        let Some(origin) = origin::lookup(&self.kernel, peer, &self.cgroup_root) else {
+        let Some(origin) = self.origins.lookup(peer) else {
             tracing::warn!(%peer, "connection to the proxy with no origin; closing");
             let _ = self.audit.append(
                 Record::new("connect.refused")
@@ -129,20 +128,16 @@ impl Proxy {
                     )
                     .field("peer", peer.to_string()),
             );
-            reset(client);
+            crate::protocol::tcp::reset(client);
             return;
         };
         let Ok(permit) = self.limit.clone().try_acquire_owned() else {
-            self.refuse(
+            self.record_refusal(
                 &origin,
-                client,
-                &Refusal {
-                    code: "overloaded",
-                    reason: "too many concurrent sessions".into(),
-                    target: None,
-                    identity: None,
-                },
+                &Refusal::new(RefusalCode::Overloaded, "too many concurrent sessions"),
+                None,
             );
+            crate::protocol::tcp::reset(client);
             return;
         };
         let id = new_session_id();
@@ -151,117 +146,184 @@ impl Proxy {
         drop(permit);
     }
 
-    fn refuse(&self, origin: &ConnOrigin, client: TcpStream, refusal: &Refusal) {
-        tracing::info!(code = refusal.code, reason = %refusal.reason, "session refused");
-        let rec = origin_fields(Record::new("session.refused"), origin)
+    fn record_refusal(&self, origin: &ConnOrigin, refusal: &Refusal, hello: Option<&Hello>) {
+        tracing::info!(code = %refusal.code, reason = %refusal.reason, "session refused");
+        let mut rec = origin_fields(Record::new("session.refused"), origin)
             .field("target", &refusal.target)
-            .field("identity", &refusal.identity)
+            .field("identity", refusal.identity.as_deref())
             .field("decision", "deny")
             .field("code", refusal.code)
             .field("reason", &refusal.reason);
+        if let Some(h) = hello.filter(|h| **h != Hello::default()) {
+            rec = rec.field("hello", h);
+        }
         if let Err(e) = self.audit.append(rec) {
             tracing::error!(error = %e, "could not record a refused session");
         }
-        reset(client);
     }
 
-    async fn session(self: Arc<Self>, id: String, origin: ConnOrigin, mut client: TcpStream) {
+    async fn session(self: Arc<Self>, id: String, origin: ConnOrigin, client: TcpStream) {
+        // 2. The target.
+        let target = match self.gate.target(&origin) {
+            Ok(t) => t,
+            Err(refusal) => {
+                self.record_refusal(&origin, &refusal, None);
+                return crate::protocol::tcp::reset(client);
+            }
+        };
+        // 3. The hello, under a deadline.
+        let hello = tokio::select! {
+            () = self.shutdown.cancelled() => return,
+            r = tokio::time::timeout(HELLO_DEADLINE, self.protocols.hello(client, &target, &origin)) => r,
+        };
+        let refused = |reason: String| {
+            let mut r = Refusal::new(RefusalCode::Protocol, reason);
+            r.target = Some(target.name.clone());
+            r
+        };
+        let mut greeting = match hello {
+            Ok(Ok(Some(g))) => g,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => return self.record_refusal(&origin, &refused(e.to_string()), None),
+            Err(_) => {
+                let why = format!(
+                    "the client sent no {} hello within {HELLO_DEADLINE:?}",
+                    target.protocol().as_str()
+                );
+                return self.record_refusal(&origin, &refused(why), None);
+            }
+        };
+        // 4. The decision.
         let admission = tokio::select! {
-            () = self.shutdown.cancelled() => return reset(client),
-            r = self.gate.admit(&origin) => r,
+            () = self.shutdown.cancelled() => {
+                return greeting.refuse(&Refusal::new(RefusalCode::Unavailable, "warden is shutting down")).await;
+            }
+            r = self.gate.admit(&origin, &target, greeting.hello()) => r,
         };
         let admission = match admission {
             Ok(a) => a,
-            Err(refusal) => return self.refuse(&origin, client, &refusal),
+            Err(refusal) => {
+                let hello = greeting.hello().clone();
+                greeting.refuse(&refusal).await;
+                return self.record_refusal(&origin, &refusal, Some(&hello));
+            }
         };
-        let started = Instant::now();
-        let start = origin_fields(Record::new("session.start"), &origin)
-            .field("session", &id)
-            .field("identity", &admission.identity)
-            .field("target", &admission.target)
-            .field("protocol", &admission.protocol)
-            .field("grant", &admission.grant)
-            .field("rule", &admission.rule)
-            .field("access", &admission.access)
-            .field("decision", "allow")
-            .field("reason", allow_reason(&admission));
-        // The record before the first byte: the upstream handshake (no payload) runs while session.start is
+        // 5. The record before the first byte: the upstream handshake (no payload) runs while session.start is
         // made durable; if the record cannot be, the session does not proceed and the upstream connection
         // is dropped unused.
-        let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(origin.dst));
-        let (recorded, upstream) = tokio::join!(self.audit.append_durable(start), connect);
+        let started = Instant::now();
+        let mut start = origin_fields(Record::new("session.start"), &origin)
+            .field("session", &id)
+            .field("identity", &admission.identity)
+            .field("target", &target.name)
+            .field("protocol", target.protocol().as_str())
+            .field("grant", &admission.grant)
+            .field("rule", &admission.terms.rule)
+            .field("access", admission.terms.access.as_str())
+            .field("decision", "allow")
+            .field("reason", allow_reason(&admission));
+        if *greeting.hello() != Hello::default() {
+            start = start.field("hello", greeting.hello());
+        }
+        let (recorded, connected) =
+            tokio::join!(self.audit.append_durable(start), greeting.connect(origin.dst, &admission.terms));
         if let Err(e) = recorded {
             tracing::error!(error = %e, "session.start could not be recorded; refusing");
-            if let Ok(Ok(u)) = upstream {
-                reset(u);
-            }
-            return reset(client);
+            return greeting
+                .refuse(&Refusal::new(RefusalCode::Unavailable, "the audit record cannot be written"))
+                .await;
         }
-        let counters = Arc::new(tcp::Counters::default());
-        let kill = CancellationToken::new();
+        // 6. The session.
+        let Admission { terms, identity, grant, until } = admission;
+        let counters = Arc::new(Counters::default());
+        let cut = Cut::new();
         self.sessions.insert(SessionInfo {
             session: id.clone(),
             pid: origin.pid,
             uid: origin.uid,
             cgroup: origin.cgroup.clone(),
-            identity: admission.identity.as_ref().map(|i| i.name.clone()),
-            target: admission.target.clone(),
+            identity: identity.as_ref().map(|i| i.name.clone()),
+            target: target.name.clone(),
             dst: origin.dst,
-            grant: admission.grant.clone(),
+            grant: grant.clone(),
             started: SystemTime::now(),
             counters: counters.clone(),
-            kill: kill.clone(),
+            cut: cut.clone(),
         });
-        let until = admission.until.unwrap_or_else(|| Box::pin(std::future::pending()));
-        let reason: String = tokio::select! {
-            r = Self::run(&mut client, upstream, &counters) => r,
-            why = until => why,
-            () = kill.cancelled() => "killed_by_operator".into(),
-            () = self.audit_failed.cancelled() => "audit_unavailable".into(),
-            () = self.shutdown.cancelled() => "daemon_shutdown".into(),
+        let end = if let Err(end) = connected {
+            end
+        } else {
+            let authorize: Arc<dyn Authorize> = self.gate.clone();
+            let session = Session {
+                id: id.clone(),
+                origin: origin.clone(),
+                target: target.clone(),
+                terms,
+                identity: identity.clone(),
+                grant: grant.clone(),
+                audit: self.audit.clone(),
+                counters: counters.clone(),
+                cut: cut.clone(),
+                authorize,
+            };
+            self.run(greeting, session, until).await
         };
         self.sessions.remove(&id);
-        let end = origin_fields(Record::new("session.end"), &origin)
+        // 7. The end.
+        let mut rec = origin_fields(Record::new("session.end"), &origin)
             .field("session", &id)
-            .field("identity", &admission.identity)
-            .field("target", &admission.target)
-            .field("grant", &admission.grant)
+            .field("identity", &identity)
+            .field("target", &target.name)
+            .field("grant", &grant)
             .field("decision", "allow")
             .field("bytes_up", counters.up.load(Ordering::Relaxed))
             .field("bytes_down", counters.down.load(Ordering::Relaxed))
             .field("duration_ms", u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX))
-            .field("reason", &reason);
-        tracing::info!(%reason, "session ended");
-        if let Err(e) = self.audit.append(end) {
+            .field("reason", end.as_str());
+        if let Some(detail) = end.detail() {
+            rec = rec.field("detail", detail);
+        }
+        tracing::info!(reason = end.as_str(), "session ended");
+        if let Err(e) = self.audit.append(rec) {
             tracing::error!(error = %e, "could not record session.end");
         }
     }
 
-    /// Runs the protocol handler over the upstream connection; returns why it finished.
-    async fn run(
-        client: &mut TcpStream,
-        upstream: Result<std::io::Result<TcpStream>, tokio::time::error::Elapsed>,
-        counters: &tcp::Counters,
-    ) -> String {
-        let mut upstream = match upstream {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "upstream connect failed");
-                return "upstream_unreachable".into();
-            }
-            Err(_) => return "upstream_timeout".into(),
+    /// Runs the handler until the session ends on its own, or is cut from outside: then the handler has
+    /// `CUT_GRACE` to tell the client why and return the cause.
+    async fn run(&self, greeting: Greeting, session: Session, until: Option<GrantEnd>) -> End {
+        let cut = session.cut.clone();
+        let run = greeting.run(session);
+        tokio::pin!(run);
+        let until = until.unwrap_or_else(|| Box::pin(std::future::pending()));
+        let outside = async {
+            let end = tokio::select! {
+                // Already cut (an operator's kill, a policy change through the registry).
+                _ = cut.cut_with() => return,
+                end = until => end,
+                () = self.audit_failed.cancelled() => End::AuditUnavailable,
+                () = self.shutdown.cancelled() => End::DaemonShutdown,
+            };
+            // The first cause wins: a cause given earlier through the registry stays.
+            cut.cut(end);
         };
-        let _ = upstream.set_nodelay(true);
-        let _ = client.set_nodelay(true);
-        tcp::relay(client, &mut upstream, counters).await.reason().into()
+        tokio::select! {
+            end = &mut run => return end,
+            () = outside => {}
+        }
+        if let Ok(end) = tokio::time::timeout(CUT_GRACE, &mut run).await {
+            return end;
+        }
+        tracing::warn!("the protocol handler did not end its cut session in time; dropped");
+        cut.cause().cloned().unwrap_or(End::KilledByOperator)
     }
 }
 
 /// Why a session was allowed, in words.
 fn allow_reason(a: &Admission) -> String {
-    match (&a.rule, &a.access, &a.grant) {
-        (Some(rule), Some(access), Some(grant)) => format!("rule `{rule}` grants {access} (grant {grant})"),
-        _ => "allowed".to_owned(),
+    match &a.grant {
+        Some(grant) => format!("rule `{}` grants {} (grant {grant})", a.terms.rule, a.terms.access.as_str()),
+        None => "allowed".to_owned(),
     }
 }
 
@@ -273,12 +335,6 @@ fn origin_fields(r: Record, o: &ConnOrigin) -> Record {
         .field("cgroup", &o.cgroup)
         .field("cgroup_id", o.cgroup_id)
         .field("dst", o.dst.to_string())
-}
-
-/// Closes with a reset, so a refused client sees an error rather than a clean, empty stream.
-fn reset(stream: TcpStream) {
-    let _ = stream.set_zero_linger();
-    drop(stream);
 }
 
 /// A session id: unique across restarts (time-based prefix) and unguessable enough to not collide.

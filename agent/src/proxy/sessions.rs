@@ -1,4 +1,5 @@
-//! The live sessions, for `warden sessions` and `warden sessions kill`.
+//! The live sessions, for `warden sessions` and `warden sessions kill`: each with its byte counters and
+//! the [`Cut`] that ends it with a cause.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -7,9 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 
-use crate::protocol::tcp::Counters;
+use crate::protocol::{Counters, Cut, End};
 
 /// One live session.
 #[derive(Debug, Clone)]
@@ -24,7 +24,8 @@ pub struct SessionInfo {
     pub grant: Option<String>,
     pub started: SystemTime,
     pub counters: Arc<Counters>,
-    pub kill: CancellationToken,
+    /// Ends the session with a cause (the first cause given wins).
+    pub cut: Cut,
 }
 
 /// What the control socket shows of a session.
@@ -66,16 +67,22 @@ impl Sessions {
         self.len() == 0
     }
 
-    /// Ends a session; false if there is no such live session.
+    /// An operator ends a session (`killed_by_operator`); false if there is no such live session.
     pub fn kill(&self, id: &str) -> bool {
         let live = self.live.lock().expect("sessions lock");
-        live.get(id).map(|s| s.kill.cancel()).is_some()
+        live.get(id).map(|s| s.cut.cut(End::KilledByOperator)).is_some()
     }
 
-    /// Ends every session matching `pred`; returns how many.
-    pub fn kill_where(&self, pred: impl Fn(&SessionInfo) -> bool) -> usize {
+    /// Ends every session matching `pred` with `end` (unless it was already cut for another cause);
+    /// returns how many matched.
+    pub fn kill_where(&self, pred: impl Fn(&SessionInfo) -> bool, end: &End) -> usize {
         let live = self.live.lock().expect("sessions lock");
-        live.values().filter(|s| pred(s)).map(|s| s.kill.cancel()).count()
+        let mut n = 0;
+        for s in live.values().filter(|s| pred(s)) {
+            s.cut.cut(end.clone());
+            n += 1;
+        }
+        n
     }
 
     pub fn views(&self) -> Vec<SessionView> {
@@ -90,7 +97,7 @@ impl Sessions {
                 target: s.target.clone(),
                 dst: s.dst.to_string(),
                 grant: s.grant.clone(),
-                started: crate::daemon::rfc3339(s.started),
+                started: crate::timestamp::format_system(s.started),
                 bytes_up: s.counters.up.load(Ordering::Relaxed),
                 bytes_down: s.counters.down.load(Ordering::Relaxed),
                 cgroup: s.cgroup.clone(),
@@ -98,5 +105,44 @@ impl Sessions {
             .collect();
         v.sort_by(|a, b| a.started.cmp(&b.started));
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str, target: &str) -> SessionInfo {
+        SessionInfo {
+            session: id.into(),
+            pid: 1,
+            uid: 0,
+            cgroup: "/a".into(),
+            identity: None,
+            target: target.into(),
+            dst: "127.0.0.1:1".parse().unwrap(),
+            grant: None,
+            started: SystemTime::now(),
+            counters: Arc::default(),
+            cut: Cut::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_policy_change_then_a_kill_records_the_policy_change() {
+        let sessions = Sessions::default();
+        let a = info("s1", "gone");
+        let b = info("s2", "kept");
+        let (cut_a, cut_b) = (a.cut.clone(), b.cut.clone());
+        sessions.insert(a);
+        sessions.insert(b);
+        let end = End::PolicyChanged { reason: "target `gone` was removed".into() };
+        assert_eq!(sessions.kill_where(|s| s.target == "gone", &end), 1);
+        assert!(sessions.kill("s1"), "the session is still live until its task ends");
+        assert_eq!(cut_a.cut_with().await, end);
+        assert!(cut_b.cause().is_none());
+        assert!(sessions.kill("s2"));
+        assert_eq!(cut_b.cut_with().await, End::KilledByOperator);
+        assert!(!sessions.kill("nope"));
     }
 }

@@ -200,13 +200,18 @@ const _: () = assert!(core::mem::size_of::<AllowKey>() == 18);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: every type is #[repr(C)], Copy, made only of integers with explicit padding fields, so any
-    // bit pattern is valid and there are no implicit padding bytes.
+    // SAFETY: #[repr(C)] integers and explicit padding only (sizes checked above): any bit pattern is valid.
     unsafe impl aya::Pod for super::Endpoint {}
+    // SAFETY: #[repr(C)] integers and explicit padding only (sizes checked above): any bit pattern is valid.
     unsafe impl aya::Pod for super::Binding {}
+    // SAFETY: #[repr(C)] integers and explicit padding only (sizes checked above): any bit pattern is valid.
     unsafe impl aya::Pod for super::TargetRef {}
+    // SAFETY: #[repr(C)] integers and explicit padding only (sizes checked above): any bit pattern is valid.
     unsafe impl aya::Pod for super::ProxyConfig {}
+    // SAFETY: #[repr(C)] integers and explicit padding only (sizes checked above): any bit pattern is valid.
     unsafe impl aya::Pod for super::AllowKey {}
+    // SAFETY: #[repr(C)] integers and explicit padding only (sizes checked above): any bit pattern is valid.
     unsafe impl aya::Pod for super::Origin {}
+    // SAFETY: #[repr(C)] integers and explicit padding only (sizes checked above): any bit pattern is valid.
     unsafe impl aya::Pod for super::Event {}
 }

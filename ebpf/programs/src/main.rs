@@ -9,6 +9,7 @@
 //! - `sendmsg4/6` let UDP reach only allow-listed destinations.
 //! - `bind4/6` keep tagged processes off the proxy's port; `sock_create` refuses raw, packet and every
 //!   other socket kind that could carry traffic around these hooks.
+//!
 //! Untagged processes pay one tag-map lookup per ancestor level and are never changed.
 #![no_std]
 #![no_main]
@@ -172,8 +173,8 @@ fn report(kind: u32, tag: (u64, Binding), dst: &Endpoint, family: u32, sock_type
 /// Reads the destination of a sock_addr context as an endpoint.
 #[inline(always)]
 unsafe fn destination(sa: *const bpf_sock_addr, v6: bool) -> Endpoint {
-    // SAFETY (caller): `sa` is the program's context. Each field is read with its natural 4-byte width,
-    // as the verifier requires.
+    // SAFETY: the caller passes the program's own context as `sa` (this function's contract). Each field
+    // is read with its natural 4-byte width, as the verifier requires.
     unsafe {
         let port = u16::from_be((*sa).user_port as u16);
         if v6 {
@@ -195,8 +196,8 @@ unsafe fn destination(sa: *const bpf_sock_addr, v6: bool) -> Endpoint {
 /// Rewrites the destination of a sock_addr context.
 #[inline(always)]
 unsafe fn rewrite(sa: *mut bpf_sock_addr, v6: bool, to: &Endpoint) {
-    // SAFETY (caller): `sa` is the program's context; user_ip4/user_ip6/user_port are writable in
-    // connect and getpeername hooks, with 4-byte stores.
+    // SAFETY: the caller passes the program's own context as `sa`, in a connect or getpeername hook
+    // (this function's contract), where user_ip4/user_ip6/user_port are writable with 4-byte stores.
     unsafe {
         if v6 {
             core::ptr::write_volatile(&raw mut (*sa).user_ip6[0], to.ip[0]);

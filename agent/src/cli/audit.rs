@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use super::files::{self, Bound};
-use super::{sign, verify};
-use crate::cli::{AuditAction, EXIT_FAILED, EXIT_INTERNAL, EXIT_INVALID, fail};
+use super::{AuditAction, EXIT_FAILED, EXIT_INTERNAL, EXIT_INVALID, fail};
+use crate::audit::files::{self, Bound};
+use crate::audit::{sign, verify};
 use crate::config::Config;
 
 pub fn run(action: AuditAction) -> u8 {
@@ -129,7 +129,7 @@ fn export_cli(
 }
 
 /// Every record (parsed) of the writer's files, in order.
-fn all_records(dir: &Path, mut f: impl FnMut(Map<String, Value>)) -> Result<(), super::AuditError> {
+fn all_records(dir: &Path, mut f: impl FnMut(Map<String, Value>)) -> Result<(), crate::audit::AuditError> {
     files::export_lines(dir, None, None, |line| {
         if let Ok(obj) = serde_json::from_slice::<Map<String, Value>>(line) {
             f(obj);
@@ -329,7 +329,7 @@ fn tail_cli(follow: bool, lines: usize, dir: Option<PathBuf>, config: &Path) -> 
 
 /// Follows the writer's files from `next` on: reads only new bytes of the current file, moves to the next
 /// file when one appears, prints complete lines. Returns when stdout closes.
-fn follow_from(dir: &Path, next: u64, out: &mut impl Write) -> Result<(), super::AuditError> {
+fn follow_from(dir: &Path, next: u64, out: &mut impl Write) -> Result<(), crate::audit::AuditError> {
     use std::io::{Read, Seek, SeekFrom};
     let mut current: Option<(PathBuf, u64)> = None;
     let mut partial = Vec::new();
@@ -343,9 +343,12 @@ fn follow_from(dir: &Path, next: u64, out: &mut impl Write) -> Result<(), super:
                 continue;
             };
             let mut offset = 0;
-            let text = std::fs::read(path).map_err(|source| super::AuditError::io("read", path, source))?;
+            let text =
+                std::fs::read(path).map_err(|source| crate::audit::AuditError::io("read", path, source))?;
             for line in text.split_inclusive(|b| *b == b'\n') {
-                if line.last() != Some(&b'\n') || super::format::peek_seq(line).is_some_and(|s| s >= next) {
+                if line.last() != Some(&b'\n')
+                    || crate::audit::format::peek_seq(line).is_some_and(|s| s >= next)
+                {
                     break;
                 }
                 offset += line.len() as u64;
@@ -353,11 +356,12 @@ fn follow_from(dir: &Path, next: u64, out: &mut impl Write) -> Result<(), super:
             current = Some((path.clone(), offset));
         }
         let Some((path, offset)) = current.as_mut() else { continue };
-        let mut file =
-            std::fs::File::open(&*path).map_err(|source| super::AuditError::io("open", path, source))?;
-        file.seek(SeekFrom::Start(*offset)).map_err(|source| super::AuditError::io("seek", path, source))?;
+        let mut file = std::fs::File::open(&*path)
+            .map_err(|source| crate::audit::AuditError::io("open", path, source))?;
+        file.seek(SeekFrom::Start(*offset))
+            .map_err(|source| crate::audit::AuditError::io("seek", path, source))?;
         let mut fresh = Vec::new();
-        file.read_to_end(&mut fresh).map_err(|source| super::AuditError::io("read", path, source))?;
+        file.read_to_end(&mut fresh).map_err(|source| crate::audit::AuditError::io("read", path, source))?;
         *offset += fresh.len() as u64;
         partial.extend_from_slice(&fresh);
         if let Some(end) = partial.iter().rposition(|b| *b == b'\n') {

@@ -1,20 +1,14 @@
-//! Opaque TCP: relays bytes both ways, counting them, honouring half-close.
+//! The opaque relay: bytes both ways, counted, honouring half-close.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use crate::protocol::Counters;
+use crate::protocol::End;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 /// Per-direction buffer. One allocation per direction per session, none per packet.
 pub const BUFFER: usize = 32 * 1024;
-
-/// Byte counters a session shares with `warden sessions`.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Client → upstream.
-    pub up: AtomicU64,
-    /// Upstream → client.
-    pub down: AtomicU64,
-}
 
 /// How a relay finished on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +27,17 @@ impl Finished {
             Self::UpstreamClosed => "upstream_closed",
             Self::ClientError => "client_error",
             Self::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+impl From<Finished> for End {
+    fn from(f: Finished) -> Self {
+        match f {
+            Finished::ClientClosed => Self::ClientClosed,
+            Finished::UpstreamClosed => Self::UpstreamClosed,
+            Finished::ClientError => Self::ClientError,
+            Finished::UpstreamError => Self::UpstreamError,
         }
     }
 }

@@ -1,13 +1,25 @@
-//! The command line: argument parsing, dispatch to subsystems, exit codes.
+//! The command line, the top layer: the clap types, exit codes and the mapping from typed errors to
+//! them, and one file of handlers per command group (`run.rs`: run/check/uninstall, `exec.rs`, `tag.rs`,
+//! `grants.rs`: grants/grant/sessions, `audit.rs`, `status.rs`). Nothing below imports it.
 //!
 //! Exit codes: 0 success; 1 a check failed (e.g. `audit verify` found tampering) or an operation was
 //! refused; 64 invalid configuration or policy (`check`, and `run` before binding anything); 69 the daemon
 //! is not reachable; 70 an internal error; 77 not permitted (run as root).
 
-use std::path::PathBuf;
+mod audit;
+mod exec;
+mod grants;
+mod run;
+mod status;
+mod tag;
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+use crate::control::{ClientError, Request};
 
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_INVALID: u8 = 64;
@@ -217,14 +229,19 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     let code = match cli.command {
-        Command::Run(c) => crate::daemon::run_cli(&c.config),
-        Command::Check(c) => crate::daemon::check_cli(&c.config),
-        Command::Audit { action } => crate::audit::cli::run(action),
+        Command::Run(c) => run::run(&c.config),
+        Command::Check(c) => run::check(&c.config),
+        Command::Uninstall(c) => run::uninstall(&c.config),
         Command::Exec { identity, task, user, config, command } => {
-            crate::cgroup::exec_cli(&config.config, &identity, task.as_deref(), user.as_deref(), &command)
+            exec::exec(&config.config, &identity, task.as_deref(), user.as_deref(), &command)
         }
-        Command::Uninstall(c) => crate::daemon::uninstall_cli(&c.config),
-        other => crate::control::client_cli(other),
+        Command::Tag { cgroup, identity, config } => tag::tag(&config.config, cgroup, identity),
+        Command::Untag { cgroup, config } => tag::untag(&config.config, cgroup),
+        Command::Grants { json, config } => grants::list(&config.config, json.json),
+        Command::Grant { action } => grants::grant(action),
+        Command::Sessions { action, json, config } => grants::sessions(action, json.json, &config.config),
+        Command::Audit { action } => audit::run(action),
+        Command::Status { json, config } => status::status(&config.config, json.json),
     };
     ExitCode::from(code)
 }
@@ -239,4 +256,33 @@ fn init_tracing() {
 pub fn fail(code: u8, err: &dyn std::fmt::Display) -> u8 {
     eprintln!("warden: {err}");
     code
+}
+
+/// The exit code for a failed control request.
+fn client_exit(e: &ClientError) -> u8 {
+    match e {
+        ClientError::Unavailable { .. } => EXIT_UNAVAILABLE,
+        ClientError::Permission { .. } => EXIT_NOPERM,
+        ClientError::Refused(_) | ClientError::Protocol(_) => EXIT_FAILED,
+    }
+}
+
+/// Sends one request to the daemon of `config`, prints its answer (as JSON, or through `render`) and
+/// returns the exit code.
+fn ask_daemon(config: &Path, request: &Request, json: bool, render: fn(&Value) -> String) -> u8 {
+    let socket = match crate::config::Config::load(config) {
+        Ok(c) => c.agent.control_socket,
+        Err(e) => return fail(EXIT_INVALID, &e),
+    };
+    match crate::control::request(&socket, request) {
+        Ok(data) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&data).unwrap_or_default());
+            } else {
+                println!("{}", render(&data));
+            }
+            0
+        }
+        Err(e) => fail(client_exit(&e), &e),
+    }
 }
