@@ -52,6 +52,11 @@ fn dpkg_status() -> Option<String> {
     (out.status.success() && !s.is_empty() && !s.contains("not-installed")).then_some(s)
 }
 
+/// The cargo that runs this test (cargo-deb is its subcommand).
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
 fn mtime(p: &Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
@@ -83,7 +88,7 @@ fn the_deb(scratch: &Path) -> PathBuf {
     std::fs::copy(WARDEN, stage.join("release/warden")).unwrap();
     dist_assets::write(&stage.join("release/dist")).expect("completions and man pages");
     let deb = scratch.join("warden-test.deb");
-    let out = run(Command::new("cargo")
+    let out = run(cargo()
         .args(["deb", "-p", "warden", "--no-build", "--fast", "--output"])
         .arg(&deb)
         .env("CARGO_TARGET_DIR", &stage)
@@ -130,7 +135,7 @@ fn deb_installs_for_real_remove_keeps_enforcement_and_purge_lifts_it() {
     let tools = ["dpkg", "dpkg-query", "systemd-analyze", "man"]
         .iter()
         .all(|t| ok(Command::new("sh").args(["-c", &format!("command -v {t}")])));
-    let cargo_deb = ok(Command::new("cargo").args(["deb", "--version"]));
+    let cargo_deb = ok(cargo().args(["deb", "--version"]));
     if !can_run(
         "deb_installs_for_real_remove_keeps_enforcement_and_purge_lifts_it",
         &[
