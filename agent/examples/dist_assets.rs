@@ -2,7 +2,7 @@
 //! (`warden::cli::Cli`): shell completions (bash, zsh, fish) and one man page per command (`warden.1`,
 //! `warden-run.1`, `warden-audit-verify.1`, ...). `cargo xtask dist` runs it; the package test (tests/privileged/package.rs) includes it as a module.
 //!
-//! usage: dist_assets OUT_DIR      (writes OUT_DIR/completions/* and OUT_DIR/man/*.1)
+//! usage: dist_assets OUT_DIR      (writes OUT_DIR/completions/* and OUT_DIR/man/*.1.gz)
 
 use std::path::{Path, PathBuf};
 
@@ -20,7 +20,7 @@ fn main() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Writes `out/completions/*` and `out/man/*.1` (replacing what was there); returns the files written.
+/// Writes `out/completions/*` and `out/man/*.1.gz` (replacing what was there); returns the files written.
 pub fn write(out: &Path) -> std::io::Result<Vec<PathBuf>> {
     let completions = out.join("completions");
     let man = out.join("man");
@@ -44,7 +44,12 @@ pub fn write(out: &Path) -> std::io::Result<Vec<PathBuf>> {
     append_to_top_page(&man.join("warden.1"))?;
     let mut pages: Vec<_> = std::fs::read_dir(&man)?.filter_map(Result::ok).map(|e| e.path()).collect();
     pages.sort();
-    written.extend(pages);
+    // Debian ships man pages compressed; -n keeps the output the same from build to build.
+    let status = std::process::Command::new("gzip").args(["-9nf"]).args(&pages).status()?;
+    if !status.success() {
+        return Err(std::io::Error::other(format!("gzip of the man pages failed: {status}")));
+    }
+    written.extend(pages.iter().map(|p| p.with_extension("1.gz")));
     Ok(written)
 }
 

@@ -180,9 +180,9 @@ fn deb_installs_for_real_remove_keeps_enforcement_and_purge_lifts_it() {
         "/usr/share/bash-completion/completions/warden",
         "/usr/share/zsh/vendor-completions/_warden",
         "/usr/share/fish/vendor_completions.d/warden.fish",
-        "/usr/share/man/man1/warden.1",
-        "/usr/share/man/man1/warden-run.1",
-        "/usr/share/man/man1/warden-audit-verify.1",
+        "/usr/share/man/man1/warden.1.gz",
+        "/usr/share/man/man1/warden-run.1.gz",
+        "/usr/share/man/man1/warden-audit-verify.1.gz",
         "/usr/share/doc/warden/README.md",
     ] {
         assert_eq!(mode(f), 0o644, "{f}");
