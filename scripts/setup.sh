@@ -19,6 +19,9 @@ fi
 PKGS=(postgresql postgresql-client openssh-server openssh-client haproxy iproute2 bpftool
       python3 python3-cryptography   # docs/audit.md's independent verify script, run by docs_reference
       ca-certificates curl procps psmisc util-linux python3-pip)
+# Packaging (issue 12): systemd-analyze for the unit, man for the man pages, strip for cargo-deb, and
+# vagrant for `vagrant validate` of the VM.
+PKGS+=(systemd man-db binutils vagrant)
 # Node.js (for the OpenID provider the tests run) ships with these machines; Debian's is the fallback.
 command -v node >/dev/null 2>&1 || PKGS+=(nodejs npm)
 missing=()
@@ -81,3 +84,10 @@ if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null
     --no-default-features --features "llvm-${major}"
 fi
 log "toolchain ready: $(rustc +"${NIGHTLY}" --version), $(bpf-linker --version)"
+
+# cargo-deb, for `cargo xtask dist` and the package test.
+CARGO_DEB_VERSION="3.8.0"
+if ! cargo deb --version 2>/dev/null | grep -q "${CARGO_DEB_VERSION}"; then
+  log "installing cargo-deb ${CARGO_DEB_VERSION}"
+  cargo +stable install --locked "cargo-deb@${CARGO_DEB_VERSION}"
+fi

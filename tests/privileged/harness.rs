@@ -190,6 +190,8 @@ pub struct Warden {
     pub cgroup_parent: PathBuf,
     child: Option<Child>,
     log: PathBuf,
+    /// A command `warden run` is started under (e.g. `setpriv ...`), empty for none.
+    wrapper: Vec<String>,
 }
 
 pub struct WardenBuilder {
@@ -199,6 +201,7 @@ pub struct WardenBuilder {
     identities: Vec<(IdentitySpec, String)>,
     extra: String,
     agent_extra: String,
+    wrapper: Vec<String>,
 }
 
 impl Warden {
@@ -210,6 +213,7 @@ impl Warden {
             identities: vec![],
             extra: String::new(),
             agent_extra: String::new(),
+            wrapper: vec![],
         }
     }
 }
@@ -238,6 +242,12 @@ impl WardenBuilder {
 
     pub fn config_extra(mut self, toml: &str) -> Self {
         self.extra.push_str(toml);
+        self
+    }
+
+    /// Starts `warden run` as the last arguments of this command (e.g. `setpriv --bounding-set ... --`).
+    pub fn wrapper(mut self, argv: &[&str]) -> Self {
+        self.wrapper = argv.iter().map(ToString::to_string).collect();
         self
     }
 
@@ -289,6 +299,7 @@ impl WardenBuilder {
             child: None,
             log,
             dir,
+            wrapper: self.wrapper,
         };
         w.spawn();
         w
@@ -298,7 +309,15 @@ impl WardenBuilder {
 impl Warden {
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
-        let child = Command::new(WARDEN)
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(WARDEN);
+                c
+            }
+            None => Command::new(WARDEN),
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(&self.config)
             .env("WARDEN_LOG", "info,warden=debug")

@@ -12,5 +12,6 @@ mod holes;
 mod identity;
 mod observe;
 mod operator;
+mod package;
 mod ship;
 mod splice;

@@ -1,8 +1,10 @@
 //! Project tasks: `cargo xtask test` (what CI runs), `cargo xtask demo` (the main job: a tagged agent
-//! reaching a real local PostgreSQL through Warden, allowed, refused and recorded), `cargo xtask bench`.
+//! reaching a real local PostgreSQL through Warden, allowed, refused and recorded), `cargo xtask bench`,
+//! `cargo xtask dist` (the Debian package).
 
 mod bench;
 mod demo;
+mod dist;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,9 +17,10 @@ fn main() -> anyhow::Result<()> {
         Some("test") => test(&args[1..]),
         Some("demo") => demo::run(),
         Some("bench") => bench::run(&args[1..]),
+        Some("dist") => dist::run_task(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\n  test    formatting, clippy, and every test (privileged ones need root)\n  demo    the end-to-end demo on a real PostgreSQL (root)\n  bench   latency and throughput: direct, through Warden, through haproxy (root)"
+                "usage: cargo xtask <task>\n\n  test    formatting, clippy, and every test (privileged ones need root)\n  demo    the end-to-end demo on a real PostgreSQL (root)\n  bench   latency and throughput: direct, through Warden, through haproxy (root)\n  dist    the Debian package (target/debian/*.deb), with completions and man pages"
             );
             bail!("no task given")
         }
