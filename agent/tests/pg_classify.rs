@@ -309,8 +309,24 @@ fn batteries_against_a_real_postgresql() {
     let check = pg.psql(false, &["SELECT count(*) FROM customers"]);
     assert!(check.status.success());
 
-    // Masking on the wire.
+    // A planted overload of a built-in name is found, and calls by the bare name are then refused.
     let mut wire = Wire::connect(pg.port);
+    let shadows = wire.query(&warden::protocol::postgres::classify::shadow_query());
+    assert!(shadows.error.is_none(), "shadow_query failed: {:?}", shadows.error);
+    let shadowed: Vec<String> = shadows.rows.iter().filter_map(|r| r[0].clone()).collect();
+    assert_eq!(shadowed, ["upper"]);
+    let trap = "SELECT upper(name::varchar) FROM customers";
+    let mut state = SessionState::default().with_shadowed(shadowed.clone());
+    assert!(classifier.check_session(trap, Access::Read, &[], &mut state).is_err());
+    let mut state = SessionState::default();
+    assert!(classifier.check_session(trap, Access::Read, &[], &mut state).is_ok(), "without the shadow list");
+    let out = pg.psql(true, &[trap]);
+    println!(
+        "the trap in a read-only session: {}",
+        sqlstate(&String::from_utf8_lossy(&out.stderr)).unwrap_or_else(|| "RAN".into())
+    );
+
+    // Masking on the wire.
     let mask: Vec<String> = MASK.iter().map(ToString::to_string).collect();
     let resolution = wire.query(&mask::resolve_query(&mask));
     assert!(resolution.error.is_none(), "resolve_query failed: {:?}", resolution.error);

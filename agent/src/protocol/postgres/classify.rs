@@ -164,22 +164,46 @@ impl Refused {
 pub struct SessionState {
     prepared: HashSet<String>,
     tainted: Arc<[String]>,
-    tainted_digest: [u8; 32],
+    shadowed: Arc<[String]>,
+    digest: [u8; 32],
 }
 
 impl SessionState {
     /// `tainted`: relation names (views, materialized views) that depend on a masked column, as resolved
     /// by [`super::mask::resolve_query`]; empty when the grant has no masks.
     pub fn new(tainted: impl IntoIterator<Item = String>) -> Self {
-        let mut names: Vec<String> = tainted.into_iter().map(|t| t.to_lowercase()).collect();
-        names.sort();
-        names.dedup();
+        let mut s = Self {
+            prepared: HashSet::new(),
+            tainted: sorted(tainted),
+            shadowed: Arc::new([]),
+            digest: [0; 32],
+        };
+        s.digest = s.scope_digest();
+        s
+    }
+
+    /// Built-in function and operator names that a user-written (not C) function in another schema
+    /// overloads, as found by [`shadow_query`]: under `read` and masks, these are allowed only spelled
+    /// `pg_catalog.name` / `OPERATOR(pg_catalog.op)`, since overload resolution could pick the user's.
+    #[must_use]
+    pub fn with_shadowed(mut self, shadowed: impl IntoIterator<Item = String>) -> Self {
+        self.shadowed = sorted(shadowed);
+        self.digest = self.scope_digest();
+        self
+    }
+
+    fn scope_digest(&self) -> [u8; 32] {
         let mut h = Sha256::new();
-        for n in &names {
+        for n in self.tainted.iter() {
             h.update(n.as_bytes());
             h.update([0]);
         }
-        Self { prepared: HashSet::new(), tainted: names.into(), tainted_digest: h.finalize().into() }
+        h.update([1]);
+        for n in self.shadowed.iter() {
+            h.update(n.as_bytes());
+            h.update([0]);
+        }
+        h.finalize().into()
     }
 
     /// The session's prepared statements were all dropped (`DISCARD ALL`, a pooled connection's reset).
@@ -218,6 +242,56 @@ impl SessionState {
 }
 
 type Outcome = Result<Checked, Refused>;
+
+fn sorted(names: impl IntoIterator<Item = String>) -> Arc<[String]> {
+    let mut names: Vec<String> = names.into_iter().map(|t| t.to_lowercase()).collect();
+    names.sort();
+    names.dedup();
+    names.into()
+}
+
+/// SQL (catalog only, one statement) listing the built-in function and operator names on Warden's lists
+/// that a function not written in C (so possibly by a database user, not an extension's superuser)
+/// overloads in another schema: one text column, the name. The handler runs it once per upstream
+/// connection of a `read` or masked session and passes the names to [`SessionState::with_shadowed`].
+pub fn shadow_query() -> String {
+    let quote = |names: &[&str]| {
+        names.iter().map(|n| format!("'{}'", n.replace('\'', "''"))).collect::<Vec<_>>().join(", ")
+    };
+    format!(
+        "SELECT DISTINCT p.proname::pg_catalog.text FROM pg_catalog.pg_proc p \
+           JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+           JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
+         WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND l.lanname NOT IN ('c', 'internal') \
+           AND p.proname IN ({}) \
+         UNION \
+         SELECT DISTINCT o.oprname::pg_catalog.text FROM pg_catalog.pg_operator o \
+           JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace \
+           JOIN pg_catalog.pg_proc p ON p.oid = o.oprcode \
+           JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
+         WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND l.lanname NOT IN ('c', 'internal')",
+        quote(lists::FUNCTIONS)
+    )
+}
+
+/// Check a ParameterStatus the upstream reports mid-session (a function may have changed a setting):
+/// the settings the server lexes by must stay what Warden parses with, else the session must end.
+pub fn check_parameter_status(name: &str, value: &str) -> Result<(), Refused> {
+    match name.to_lowercase().as_str() {
+        "client_encoding" if !value.eq_ignore_ascii_case("utf8") => {
+            Err(Refused::control(format!("client_encoding {value} (Warden parses statements as UTF-8)")))
+        }
+        "standard_conforming_strings" if !value.eq_ignore_ascii_case("on") => Err(Refused::control(
+            "standard_conforming_strings off (the server would split query strings differently from Warden)",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The settings the handler pins on every upstream connection (startup `options`), so the server lexes
+/// query strings the way Warden's parser does.
+pub const PINNED_SETTINGS: &[(&str, &str)] =
+    &[("client_encoding", "UTF8"), ("standard_conforming_strings", "on")];
 
 /// Classifies query strings, caching verdicts by a digest of (statement text, access, masks, tainted
 /// relations); shared by all sessions. The cache keeps at most `capacity` entries per generation and two
@@ -263,7 +337,7 @@ impl Classifier {
         mask: &[String],
         state: &mut SessionState,
     ) -> Result<Checked, Refused> {
-        let key = cache_key(sql, access, mask, &state.tainted_digest);
+        let key = cache_key(sql, access, mask, &state.digest);
         let cached = {
             let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             cache.get(&key)
@@ -271,7 +345,7 @@ impl Classifier {
         let outcome = if let Some(o) = cached {
             o
         } else {
-            let o = classify(sql, access, mask, &state.tainted);
+            let o = classify(sql, access, mask, &state.tainted, &state.shadowed);
             let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             cache.put(key, o.clone());
             o
@@ -321,7 +395,13 @@ fn cache_key(sql: &str, access: Access, mask: &[String], tainted: &[u8; 32]) -> 
 }
 
 /// Classify without the cache or session state (what [`Classifier`] caches).
-pub fn classify(sql: &str, access: Access, mask: &[String], tainted: &[String]) -> Outcome {
+pub fn classify(
+    sql: &str,
+    access: Access,
+    mask: &[String],
+    tainted: &[String],
+    shadowed: &[String],
+) -> Outcome {
     if sql.contains('\0') {
         return Err(Refused {
             sqlstate: SYNTAX,
@@ -339,10 +419,12 @@ pub fn classify(sql: &str, access: Access, mask: &[String], tainted: &[String]) 
     })?;
     let masks = Masks::new(mask);
     let tainted: HashSet<&str> = tainted.iter().map(String::as_str).collect();
+    let shadowed: HashSet<&str> = shadowed.iter().map(String::as_str).collect();
     let mut walker = Walker {
         read: access != Access::Write,
         masks: &masks,
         tainted: &tainted,
+        shadowed: &shadowed,
         relnames: HashSet::new(),
         output_aliases: HashSet::new(),
         applied: BTreeSet::new(),
@@ -511,6 +593,7 @@ struct Walker<'a> {
     read: bool,
     masks: &'a Masks,
     tainted: &'a HashSet<&'a str>,
+    shadowed: &'a HashSet<&'a str>,
     /// Relation names and aliases in the current statement (a bare name among them is a whole-row value).
     relnames: HashSet<String>,
     /// Output names of masked columns in the current statement (visible to ORDER BY, GROUP BY).
@@ -673,8 +756,15 @@ const MASKED_WRITE_KINDS: &[&str] = &[
 ];
 
 /// Statement kinds refused under any access (they would take the session out of Warden's control).
-const CONTROL_KINDS: &[&str] =
-    &["CreateRoleStmt", "AlterRoleStmt", "AlterRoleSetStmt", "DropRoleStmt", "AlterSystemStmt", "LoadStmt"];
+const CONTROL_KINDS: &[&str] = &[
+    "CreateRoleStmt",
+    "AlterRoleStmt",
+    "AlterRoleSetStmt",
+    "DropRoleStmt",
+    "AlterSystemStmt",
+    "LoadStmt",
+    "AlterDatabaseSetStmt",
+];
 
 fn str_field<'v>(body: &'v Map<String, Value>, field: &str) -> &'v str {
     body.get(field).and_then(Value::as_str).unwrap_or("")
@@ -728,8 +818,28 @@ fn const_text(v: &Value) -> Option<String> {
     })
 }
 
+/// PostgreSQL's `parse_bool` accepts unique prefixes; anything that is not clearly false counts as true.
+fn is_false_text(s: &str) -> bool {
+    let s = s.trim().to_lowercase();
+    s == "0"
+        || s == "of"
+        || s == "off"
+        || (!s.is_empty() && ("false".starts_with(&s) || "no".starts_with(&s)))
+}
+
 fn is_true_text(s: &str) -> bool {
     matches!(s.to_lowercase().as_str(), "on" | "true" | "yes" | "1" | "t" | "y")
+}
+
+/// Is this ORDER BY / GROUP BY / DISTINCT ON item (or a grouping set inside one) an output position?
+fn positional(item: &Value) -> bool {
+    match tagged(item) {
+        Some(("SortBy", sb)) => sb.get("node").is_some_and(positional),
+        Some(("GroupingSet", gs)) => list(gs, "content").iter().any(positional),
+        Some(("RowExpr", r)) => list(r, "args").iter().any(positional),
+        Some(("AConst", _)) => true,
+        _ => false,
+    }
 }
 
 /// Collect relation names and aliases (RangeVar, Alias, CTE names) anywhere in a statement.
@@ -1041,8 +1151,11 @@ impl Walker<'_> {
                 if self.read {
                     for o in list(body, "options") {
                         if let Some(("DefElem", d)) = tagged(o)
-                            && str_field(d, "defname") == "analyze"
-                            && d.get("arg").and_then(const_text).is_none_or(|v| is_true_text(&v))
+                            && matches!(
+                                str_field(d, "defname").to_lowercase().as_str(),
+                                "analyze" | "analyse"
+                            )
+                            && d.get("arg").and_then(const_text).is_none_or(|v| !is_false_text(&v))
                         {
                             return Err(Refused::read("EXPLAIN ANALYZE (it runs the statement)"));
                         }
@@ -1130,11 +1243,7 @@ impl Walker<'_> {
             [("sort_clause", "ORDER BY"), ("group_clause", "GROUP BY"), ("distinct_clause", "DISTINCT ON")]
         {
             for item in list(body, field) {
-                let inner = match tagged(item) {
-                    Some(("SortBy", sb)) => sb.get("node"),
-                    _ => Some(item),
-                };
-                if inner.and_then(const_text).is_some() {
+                if positional(item) {
                     return Err(Refused::masked(format!(
                         "a position in {place} can refer to a masked column; name the column (unmasked) instead"
                     )));
@@ -1211,9 +1320,18 @@ impl Walker<'_> {
             [s, n] => (Some(s.as_str()), n.as_str()),
             _ => (Some(""), parts.last().map_or("", String::as_str)),
         };
-        let builtin = schema.is_none_or(|s| s == "pg_catalog") && lists::function_allowed(name);
+        let builtin = match schema {
+            None => lists::function_allowed(name) && !self.shadowed.contains(name),
+            Some(s) => s == "pg_catalog" && lists::function_allowed(name),
+        };
         let shown = parts.join(".");
         if !builtin {
+            if self.read && schema.is_none() && self.shadowed.contains(name) {
+                return Err(Refused::read(format!(
+                    "function {shown}() (a function written by a database user overloads this built-in name; \
+                     call pg_catalog.{name}() instead)"
+                )));
+            }
             if self.read {
                 return Err(Refused::read(format!(
                     "function {shown}() (it is not on Warden's list of built-in functions known not to write)"
@@ -1270,7 +1388,7 @@ impl Walker<'_> {
         }
         let parts = names(name).unwrap_or_default();
         let ok = match parts.as_slice() {
-            [op] => lists::operator_allowed(op),
+            [op] => lists::operator_allowed(op) && !self.shadowed.contains(op.as_str()),
             [s, op] => s == "pg_catalog" && lists::operator_allowed(op),
             _ => false,
         };

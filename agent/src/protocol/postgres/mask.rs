@@ -237,7 +237,7 @@ mod tests {
         assert!(q.contains("('customers', 'email')"), "{q}");
         assert!(q.contains("(NULL, 'o''neil')"), "{q}");
         // It is one statement the real parser reads, and a read under the classifier's own rules.
-        let c = super::super::classify::classify(&q, crate::policy::Access::Read, &[], &[]);
+        let c = super::super::classify::classify(&q, crate::policy::Access::Read, &[], &[], &[]);
         assert!(c.is_ok(), "{c:?}");
         let empty = resolve_query(&[]);
         assert!(pg_query::parse(&empty, 0).is_ok());

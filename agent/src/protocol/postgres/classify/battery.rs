@@ -13,6 +13,9 @@ CREATE VIEW customer_emails AS SELECT id, email FROM customers;
 CREATE FUNCTION evil() RETURNS int LANGUAGE sql AS 'INSERT INTO orders(item) VALUES (''evil'') RETURNING 1';
 CREATE PROCEDURE p() LANGUAGE sql AS 'DELETE FROM orders';
 CREATE DOMAIN posint AS int CHECK (VALUE > 0);
+-- a trap: a user function overloading a built-in name, picked for varchar arguments
+CREATE FUNCTION public.upper(varchar) RETURNS text LANGUAGE plpgsql
+  AS $$BEGIN INSERT INTO orders (item) VALUES ('trap'); RETURN 'x'; END$$;
 INSERT INTO customers VALUES (1, 'ann', 'ann@example.com', '555-0101', now()),
                              (2, 'bob', 'bob@example.com', '555-0102', now());
 INSERT INTO orders (customer_id, item, qty, price, placed, notes)

@@ -297,3 +297,62 @@ fn the_fixture_parses_and_is_a_write() {
     assert!(c.statements >= 8, "{c:?}");
     assert!(check(battery::FIXTURE, Access::Read, &[]).is_err());
 }
+
+#[test]
+fn shadowed_builtins_must_be_spelled_in_pg_catalog() {
+    let c = Classifier::new(8);
+    let mut state = SessionState::default().with_shadowed(["upper".to_string(), "=".to_string()]);
+    let e = c.check_session("SELECT upper(name) FROM customers", Access::Read, &[], &mut state).unwrap_err();
+    assert!(e.message.contains("pg_catalog.upper()"), "{e}");
+    assert!(
+        c.check_session("SELECT pg_catalog.upper(name) FROM customers", Access::Read, &[], &mut state)
+            .is_ok()
+    );
+    assert!(c.check_session("SELECT 1 WHERE 1 = 1", Access::Read, &[], &mut state).is_err());
+    assert!(
+        c.check_session("SELECT 1 WHERE 1 OPERATOR(pg_catalog.=) 1", Access::Read, &[], &mut state).is_ok()
+    );
+    assert!(c.check_session("SELECT upper(name) FROM customers", Access::Write, &[], &mut state).is_ok());
+    assert!(c.check("SELECT upper(name) FROM customers", Access::Read, &[]).is_ok());
+    assert!(pg_query::parse(&shadow_query(), 0).is_ok());
+    assert!(classify(&shadow_query(), Access::Read, &[], &[], &[]).is_ok());
+}
+
+#[test]
+fn explain_analyze_in_any_spelling_is_refused() {
+    for sql in [
+        "EXPLAIN ANALYSE SELECT 1",
+        "EXPLAIN (ANALYSE) SELECT 1",
+        "EXPLAIN (ANALYZE tr) SELECT 1",
+        "EXPLAIN (ANALYZE 'yes') SELECT 1",
+        "EXPLAIN (ANALYZE 1) SELECT 1",
+        "EXPLAIN (\"analyze\") SELECT 1",
+    ] {
+        assert!(check(sql, Access::Read, &[]).is_err(), "{sql}");
+    }
+    for sql in
+        ["EXPLAIN (ANALYZE fal) SELECT 1", "EXPLAIN (ANALYZE off) SELECT 1", "EXPLAIN (ANALYZE 0) SELECT 1"]
+    {
+        assert!(check(sql, Access::Read, &[]).is_ok(), "{sql}");
+    }
+}
+
+#[test]
+fn positions_inside_grouping_sets_count_under_masks() {
+    for sql in [
+        "SELECT email, count(*) FROM customers GROUP BY GROUPING SETS ((1), ())",
+        "SELECT email, count(*) FROM customers GROUP BY ROLLUP (1)",
+    ] {
+        assert!(check(sql, Access::Read, &mask()).is_err(), "{sql}");
+    }
+}
+
+#[test]
+fn parameter_status_must_keep_the_lexer_settings() {
+    assert!(check_parameter_status("client_encoding", "UTF8").is_ok());
+    assert!(check_parameter_status("standard_conforming_strings", "on").is_ok());
+    assert!(check_parameter_status("TimeZone", "UTC").is_ok());
+    assert!(check_parameter_status("client_encoding", "SJIS").is_err());
+    assert!(check_parameter_status("standard_conforming_strings", "off").is_err());
+    assert!(check("ALTER DATABASE postgres SET search_path = evil, pg_catalog", Access::Write, &[]).is_err());
+}
