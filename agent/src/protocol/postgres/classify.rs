@@ -782,12 +782,19 @@ fn list<'v>(body: &'v Map<String, Value>, field: &str) -> &'v [Value] {
     body.get(field).and_then(Value::as_array).map_or(&[][..], Vec::as_slice)
 }
 
-/// The `sval`s of a list of `String` nodes, lowercased; `None` if any item is not a `String`.
+/// The `sval`s of a list of `String` nodes, lowercased (for column names, compared conservatively);
+/// `None` if any item is not a `String`.
 fn names(items: &[Value]) -> Option<Vec<String>> {
+    Some(exact_names(items)?.into_iter().map(|n| n.to_lowercase()).collect())
+}
+
+/// The `sval`s as the parser left them (it folds unquoted identifiers): function, type, schema and operator
+/// names are compared exactly, since `"LOWER"` or `"PG_CATALOG"` quoted name other objects than `lower`.
+fn exact_names(items: &[Value]) -> Option<Vec<String>> {
     items
         .iter()
         .map(|i| match tagged(i) {
-            Some(("String", b)) => Some(str_field(b, "sval").to_lowercase()),
+            Some(("String", b)) => Some(str_field(b, "sval").to_string()),
             _ => None,
         })
         .collect()
@@ -1312,7 +1319,7 @@ impl Walker<'_> {
     }
 
     fn func_call(&self, body: &Map<String, Value>) -> Result<(), Refused> {
-        let Some(parts) = names(list(body, "funcname")) else {
+        let Some(parts) = exact_names(list(body, "funcname")) else {
             return Err(Refused::read("a function whose name Warden cannot read"));
         };
         let (schema, name) = match parts.as_slice() {
@@ -1360,7 +1367,7 @@ impl Walker<'_> {
         if !self.read && !self.masks.active() {
             return Ok(());
         }
-        let parts = names(list(body, "names")).unwrap_or_default();
+        let parts = exact_names(list(body, "names")).unwrap_or_default();
         let ok = !bool_field(body, "pct_type")
             && match parts.as_slice() {
                 [t] => lists::type_allowed(t),
@@ -1386,7 +1393,7 @@ impl Walker<'_> {
         if name.is_empty() || (!self.read && !self.masks.active()) {
             return Ok(());
         }
-        let parts = names(name).unwrap_or_default();
+        let parts = exact_names(name).unwrap_or_default();
         let ok = match parts.as_slice() {
             [op] => lists::operator_allowed(op) && !self.shadowed.contains(op.as_str()),
             [s, op] => s == "pg_catalog" && lists::operator_allowed(op),

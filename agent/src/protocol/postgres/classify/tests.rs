@@ -356,3 +356,37 @@ fn parameter_status_must_keep_the_lexer_settings() {
     assert!(check_parameter_status("standard_conforming_strings", "off").is_err());
     assert!(check("ALTER DATABASE postgres SET search_path = evil, pg_catalog", Access::Write, &[]).is_err());
 }
+
+#[test]
+fn quoted_names_are_other_objects() {
+    for sql in [
+        "SELECT \"LOWER\"('x')",
+        "SELECT \"PG_CATALOG\".lower('x')",
+        "SELECT 1::\"INT4\"",
+        "SELECT 'x'::\"PG_CATALOG\".text",
+        "SELECT \"Now\"()",
+    ] {
+        assert!(check(sql, Access::Read, &[]).is_err(), "{sql}");
+    }
+    assert!(
+        check("SELECT LOWER('x'), \"lower\"('y'), PG_CATALOG.UPPER('z'), 1::INT4", Access::Read, &[]).is_ok()
+    );
+}
+
+#[test]
+fn deep_trees_are_refused_not_crashed() {
+    for n in [150, 5000] {
+        let sql = format!("SELECT {}1", "1 + ".repeat(n));
+        let r = check(&sql, Access::Read, &[]);
+        if let Err(e) = &r {
+            assert_eq!(e.sqlstate, SYNTAX, "{n}: {e}");
+        }
+        let sql = format!("SELECT {}1{}", "(SELECT ".repeat(n), ")".repeat(n));
+        if let Err(e) = check(&sql, Access::Read, &[]) {
+            assert_eq!(e.sqlstate, SYNTAX, "{n}: {e}");
+        }
+    }
+    // Long flat lists are fine.
+    let sql = format!("SELECT 1 WHERE 1 IN ({})", vec!["1"; 5000].join(", "));
+    assert!(check(&sql, Access::Read, &[]).is_ok());
+}
