@@ -67,7 +67,9 @@
 //!    from [`super::mask::resolve_query`]), every function not on the built-in list (its body could read
 //!    the column) and every statement kind but reads, `INSERT`/`UPDATE`/`DELETE`/`MERGE` and `COPY FROM`
 //!    (DDL can rename a column, copy it or index it so errors quote it; a trigger's body is not SQL Warden
-//!    can read);
+//!    can read); and writing a masked column (`INSERT`/`MERGE`/`COPY FROM` naming it or without a column
+//!    list, `UPDATE`/`ON CONFLICT` setting it): a unique or foreign-key violation would answer whether a
+//!    guessed value exists, the same probe `WHERE email = ...` is refused for;
 //! 3. the handler withholds error and notice fields that may quote values
 //!    ([`super::mask::error_field`]).
 
@@ -1133,6 +1135,10 @@ impl Walker<'_> {
                 }
                 self.children(kind, body, ctx, &[])
             }
+            "InsertStmt" | "UpdateStmt" | "OnConflictClause" | "MergeWhenClause" if self.masks.active() => {
+                self.assignments(kind, body)?;
+                self.children(kind, body, ctx, &[])
+            }
             "IndexElem" => {
                 let name = str_field(body, "name").to_lowercase();
                 if self.masks.active() && self.masks.cols.contains(&name) {
@@ -1490,8 +1496,50 @@ impl Walker<'_> {
                  the columns instead",
             ));
         }
-        // COPY FROM's column list names columns it writes, which reveals nothing.
+        if self.masks.active() && from {
+            let cols = names(list(body, "attlist")).unwrap_or_default();
+            if cols.is_empty() {
+                return Err(Refused::masked(
+                    "COPY FROM without a column list may write a masked column; list the columns",
+                ));
+            }
+            if let Some(c) = cols.iter().find(|c| self.masks.cols.contains(*c)) {
+                return Err(Self::write_refusal(c));
+            }
+        }
         self.children("CopyStmt", body, ctx, &["attlist"])
+    }
+
+    /// Under masks, a masked column may not be written: a unique or foreign-key violation would answer
+    /// whether a guessed value exists (the probing `WHERE email = ...` is refused for).
+    fn assignments(&self, kind: &str, body: &Map<String, Value>) -> Result<(), Refused> {
+        let field = if kind == "InsertStmt" { "cols" } else { "target_list" };
+        let targets = list(body, field);
+        let inserts =
+            kind == "InsertStmt" || (kind == "MergeWhenClause" && int_field(body, "command_type") == 4);
+        if inserts
+            && targets.is_empty()
+            && !(kind == "InsertStmt" && body.get("select_stmt").is_none_or(Value::is_null))
+        {
+            return Err(Refused::masked(
+                "INSERT without a column list may write a masked column; list the columns",
+            ));
+        }
+        for t in targets {
+            let Some(("ResTarget", rt)) = tagged(t) else { continue };
+            let name = str_field(rt, "name").to_lowercase();
+            if self.masks.cols.contains(&name) {
+                return Err(Self::write_refusal(&name));
+            }
+        }
+        Ok(())
+    }
+
+    fn write_refusal(col: &str) -> Refused {
+        Refused::masked(format!(
+            "writing masked column \"{col}\" is refused (a unique or foreign-key violation would tell whether a \
+             guessed value exists)"
+        ))
     }
 }
 

@@ -372,6 +372,14 @@ pub const MASK_REFUSED_WRITE: &[&str] = &[
     "DO $$BEGIN RAISE NOTICE '%', (SELECT email FROM customers LIMIT 1); END$$",
     "CALL p()",
     "MERGE INTO orders o USING customers c ON o.item = c.email WHEN MATCHED THEN DELETE",
+    "INSERT INTO customers (id, name, email) VALUES (3, 'cy', 'ann@example.com')",
+    "INSERT INTO customers VALUES (4, 'd', 'ann@example.com', '1')",
+    "UPDATE customers SET email = 'bob@example.com' WHERE id = 1",
+    "UPDATE customers SET (name, phone) = ('x', '555-0102') WHERE id = 1",
+    "INSERT INTO customers (id, name) VALUES (1, 'x') ON CONFLICT (id) DO UPDATE SET email = 'bob@example.com'",
+    "MERGE INTO customers c USING (VALUES (5)) v(i) ON c.id = v.i WHEN NOT MATCHED THEN INSERT VALUES (5, 'e', 'ann@example.com')",
+    "COPY customers (id, name, email) FROM STDIN",
+    "COPY customers FROM STDIN",
 ];
 
 /// Under masks `["email", "customers.phone"]`, statements that stay allowed (the handler masks by source).
@@ -396,10 +404,13 @@ pub const MASK_ALLOWED: &[&str] = &[
 
 /// Under masks with `access: write`, statements that stay allowed.
 pub const MASK_ALLOWED_WRITE: &[&str] = &[
-    "INSERT INTO customers (id, name, email) VALUES (3, 'cy', 'cy@example.com')",
-    "UPDATE customers SET email = 'new@example.com' WHERE id = 1",
+    "INSERT INTO customers (id, name) VALUES (3, 'cy')",
+    "UPDATE customers SET name = 'ann b' WHERE id = 1",
     "DELETE FROM customers WHERE id = 3",
     "INSERT INTO orders (customer_id, item) VALUES (1, 'mouse') RETURNING id",
-    "COPY customers (id, name, email) FROM STDIN",
+    "INSERT INTO orders DEFAULT VALUES",
+    "MERGE INTO customers c USING (VALUES (6)) v(i) ON c.id = v.i WHEN NOT MATCHED THEN INSERT (id, name) VALUES (6, 'f')",
+    "COPY customers (id, name) FROM STDIN",
     "SELECT email FROM customers FOR UPDATE",
+    "TRUNCATE orders",
 ];
