@@ -73,6 +73,23 @@
 //! 3. the handler withholds error and notice fields that may quote values
 //!    ([`super::mask::error_field`]).
 
+//!
+//! # What the handler does with this module
+//! - StartupMessage: [`check_startup`] on the client's parameters; upstream, add [`PINNED_SETTINGS`] (and
+//!   `default_transaction_read_only=on` for `read`) to the startup `options`.
+//! - Once per upstream connection of a `read` or masked session: run [`shadow_query`] (and, with masks,
+//!   [`super::mask::resolve_query`]) and keep a [`SessionState`] built from the answers; reset it when the
+//!   pooled connection is reset.
+//! - Every Query and Parse: [`Classifier::check_session`]; a refusal is an `ErrorResponse` with its
+//!   SQLSTATE (then skip to Sync in the extended protocol). `FunctionCall` messages name a function by OID,
+//!   outside any parse tree: refuse them under `read` and masks.
+//! - Every upstream ParameterStatus: [`check_parameter_status`] (end the session on an error).
+//! - With masks: [`super::mask::masked_fields`] on each RowDescription (format codes from Bind),
+//!   [`super::mask::replacement`] in DataRows, [`super::mask::error_field`] on errors and notices.
+//!
+//! Known limit: statements nesting deeper than about 50 expression levels (`1 + 1 + ...` with 50 terms)
+//! exceed the protobuf decoder's recursion limit and are refused as unparsable (`42601`).
+
 mod lists;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -677,6 +694,7 @@ const READ_KINDS: &[&str] = &[
     "NullTest",
     "BooleanTest",
     "FuncCall",
+    "GroupingFunc",
     "TypeCast",
     "TypeName",
     "CollateClause",

@@ -16,7 +16,8 @@ use std::sync::OnceLock;
 /// functions that run a query given as text (`query_to_xml`, `table_to_xml`, `cursor_to_xml`, `ts_stat`,
 /// `ts_rewrite`), WAL, replication, backup and statistics-reset functions, `txid_current` and
 /// `pg_current_xact_id` (they assign a transaction id), `setseed`, `pg_stat_get_*` (they show other sessions'
-/// query text), and every user-defined function.
+/// query text), `pg_input_is_valid`/`pg_input_error_info` (they run the input function, and a domain's CHECK,
+/// of a type named in a string), and every user-defined function.
 pub const FUNCTIONS: &[&str] = &[
     // aggregates
     "any_value",
@@ -509,8 +510,6 @@ pub const FUNCTIONS: &[&str] = &[
     "pg_index_column_has_property",
     "pg_index_has_property",
     "pg_indexam_has_property",
-    "pg_input_error_info",
-    "pg_input_is_valid",
     "pg_is_other_temp_schema",
     "pg_opclass_is_visible",
     "pg_operator_is_visible",

@@ -390,3 +390,28 @@ fn deep_trees_are_refused_not_crashed() {
     let sql = format!("SELECT 1 WHERE 1 IN ({})", vec!["1"; 5000].join(", "));
     assert!(check(&sql, Access::Read, &[]).is_ok());
 }
+
+#[test]
+fn newer_read_syntax_is_allowed() {
+    // PostgreSQL 16-18 syntax (the parser's grammar is 18's; the test server is 15).
+    for sql in [
+        "SELECT * FROM JSON_TABLE('[1, 2]', '$[*]' COLUMNS (a int PATH '$')) AS jt",
+        "SELECT JSON_OBJECT('a': 1), JSON_ARRAY(1, 2), '{}' IS JSON OBJECT",
+        "SELECT JSON_EXISTS('{\"a\": 1}', '$.a'), JSON_VALUE('{\"a\": 1}', '$.a' RETURNING int)",
+        "SELECT JSON_QUERY('{\"a\": [1]}', '$.a' WITH WRAPPER)",
+        "SELECT JSON_OBJECTAGG(k: v), JSON_ARRAYAGG(v ORDER BY v) FROM (VALUES ('a', 1)) t(k, v)",
+        "SELECT GROUPING(id), count(*) FROM customers GROUP BY ROLLUP (id)",
+        "SELECT any_value(name) FROM customers",
+        "SELECT * FROM XMLTABLE('/r/c' PASSING CAST('<r><c>1</c></r>' AS xml) COLUMNS c int PATH '.')",
+    ] {
+        let r = check(sql, Access::Read, &[]);
+        assert!(r.is_ok(), "{sql}: {r:?}");
+    }
+    for sql in [
+        "SELECT pg_input_is_valid('1', 'posint')",
+        "SELECT * FROM JSON_TABLE('[1]', '$[*]' COLUMNS (a posint PATH '$')) AS jt",
+        "SELECT JSON_VALUE('1', '$' RETURNING posint)",
+    ] {
+        assert!(check(sql, Access::Read, &[]).is_err(), "{sql}");
+    }
+}
