@@ -449,6 +449,7 @@ pub fn classify(
         applied: BTreeSet::new(),
         effects: Vec::new(),
         depth: 0,
+        pinned_setting: None,
     };
     let stmts = tree.get("stmts").and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
     let mut tags = Vec::with_capacity(stmts.len());
@@ -620,6 +621,8 @@ struct Walker<'a> {
     applied: BTreeSet<String>,
     effects: Vec<SessionEffect>,
     depth: usize,
+    /// In `SELECT set_config(name, ...) FROM pg_settings WHERE name = 'x'` (pg_dump sends it), `name` is 'x'.
+    pinned_setting: Option<String>,
 }
 
 /// A tagged protobuf `Node` (`{"node": {"Kind": {...}}}`) as (kind, body); `None` for an empty node.
@@ -858,6 +861,25 @@ fn is_true_text(s: &str) -> bool {
     matches!(s.to_lowercase().as_str(), "on" | "true" | "yes" | "1" | "t" | "y")
 }
 
+/// `FROM pg_settings WHERE name = 'x'` (one relation, one equality): the setting `name` stands for.
+fn pinned_setting(select: &Map<String, Value>) -> Option<String> {
+    let [from] = list(select, "from_clause") else { return None };
+    let ("RangeVar", rv) = tagged(from)? else { return None };
+    if str_field(rv, "relname") != "pg_settings" || !matches!(str_field(rv, "schemaname"), "" | "pg_catalog")
+    {
+        return None;
+    }
+    let ("AExpr", e) = select.get("where_clause").and_then(tagged)? else { return None };
+    if int_field(e, "kind") != 1 || exact_names(list(e, "name"))? != ["="] {
+        return None;
+    }
+    let ("ColumnRef", c) = e.get("lexpr").and_then(tagged)? else { return None };
+    if names(list(c, "fields"))? != ["name"] {
+        return None;
+    }
+    e.get("rexpr").and_then(const_text)
+}
+
 /// Is this ORDER BY / GROUP BY / DISTINCT ON item (or a grouping set inside one) an output position?
 fn positional(item: &Value) -> bool {
     match tagged(item) {
@@ -1029,7 +1051,8 @@ impl Walker<'_> {
         if CONTROL_KINDS.contains(&kind) {
             return Err(Refused::control(tag(kind, body)));
         }
-        if READ_KINDS.contains(&kind) {
+        // LOCK ... IN ACCESS SHARE MODE takes the lock any SELECT takes (pg_dump sends it).
+        if READ_KINDS.contains(&kind) || (kind == "LockStmt" && int_field(body, "mode") == 1) {
             return Ok(());
         }
         if self.read {
@@ -1240,12 +1263,15 @@ impl Walker<'_> {
         if output && self.masks.active() {
             self.output_masks(body)?;
         }
-        self.field(
+        let outer_pin = std::mem::replace(&mut self.pinned_setting, pinned_setting(body));
+        let r = self.field(
             "SelectStmt",
             body,
             "target_list",
             Ctx { output, place: "the select list of a subquery, CTE or set operation" },
-        )?;
+        );
+        self.pinned_setting = outer_pin;
+        r?;
         self.children("SelectStmt", body, ctx, &["target_list"])
     }
 
@@ -1351,9 +1377,11 @@ impl Walker<'_> {
             [s, n] => (Some(s.as_str()), n.as_str()),
             _ => (Some(""), parts.last().map_or("", String::as_str)),
         };
+        // set_config is judged by its (constant) arguments below, like SET.
+        let listed = lists::function_allowed(name) || name == "set_config";
         let builtin = match schema {
-            None => lists::function_allowed(name) && !self.shadowed.contains(name),
-            Some(s) => s == "pg_catalog" && lists::function_allowed(name),
+            None => listed && !self.shadowed.contains(name),
+            Some(s) => s == "pg_catalog" && listed,
         };
         let shown = parts.join(".");
         if !builtin {
@@ -1377,10 +1405,19 @@ impl Walker<'_> {
         }
         if schema.is_none_or(|s| s == "pg_catalog") && name == "set_config" {
             let args = list(body, "args");
-            let setting = args.first().and_then(const_text);
+            let setting = args.first().and_then(const_text).or_else(|| {
+                let by_name = args.first().and_then(tagged).is_some_and(|(k, b)| {
+                    k == "ColumnRef" && names(list(b, "fields")).is_some_and(|n| n == ["name"])
+                });
+                by_name.then(|| self.pinned_setting.clone()).flatten()
+            });
             let value = args.get(1).and_then(const_text);
             let (Some(setting), Some(value)) = (setting, value) else {
-                return Err(Refused::control("set_config() with a computed setting name or value"));
+                return Err(if self.read {
+                    Refused::read("set_config() with a computed setting name or value")
+                } else {
+                    Refused::control("set_config() with a computed setting name or value")
+                });
             };
             setting_rule(&setting.to_lowercase(), &[value], false, self.read)?;
         }
