@@ -35,7 +35,7 @@ fn pg_bindir() -> Option<PathBuf> {
 
 /// A throwaway cluster in a temp dir on a loopback port, stopped and removed on drop.
 struct Cluster {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     data: PathBuf,
     bin: PathBuf,
     port: u16,
@@ -69,12 +69,12 @@ impl Cluster {
                 .arg("-D")
                 .arg(&data),
         );
-        Cluster { _dir: dir, data, bin: bin.to_path_buf(), port }
+        Cluster { dir, data, bin: bin.to_path_buf(), port }
     }
 
     /// The statements the server logged for sessions of `application` (log_statement=all), in order.
     fn logged_statements(&self, application: &str) -> Vec<String> {
-        let log = std::fs::read_to_string(self._dir.path().join("log")).unwrap();
+        let log = std::fs::read_to_string(self.dir.path().join("log")).unwrap();
         let mut out: Vec<String> = Vec::new();
         let mut current: Option<String> = None;
         let head = format!("wlog:{application}:LOG:  statement: ");
