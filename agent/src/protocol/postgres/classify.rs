@@ -43,8 +43,10 @@
 //! # Any access: staying in Warden's control
 //! Refused with `42501` under `write` too: `SET ROLE`/`SET SESSION AUTHORIZATION` and `set_config` of them
 //! (the grant names the login), settings that change how the server lexes (above), `CREATE`/`ALTER`/`DROP
-//! ROLE` (a login whose password the agent knows would bypass Warden), `ALTER SYSTEM`, `LOAD`, and
-//! `COPY` to or from a server file or program. Code run by the server (functions, `DO`) under `write` can do
+//! ROLE` (a login whose password the agent knows would bypass Warden), `GRANT`/`REVOKE` of role
+//! membership (the read login could gain a writing role), `ALTER DATABASE ... SET` (it changes the
+//! defaults of later read sessions), `ALTER SYSTEM`, `LOAD`, and `COPY` to or from a server file or
+//! program. Code run by the server (functions, `DO`) under `write` can do
 //! what the login may; the write login should not be a member of other roles.
 //!
 //! # Masks
@@ -228,6 +230,19 @@ impl SessionState {
     /// The session's prepared statements were all dropped (`DISCARD ALL`, a pooled connection's reset).
     pub fn reset(&mut self) {
         self.prepared.clear();
+    }
+
+    /// The handler let an extended-protocol Parse of a named statement through (it checked the text):
+    /// SQL `EXECUTE` of that name shares the namespace, so it is allowed too.
+    pub fn parsed(&mut self, name: &str) {
+        if !name.is_empty() {
+            self.prepared.insert(name.to_string());
+        }
+    }
+
+    /// An extended-protocol Close of a named statement.
+    pub fn closed(&mut self, name: &str) {
+        self.prepared.remove(name);
     }
 
     /// Apply a checked string's effects, or refuse it if it executes a name Warden did not see prepared
@@ -787,6 +802,7 @@ const CONTROL_KINDS: &[&str] = &[
     "AlterSystemStmt",
     "LoadStmt",
     "AlterDatabaseSetStmt",
+    "GrantRoleStmt",
 ];
 
 fn str_field<'v>(body: &'v Map<String, Value>, field: &str) -> &'v str {

@@ -84,6 +84,7 @@ fn writes_pass_under_write_except_what_leaves_control() {
         "COPY orders FROM '/etc/passwd'",
         "COPY orders TO PROGRAM 'sh'",
         "SELECT 1; SET ROLE postgres",
+        "GRANT pg_write_all_data TO readonly_login",
     ] {
         let e = check(sql, Access::Write, &[]).expect_err(sql);
         assert_eq!(e.sqlstate, PRIVILEGE, "{sql}: {e}");
@@ -202,6 +203,11 @@ fn execute_needs_a_prepare_seen_in_this_session() {
     c.check_session("PREPARE q AS SELECT 1", Access::Read, &[], &mut state).unwrap();
     state.reset();
     assert!(c.check_session("EXECUTE q", Access::Read, &[], &mut state).is_err());
+    // Extended-protocol names share the namespace.
+    state.parsed("s1");
+    c.check_session("EXECUTE s1", Access::Read, &[], &mut state).unwrap();
+    state.closed("s1");
+    assert!(c.check_session("EXECUTE s1", Access::Read, &[], &mut state).is_err());
     // The plain `check` has no session: EXECUTE is refused under read, allowed under write.
     assert!(c.check("EXECUTE q", Access::Read, &[]).is_err());
     assert!(c.check("EXECUTE q", Access::Write, &[]).is_ok());
