@@ -17,7 +17,7 @@
 //! missed) must consist only of node kinds on an allow-list; anything else is refused with `25006`:
 //! - statements: `SELECT`/`VALUES`/`TABLE` (without `INTO` or `FOR UPDATE/SHARE`, which create a table and
 //!   take row locks), `EXPLAIN` without `ANALYZE` of a read, `SHOW`, `SET`/`RESET` of settings on
-//!   [`lists::READ_SETTINGS`] (`default_transaction_read_only`/`transaction_read_only` only towards `on`;
+//!   [`READ_SETTINGS`] (`default_transaction_read_only`/`transaction_read_only` only towards `on`;
 //!   `search_path` without `pg_catalog` or `pg_temp`, so built-in functions stay first), `RESET ALL`
 //!   (it falls back to the read-only default the handler sets at startup), `BEGIN`/`START TRANSACTION`/
 //!   `SET TRANSACTION` without `READ WRITE`, `COMMIT`/`ROLLBACK`/savepoints (not two-phase commit),
@@ -25,17 +25,20 @@
 //!   prepared through Warden ([`SessionState`]), `DEALLOCATE`, `DISCARD`, `LISTEN`/`UNLISTEN`, and
 //!   `COPY ... TO STDOUT` of a table or a read;
 //! - every function call, wherever it is (select list, CTE, subquery, `FROM`, default, `ORDER BY`), must
-//!   name a built-in on [`lists::FUNCTIONS`], unqualified or in `pg_catalog`; every cast a built-in type
-//!   ([`lists::TYPES`]; a domain's CHECK may call a function); every operator a built-in symbol
-//!   ([`lists::OPERATORS`]), `OPERATOR(pg_catalog.x)` at most.
+//!   name a built-in on [`FUNCTIONS`], unqualified or in `pg_catalog`; every cast a built-in type
+//!   ([`TYPES`]; a domain's CHECK may call a function); every operator a built-in symbol
+//!   ([`OPERATORS`]), `OPERATOR(pg_catalog.x)` at most.
 //!
 //! Refused, among others: data-modifying CTEs, `SELECT INTO`, `CREATE TABLE AS`, `EXPLAIN ANALYZE`,
-//! `COPY FROM`, `MERGE`, `DO`, `CALL`, DDL, `GRANT`, `VACUUM`, `ANALYZE`, `LOCK`, `NOTIFY`, `CHECKPOINT`,
-//! `nextval`, `setval`, `set_config`, `pg_terminate_backend`, `lo_*`, `dblink*`, user-defined functions.
+//! `COPY FROM`, `MERGE`, `DO`, `CALL`, DDL, `GRANT`, `VACUUM`, `ANALYZE`, `LOCK` (but `IN ACCESS SHARE
+//! MODE`, the lock a SELECT takes), `NOTIFY`, `CHECKPOINT`, `nextval`, `setval`, `set_config` (but of a
+//! setting `SET` may change, with constant arguments), `pg_terminate_backend`, `lo_*`, `dblink*`,
+//! user-defined functions. `pg_dump` works under `read` (its statements are tested).
 //!
 //! What the tree cannot show, and what covers it: an operator or cast on a *user-defined type* resolves to
 //! whatever function its owner chose, and a user function may overload a built-in name with other
-//! argument types; views run their definitions. Those objects were made by the database's owners, not by
+//! argument types (the handler finds those not written in C with [`shadow_query`], and then only the
+//! `pg_catalog.` spelling is allowed); views run their definitions. Those objects were made by the database's owners, not by
 //! the agent (which cannot create any under `read`), and the second and third layers hold for them: the
 //! session's `default_transaction_read_only` (set at startup by the handler, so even `RESET ALL` returns to
 //! it) makes the server refuse their writes, and a read grant can log in as a read-only role.
@@ -64,7 +67,7 @@
 //!    columns and `ORDER BY 2`-style positions are treated alike. Also refused under masks: whole-row
 //!    references (`t`, `row_to_json(t)`), `*` anywhere but the outer select list, `NATURAL JOIN`, column
 //!    renaming aliases on tables (`FROM t AS x(a, b)`), `COPY ... TO`, `SELECT INTO`, relations that
-//!    expose values elsewhere ([`lists::VALUE_EXPOSING_RELATIONS`]: `pg_stats`, `pg_stat_activity`...) and
+//!    expose values elsewhere ([`VALUE_EXPOSING_RELATIONS`]: `pg_stats`, `pg_stat_activity`...) and
 //!    views or materialized views the handler found depending on a masked column ([`SessionState::new`],
 //!    from [`super::mask::resolve_query`]), every function not on the built-in list (its body could read
 //!    the column) and every statement kind but reads, `INSERT`/`UPDATE`/`DELETE`/`MERGE` and `COPY FROM`
@@ -74,7 +77,6 @@
 //!    guessed value exists, the same probe `WHERE email = ...` is refused for;
 //! 3. the handler withholds error and notice fields that may quote values
 //!    ([`super::mask::error_field`]).
-
 //!
 //! # What the handler does with this module
 //! - StartupMessage: [`check_startup`] on the client's parameters; upstream, add [`PINNED_SETTINGS`] (and
