@@ -22,6 +22,8 @@ PKGS=(postgresql postgresql-client openssh-server openssh-client haproxy iproute
 # Packaging (issue 12): systemd-analyze for the unit, man for the man pages, strip for cargo-deb, and
 # vagrant for `vagrant validate` of the VM.
 PKGS+=(systemd man-db binutils vagrant)
+# clang + libclang: pg_query's build script compiles the vendored libpg_query and runs bindgen.
+PKGS+=(clang libclang-dev)
 # Node.js (for the OpenID provider the tests run) ships with these machines; Debian's is the fallback.
 command -v node >/dev/null 2>&1 || PKGS+=(nodejs npm)
 missing=()
