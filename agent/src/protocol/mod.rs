@@ -9,6 +9,7 @@
 //! `protocol/<name>/` with the shape of `tcp` (`new`, `hello`, and a greeting with `hello`, `refuse`,
 //! `connect`, `run`), a [`TargetKind`] variant, and one arm per method below.
 
+pub mod postgres;
 pub mod ssh;
 pub mod tcp;
 
