@@ -461,8 +461,14 @@ async fn psql_works_with_sslmode_require_and_verify_full_against_the_warden_ca()
     let (ok, out, err) = psql(&proxy.conninfo("orders", "require"), "select count(*) from users", &[]);
     assert!(ok, "{err}");
     assert_eq!(out, "2");
+    // `warden ca tls` prints the CA the handler issues from.
+    let config = proxy.state.path().join("warden.toml");
+    std::fs::write(&config, format!("[agent]\nstate_dir = {:?}\n", proxy.state.path())).unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_warden")).args(["ca", "tls", "-c"]).arg(&config).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ca_file = proxy.state.path().join("warden-ca.pem");
-    std::fs::write(&ca_file, ca::certificate_pem(proxy.state.path()).unwrap()).unwrap();
+    std::fs::write(&ca_file, &out.stdout).unwrap();
     assert_eq!(ca::certificate_pem(proxy.state.path()).unwrap(), proxy.pg.ca_pem());
     let info = format!("{} sslrootcert={}", proxy.conninfo("orders", "verify-full"), ca_file.display());
     let (ok, out, err) = psql(&info, "select name from users order by id limit 1", &[]);

@@ -7,6 +7,7 @@
 //! is not reachable; 70 an internal error; 77 not permitted (run as root).
 
 mod audit;
+mod ca;
 mod exec;
 mod grants;
 mod run;
@@ -121,6 +122,17 @@ pub enum Command {
     },
     /// Detach and unpin every kernel program and map: the one command that lifts enforcement.
     Uninstall(ConfigArg),
+    /// Print Warden's local CA certificates.
+    Ca {
+        #[command(subcommand)]
+        action: CaAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaAction {
+    /// The CA (PEM) that issues the TLS certificates PostgreSQL clients see (for `sslmode=verify-full`).
+    Tls(ConfigArg),
 }
 
 #[derive(Debug, Subcommand)]
@@ -242,6 +254,7 @@ pub fn main() -> ExitCode {
         Command::Sessions { action, json, config } => grants::sessions(action, json.json, &config.config),
         Command::Audit { action } => audit::run(action),
         Command::Status { json, config } => status::status(&config.config, json.json),
+        Command::Ca { action: CaAction::Tls(c) } => ca::tls(&c.config),
     };
     ExitCode::from(code)
 }

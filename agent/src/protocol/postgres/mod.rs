@@ -313,6 +313,15 @@ pub struct Greeting {
     upstream: Option<Connected>,
 }
 
+impl std::fmt::Debug for Greeting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Greeting")
+            .field("target", &self.target.name)
+            .field("hello", &self.hello)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Greeting {
     pub fn hello(&self) -> &Hello {
         &self.hello
