@@ -18,6 +18,8 @@ fi
 # Debian packages: real peers for the tests (PostgreSQL, OpenSSH, haproxy), tools (iproute2, bpftool).
 PKGS=(postgresql postgresql-client openssh-server openssh-client haproxy iproute2 bpftool
       ca-certificates curl procps psmisc util-linux)
+# The PostgreSQL benchmark's peers: pgbench (postgresql-contrib) and pgbouncer in session mode.
+PKGS+=(postgresql-contrib pgbouncer)
 # Node.js (for the OpenID provider the tests run) ships with these machines; Debian's is the fallback.
 command -v node >/dev/null 2>&1 || PKGS+=(nodejs npm)
 missing=()

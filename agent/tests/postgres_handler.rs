@@ -4,7 +4,7 @@
 //! way the daemon does; the test holds each session's `Cut`.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,151 +24,9 @@ use warden::protocol::postgres::{Postgres, ca};
 use warden::protocol::{Ask, Authorize, Counters, Cut, End, Refusal, RefusalCode, Session};
 
 const DEADLINE: Duration = Duration::from_secs(30);
-const PASSWORD: &str = "s3cret-upstream";
-
-fn pg_bin(name: &str) -> PathBuf {
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL server binaries not found under /usr/lib/postgresql; run scripts/setup.sh")
-        .map(|e| e.unwrap().path().join("bin").join(name))
-        .filter(|p| p.exists())
-        .collect();
-    found.sort();
-    found.pop().expect("no PostgreSQL server binary; run scripts/setup.sh")
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-/// Runs a PostgreSQL tool, as the `postgres` user when we are root (initdb refuses root).
-fn as_pg(bin: &Path) -> Command {
-    if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(bin);
-        c
-    } else {
-        Command::new(bin)
-    }
-}
-
-fn ok(c: &mut Command) {
-    let out = c.stdout(Stdio::piped()).stderr(Stdio::piped()).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{c:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A throwaway PostgreSQL cluster on a loopback port; stopped and removed on drop.
-struct Cluster {
-    dir: tempfile::TempDir,
-    port: u16,
-    /// The CA that issued the server's certificate (for `tls: verify-full`).
-    ca_pem: PathBuf,
-}
-
-impl Cluster {
-    fn start() -> Self {
-        let dir = tempfile::Builder::new().prefix("warden-pg-").tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        let pwfile = dir.path().join("pw");
-        std::fs::write(&pwfile, "postgres-admin\n").unwrap();
-        if is_root() {
-            ok(Command::new("chown").arg("-R").arg("postgres:postgres").arg(dir.path()));
-        }
-        ok(as_pg(&pg_bin("initdb"))
-            .args(["-A", "scram-sha-256", "--auth-local=trust", "-U", "postgres", "--pwfile"])
-            .arg(&pwfile)
-            .arg("-D")
-            .arg(&data));
-        // A server certificate for upstream TLS, from a CA of the test's own.
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "test upstream CA");
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
-            .unwrap()
-            .signed_by(&key, &ca, &ca_key)
-            .unwrap();
-        std::fs::write(data.join("server.crt"), cert.pem()).unwrap();
-        std::fs::write(data.join("server.key"), key.serialize_pem()).unwrap();
-        let ca_pem = dir.path().join("upstream-ca.pem");
-        std::fs::write(&ca_pem, ca.pem()).unwrap();
-        std::fs::write(
-            data.join("pg_hba.conf"),
-            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
-        )
-        .unwrap();
-        if is_root() {
-            ok(Command::new("chown").arg("-R").arg("postgres:postgres").arg(&data));
-        }
-        ok(Command::new("chmod").arg("0600").arg(data.join("server.key")));
-        let port = free_port();
-        ok(as_pg(&pg_bin("pg_ctl")).arg("-D").arg(&data).args(["-w", "-l"]).arg(dir.path().join("log")).arg("-o").arg(
-            format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c ssl=on -c password_encryption=scram-sha-256",
-                dir.path().display()
-            ),
-        ).arg("start"));
-        let c = Self { dir, port, ca_pem };
-        c.admin(&format!(
-            "CREATE ROLE agent_ro LOGIN PASSWORD '{PASSWORD}'; CREATE ROLE agent_rw LOGIN PASSWORD '{PASSWORD}'"
-        ));
-        c.admin("CREATE DATABASE orders OWNER agent_rw");
-        c.sql(
-            "orders",
-            "CREATE TABLE users (id int PRIMARY KEY, name text, email text); \
-             INSERT INTO users VALUES (1, 'ann', 'ann@example.com'), (2, 'bob', 'bob@example.com'); \
-             ALTER TABLE users OWNER TO agent_rw; GRANT SELECT ON users TO agent_ro;",
-        );
-        c
-    }
-
-    fn psql_admin(&self, db: &str, sql: &str) -> String {
-        let out = Command::new("psql")
-            .arg("-h")
-            .arg(self.dir.path())
-            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db, "-XAtqc", sql])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "admin psql failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    }
-
-    fn admin(&self, sql: &str) -> String {
-        self.psql_admin("postgres", sql)
-    }
-
-    fn sql(&self, db: &str, sql: &str) -> String {
-        self.psql_admin(db, sql)
-    }
-
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = as_pg(&pg_bin("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .args(["-m", "immediate", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
+#[path = "support/pg_cluster.rs"]
+mod pg_cluster;
+use pg_cluster::{Cluster, PASSWORD};
 
 struct AllowAll;
 impl Authorize for AllowAll {
