@@ -636,3 +636,89 @@ impl WriteAllSync for std::process::ChildStdin {
         std::io::Write::write_all(&mut self, b).unwrap();
     }
 }
+
+/// Reads backend messages until `ReadyForQuery`, returning their type bytes and bodies.
+async fn until_ready<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    loop {
+        let mut head = [0u8; 5];
+        tokio::time::timeout(DEADLINE, s.read_exact(&mut head)).await.unwrap().unwrap();
+        let len = usize::try_from(i32::from_be_bytes([head[1], head[2], head[3], head[4]])).unwrap() - 4;
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).await.unwrap();
+        let done = head[0] == b'Z';
+        out.push((head[0], body));
+        if done {
+            return out;
+        }
+    }
+}
+
+fn startup_packet(version: i32, extra: &[u8]) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
+    body.extend_from_slice(b"user\0agent\0database\0orders\0");
+    body.extend_from_slice(extra);
+    body.push(0);
+    let mut p = (i32::try_from(body.len()).unwrap() + 4).to_be_bytes().to_vec();
+    p.extend_from_slice(&body);
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gssenc_is_declined_newer_minors_negotiated_and_direct_tls_needs_alpn() {
+    let cluster = Cluster::start();
+    let proxy = Proxy::start(&cluster, Setup::default()).await;
+    // GSSENCRequest → 'N', then a 3.2 startup with an unknown protocol option.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30]).await.unwrap();
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"N");
+    s.write_all(&startup_packet(0x0003_0002, b"_pq_.frobnicate\0on\0")).await.unwrap();
+    let msgs = until_ready(&mut s).await;
+    let (tag, body) = &msgs[0];
+    assert_eq!(*tag, b'v', "NegotiateProtocolVersion first: {msgs:?}");
+    assert_eq!(&body[..8], &[0, 3, 0, 0, 0, 0, 0, 1]);
+    assert_eq!(&body[8..], b"_pq_.frobnicate\0");
+    assert!(
+        msgs.iter().any(|(t, b)| *t == b'R' && b == &[0, 0, 0, 0]),
+        "AuthenticationOk, no password asked"
+    );
+    assert!(msgs.iter().any(|(t, _)| *t == b'K'), "a cancel key");
+
+    // PostgreSQL 17's direct TLS: a ClientHello first, ALPN `postgresql`, the Warden CA's certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::pem::PemObject::pem_slice_iter(proxy.pg.ca_pem().as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = |alpn: bool| {
+        let mut c = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        if alpn {
+            c.alpn_protocols = vec![b"postgresql".to_vec()];
+        }
+        Arc::new(c)
+    };
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config(true)).connect(name.clone(), tcp).await.unwrap();
+    tls.write_all(&startup_packet(0x0003_0000, b"")).await.unwrap();
+    let msgs = until_ready(&mut tls).await;
+    assert!(msgs.iter().any(|(t, _)| *t == b'R'), "{msgs:?}");
+    // Without ALPN the connection is refused.
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let refused = match tokio_rustls::TlsConnector::from(config(false)).connect(name, tcp).await {
+        Err(_) => true,
+        Ok(mut tls) => {
+            let _ = tls.write_all(&startup_packet(0x0003_0000, b"")).await;
+            let mut buf = Vec::new();
+            let _ = tokio::time::timeout(DEADLINE, tls.read_to_end(&mut buf)).await.unwrap();
+            !buf.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I'])
+        }
+    };
+    assert!(refused, "direct TLS without ALPN must not get a session");
+}

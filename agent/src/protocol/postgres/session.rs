@@ -517,6 +517,8 @@ impl Relay<'_> {
         let access = self.session.terms.access;
         let masks = &self.session.terms.mask;
         match f.tag {
+            // After an extended-protocol error everything up to Sync is dropped, as a server does.
+            b'Q' | b'F' if self.skipping => {}
             b'Q' => {
                 let text = Reader::new(&f.body).cstr().map_err(malformed)?.to_owned();
                 match self.shared.classifier.check(&text, access, masks) {
