@@ -361,7 +361,9 @@ async fn writes_under_read_are_refused_and_the_database_is_unchanged() {
         assert!(msg(&e).contains("agents read orders"), "names the policy: {e}");
         // Extended protocol too.
         let e = client.prepare(sql).await.expect_err(sql);
-        assert_eq!(code(&e), "25006", "{sql}: {e}");
+        // A Parse holds one statement: several may be refused as unparsable instead.
+        let expected: &[&str] = if sql.contains(';') { &["25006", "42601"] } else { &["25006"] };
+        assert!(expected.contains(&code(&e).as_str()), "{sql}: {e}");
     }
     // The session goes on after refusals, in both protocols.
     assert_eq!(client.query_one("SELECT count(*) FROM users", &[]).await.unwrap().get::<_, i64>(0), 2);
@@ -721,4 +723,26 @@ async fn gssenc_is_declined_newer_minors_negotiated_and_direct_tls_needs_alpn() 
         }
     };
     assert!(refused, "direct TLS without ALPN must not get a session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn md5_and_cleartext_upstream_logins_work() {
+    let cluster = Cluster::start();
+    let setup = Setup { access: Access::Write, tls: TlsMode::Disable, ..Setup::default() };
+    cluster.hba_first("host all agent_rw 127.0.0.0/8 password");
+    let proxy = Proxy::start(&cluster, setup.clone()).await;
+    let client = proxy.client().await;
+    assert_eq!(
+        client.query_one("SELECT current_user::text", &[]).await.unwrap().get::<_, String>(0),
+        "agent_rw"
+    );
+    drop(client);
+    cluster.admin(&format!("SET password_encryption = 'md5'; ALTER ROLE agent_rw PASSWORD '{PASSWORD}'"));
+    cluster.hba_first("host all agent_rw 127.0.0.0/8 md5");
+    let proxy = Proxy::start(&cluster, setup).await;
+    let client = proxy.client().await;
+    assert_eq!(
+        client.query_one("SELECT current_user::text", &[]).await.unwrap().get::<_, String>(0),
+        "agent_rw"
+    );
 }

@@ -149,6 +149,14 @@ impl Cluster {
         self.psql_admin(db, sql)
     }
 
+    /// Puts `line` first in pg_hba.conf and reloads.
+    pub fn hba_first(&self, line: &str) {
+        let path = self.dir.path().join("data/pg_hba.conf");
+        let old = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("{line}\n{old}")).unwrap();
+        assert_eq!(self.admin("SELECT pg_reload_conf()"), "t");
+    }
+
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from((self.ip, self.port))
     }

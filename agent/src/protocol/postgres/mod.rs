@@ -267,18 +267,24 @@ impl Postgres {
             .field("cgroup", &origin.cgroup)
             .field("target", &target.name)
             .field("dst", origin.dst.to_string());
+        // Recorded before it is forwarded: an unrecorded cancel is not sent.
         match resolved {
             Ok(issued) => {
-                let sent = cancel::send(issued.upstream, issued.backend).await;
-                r = r.field("cancelled_session", &issued.session).field("forwarded", sent.is_ok());
-                if let Err(e) = sent {
-                    r = r.field("error", e.to_string());
+                r = r.field("cancelled_session", &issued.session).field("forwarded", true);
+                if let Err(e) = self.shared.audit.append(r) {
+                    tracing::warn!(error = %e, "pg.cancel could not be recorded; not forwarding it");
+                    return;
+                }
+                if let Err(e) = cancel::send(issued.upstream, issued.backend).await {
+                    tracing::warn!(error = %e, session = %issued.session, "the upstream did not take the cancel");
                 }
             }
-            Err(d) => r = r.field("forwarded", false).field("denied", d.as_str()),
-        }
-        if let Err(e) = self.shared.audit.append(r) {
-            tracing::warn!(error = %e, "pg.cancel could not be recorded");
+            Err(d) => {
+                r = r.field("forwarded", false).field("denied", d.as_str());
+                if let Err(e) = self.shared.audit.append(r) {
+                    tracing::warn!(error = %e, "pg.cancel could not be recorded");
+                }
+            }
         }
     }
 }
