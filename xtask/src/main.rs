@@ -2,6 +2,7 @@
 //! reaching a real local PostgreSQL through Warden, allowed, refused and recorded), `cargo xtask bench`.
 
 mod bench;
+mod bench_pg;
 mod demo;
 
 use std::path::{Path, PathBuf};
