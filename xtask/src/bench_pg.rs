@@ -267,13 +267,21 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 None => Command::new(pg_bin("pgbench")),
             };
             cmd.args(flags).args(["-n", "-T", &seconds.to_string(), conninfo]).env_remove("PGPASSWORD");
-            let out = sh(&mut cmd).with_context(|| format!("pgbench {name} via {peer}"))?;
+            // pgbench's exit status is non-zero when a client aborted; the tps line says how far it got.
+            let (_, out) = run_cmd_output(&mut cmd).with_context(|| format!("pgbench {name} via {peer}"))?;
             let t = out
                 .lines()
                 .find(|l| l.starts_with("tps = "))
                 .and_then(|l| l.split_whitespace().nth(2))
                 .and_then(|v| v.parse::<f64>().ok())
-                .with_context(|| format!("no tps in pgbench's output:\n{out}"))?;
+                .with_context(|| {
+                    let log = std::fs::read_to_string(dir.join("warden.log")).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                    format!(
+                        "no tps in pgbench's output via {peer}:\n{out}\nwarden log (newest first):\n{}",
+                        tail.join("\n")
+                    )
+                })?;
             println!("{name} via {peer}: {t:.0} tps");
             tps.push(t);
         }
