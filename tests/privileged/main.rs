@@ -13,5 +13,6 @@ mod identity;
 mod observe;
 mod operator;
 mod package;
+mod postgres;
 mod ship;
 mod splice;

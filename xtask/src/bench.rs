@@ -105,6 +105,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if args.first().map(String::as_str) == Some("client") {
         return client(&args[1..]);
     }
+    if args.first().map(String::as_str) == Some("postgres") {
+        return crate::bench_pg::run(&args[1..]);
+    }
     let opts = Options::parse(args)?;
     if !nix_is_root() {
         bail!(
@@ -947,6 +950,11 @@ fn section(machine: &Machine, opts: &Options, rounds: &[Round], leftovers: &[Str
 
 /// Replaces the `## Data path` section of `file` (up to the next `## ` heading), or appends it.
 fn write_section(file: &Path, section: &str) -> anyhow::Result<()> {
+    write_named_section(file, "## Data path", section)
+}
+
+/// Replaces (or appends) the section under `heading` in `file`.
+pub fn write_named_section(file: &Path, heading: &str, section: &str) -> anyhow::Result<()> {
     let old = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => "# Benchmarks\n".to_owned(),
@@ -956,7 +964,7 @@ fn write_section(file: &Path, section: &str) -> anyhow::Result<()> {
     let mut lines = old.lines().peekable();
     let mut written = false;
     while let Some(l) = lines.next() {
-        if l.trim_end() == "## Data path" {
+        if l.trim_end() == heading {
             while lines.peek().is_some_and(|n| !n.starts_with("## ")) {
                 lines.next();
             }
@@ -1236,6 +1244,10 @@ fn is_tmpfs(path: &Path) -> bool {
 }
 
 /// The cgroup2 mount point.
+pub fn cgroup_root() -> anyhow::Result<PathBuf> {
+    cgroup2_root()
+}
+
 fn cgroup2_root() -> anyhow::Result<PathBuf> {
     warden_test_support::cgroup_root().context("cgroup2 is not mounted")
 }

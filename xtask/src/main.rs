@@ -3,6 +3,7 @@
 //! `cargo xtask dist` (the Debian package).
 
 mod bench;
+mod bench_pg;
 mod demo;
 mod dist;
 

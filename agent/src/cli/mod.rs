@@ -9,6 +9,7 @@
 
 mod audit;
 mod audit_s3;
+mod ca;
 mod exec;
 mod grants;
 mod run;
@@ -123,6 +124,17 @@ pub enum Command {
     },
     /// Detach and unpin every kernel program and map: the one command that lifts enforcement.
     Uninstall(ConfigArg),
+    /// Print Warden's local CA certificates.
+    Ca {
+        #[command(subcommand)]
+        action: CaAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaAction {
+    /// The CA (PEM) that issues the TLS certificates PostgreSQL clients see (for `sslmode=verify-full`).
+    Tls(ConfigArg),
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,6 +265,7 @@ pub fn main() -> ExitCode {
         Command::Sessions { action, json, config } => grants::sessions(action, json.json, &config.config),
         Command::Audit { action } => audit::run(action),
         Command::Status { json, config } => status::status(&config.config, json.json),
+        Command::Ca { action: CaAction::Tls(c) } => ca::tls(&c.config),
     };
     ExitCode::from(code)
 }

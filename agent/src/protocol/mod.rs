@@ -33,11 +33,15 @@ use crate::policy::{Target, TargetKind, Terms};
 #[derive(Debug)]
 pub struct Handlers {
     tcp: tcp::Tcp,
+    postgres: postgres::Postgres,
 }
 
 /// A protocol handler could not start (its keys or state could not be loaded).
 #[derive(Debug, thiserror::Error)]
-pub enum HandlersError {}
+pub enum HandlersError {
+    #[error(transparent)]
+    Postgres(#[from] postgres::PostgresError),
+}
 
 /// The client's hello could not be read, or its protocol has no handler; recorded as `session.refused`
 /// with code `protocol`. The handler has already told the client, or closed the connection.
@@ -50,12 +54,14 @@ pub enum HelloError {
     Unsupported { target: String, protocol: &'static str },
     #[error(transparent)]
     Tcp(#[from] tcp::HelloError),
+    #[error(transparent)]
+    Postgres(#[from] postgres::HelloError),
 }
 
 impl Handlers {
     /// Every handler's shared state (`state_dir` holds what must outlive a restart, e.g. a local CA).
-    pub fn new(_state_dir: &Path, _audit: &Audit) -> Result<Self, HandlersError> {
-        Ok(Self { tcp: tcp::Tcp::new() })
+    pub fn new(state_dir: &Path, audit: &Audit) -> Result<Self, HandlersError> {
+        Ok(Self { tcp: tcp::Tcp::new(), postgres: postgres::Postgres::new(state_dir, audit.clone())? })
     }
 
     /// Step 3 of a connection: the target's handler reads what the gate needs from the client. `Ok(None)`
@@ -68,9 +74,14 @@ impl Handlers {
     ) -> Result<Option<Greeting>, HelloError> {
         match &target.kind {
             TargetKind::Tcp => Ok(self.tcp.hello(client, target, origin).await?.map(Greeting::Tcp)),
+            TargetKind::Postgres(_) => Ok(self
+                .postgres
+                .hello(client, target, origin)
+                .await?
+                .map(|g| Greeting::Postgres(Box::new(g)))),
             // A postgres or ssh target relayed as opaque bytes would let a `read` grant write and would need
             // the agent to hold the credential: refuse until their handlers land.
-            TargetKind::Postgres(_) | TargetKind::Ssh(_) => {
+            TargetKind::Ssh(_) => {
                 tcp::reset(client);
                 Err(HelloError::Unsupported {
                     target: target.name.clone(),
@@ -85,6 +96,7 @@ impl Handlers {
 #[derive(Debug)]
 pub enum Greeting {
     Tcp(tcp::Greeting),
+    Postgres(Box<postgres::Greeting>),
 }
 
 impl Greeting {
@@ -92,6 +104,7 @@ impl Greeting {
     pub fn hello(&self) -> &Hello {
         match self {
             Self::Tcp(g) => g.hello(),
+            Self::Postgres(g) => g.hello(),
         }
     }
 
@@ -99,6 +112,7 @@ impl Greeting {
     pub async fn refuse(self, refusal: &Refusal) {
         match self {
             Self::Tcp(g) => g.refuse(refusal).await,
+            Self::Postgres(g) => (*g).refuse(refusal).await,
         }
     }
 
@@ -106,6 +120,7 @@ impl Greeting {
     pub async fn connect(&mut self, dst: SocketAddr, terms: &Terms) -> Result<(), End> {
         match self {
             Self::Tcp(g) => g.connect(dst, terms).await,
+            Self::Postgres(g) => g.connect(dst, terms).await,
         }
     }
 
@@ -113,6 +128,7 @@ impl Greeting {
     pub async fn run(self, session: Session) -> End {
         match self {
             Self::Tcp(g) => g.run(session).await,
+            Self::Postgres(g) => (*g).run(session).await,
         }
     }
 }

@@ -1,0 +1,803 @@
+//! The relay state machine of one admitted session.
+//!
+//! Client messages are read one at a time: every `Query` and `Parse` is classified first; a refusal never
+//! reaches the upstream. Every execution (`Query`, `Execute`, `FunctionCall`) is recorded as `pg.query`
+//! *before* it is forwarded, and its outcome (rows, command tags, SQLSTATE, duration) as `pg.result` when
+//! the upstream finishes it. Responses are matched to requests through a queue of what the upstream owes
+//! (one entry per forwarded message), which lets Warden
+//! - put its own `ErrorResponse` at the right place in a pipeline: on a refusal it sends the upstream a
+//!   `Sync` of its own and writes the error when that `Sync`'s `ReadyForQuery` comes back, after
+//!   everything forwarded before; in the extended protocol it then drops the client's messages up to its
+//!   `Sync`, as a server does after an error;
+//! - know which `RowDescription` describes the `DataRow`s that follow: with masks in force, Warden sends a
+//!   `Describe` of the portal before every `Execute` (and swallows the answer), so the format codes the
+//!   client chose in `Bind` are known per column.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use postgres_protocol::message::frontend;
+
+use super::upstream::{self, Upstream};
+use super::wire::{self, Conn, Frame, Reader, WireError};
+use super::{Connected, Greeting, Shared, classify, mask, pool};
+use crate::policy::{Access, PostgresTarget};
+use crate::protocol::{End, Session};
+
+/// An execution recorded as `pg.query`, waiting for its outcome.
+#[derive(Debug)]
+struct Pending {
+    n: u64,
+    started: Instant,
+    rows: u64,
+    commands: Vec<String>,
+    sqlstate: Option<String>,
+    error: Option<String>,
+}
+
+/// What the upstream owes for one forwarded message.
+#[derive(Debug)]
+enum Expect {
+    /// A simple `Query`: everything up to `ReadyForQuery`.
+    Simple(Pending),
+    /// A `FunctionCall`: `FunctionCallResponse`, then `ReadyForQuery`.
+    Function(Pending),
+    Parse,
+    Bind,
+    Close,
+    /// `ParameterDescription`? then `RowDescription` or `NoData`; `ours`: Warden's own, swallowed.
+    Describe {
+        ours: bool,
+    },
+    Execute(Pending),
+    /// `ReadyForQuery`; `refusal`: Warden's own `Sync` carrying an error to write in its place.
+    Sync {
+        refusal: Option<Refusal>,
+    },
+}
+
+#[derive(Debug)]
+struct Refusal {
+    error: Frame,
+    /// Simple protocol: the client also gets the `ReadyForQuery`.
+    simple: bool,
+}
+
+struct Statement {
+    text: String,
+    masks: Vec<String>,
+}
+
+struct Portal {
+    text: String,
+    masks: Vec<String>,
+    params: serde_json::Value,
+}
+
+/// How the relay loop stops.
+enum Stop {
+    /// The client ended the session cleanly (`Terminate` or EOF between messages).
+    Clean,
+    End(End),
+}
+
+struct Relay<'a> {
+    shared: &'a Shared,
+    session: &'a Session,
+    pg: &'a PostgresTarget,
+    client: Conn,
+    up: Upstream,
+    expect: VecDeque<Expect>,
+    skipping: bool,
+    statements: HashMap<String, Statement>,
+    portals: HashMap<String, Portal>,
+    /// The resolved masks (empty: no masking).
+    masks: mask::MaskSet,
+    /// What the classifier knows of this session: statements it saw prepared, views over masked columns.
+    state: classify::SessionState,
+    masking: bool,
+    /// For the current result set: per column, `Some((type oid, format))` when masked.
+    masked: Vec<Option<(u32, i16)>>,
+    status: u8,
+    queries: u64,
+}
+
+fn client_fatal(client: &mut Conn, code: &str, message: &str) {
+    client.send(&wire::error_response("FATAL", code, message));
+}
+
+pub(super) async fn run(g: Greeting, session: Session) -> End {
+    let Greeting { shared, mut client, hello, target, negotiate, client_params, upstream } = g;
+    let crate::policy::TargetKind::Postgres(pg) = &target.kind else {
+        return End::ProtocolError { detail: "not a postgres target".into() };
+    };
+    let database = hello.database.clone().unwrap_or_default();
+    let access = session.terms.access;
+    let login = pg.credentials.for_access(access);
+    let up = match upstream {
+        Some(Connected::Pooled(up)) => Ok(up),
+        Some(Connected::Fresh(tcp, dst)) => {
+            let tls = if pg.tls == crate::policy::TlsMode::Disable {
+                Ok(None)
+            } else {
+                shared.upstream_tls(&target, pg).map(Some)
+            };
+            match tls {
+                Ok(tls) => {
+                    let spec = upstream::LoginSpec {
+                        target: &target,
+                        pg,
+                        tls,
+                        login,
+                        database: &database,
+                        access,
+                        client_params: &client_params,
+                    };
+                    tokio::select! {
+                        r = upstream::login(tcp, dst, &spec) => r,
+                        end = session.cut.cut_with() => Err(end),
+                    }
+                }
+                Err(e) => Err(End::UpstreamRefused { detail: e }),
+            }
+        }
+        None => Err(End::UpstreamUnreachable { detail: "connect was not called".into() }),
+    };
+    let mut up = match up {
+        Ok(up) => up,
+        Err(end) => {
+            let code = if end.is_cut() { "57P01" } else { "08006" };
+            client_fatal(&mut client, code, &format!("warden: cannot open the upstream session: {end}"));
+            let _ = client.flush().await;
+            return end;
+        }
+    };
+    let resolved = if session.terms.mask.is_empty() {
+        mask::Resolved::default()
+    } else {
+        match resolve_masks(&mut up, &session.terms.mask).await {
+            Ok(m) => m,
+            Err(end) => {
+                client_fatal(
+                    &mut client,
+                    "08006",
+                    &format!("warden: cannot resolve the grant's masks: {end}"),
+                );
+                let _ = client.flush().await;
+                return end;
+            }
+        }
+    };
+    // The client's startup answer: version negotiation, no password asked, the upstream's parameters, a
+    // cancel key of Warden's own.
+    if let Some(unknown) = &negotiate {
+        client.send(&wire::negotiate_protocol_version(unknown));
+    }
+    client.send(&wire::authentication_ok());
+    for (k, v) in &up.params {
+        client.send(&wire::parameter_status(k, v));
+    }
+    let key = shared.keys.mint(super::cancel::Issued {
+        session: session.id.clone(),
+        tagged_cgroup: session.origin.tagged_cgroup,
+        upstream: up.dst,
+        backend: up.backend,
+    });
+    client.send(&wire::backend_key_data(key.0, key.1));
+    client.send(&wire::ready_for_query(b'I'));
+    let pool_key = pool::Key {
+        target: target.name.clone(),
+        dst: up.dst,
+        user: login.user.clone(),
+        password_file: login.password_file.clone(),
+        database,
+        access,
+        client_params,
+    };
+    let masking = !session.terms.mask.is_empty();
+    let mut relay = Relay {
+        shared: &shared,
+        session: &session,
+        pg,
+        client,
+        up,
+        expect: VecDeque::new(),
+        skipping: false,
+        statements: HashMap::new(),
+        portals: HashMap::new(),
+        masks: resolved.set,
+        state: classify::SessionState::new(resolved.tainted),
+        masking,
+        masked: Vec::new(),
+        status: b'I',
+        queries: 0,
+    };
+    let stop = relay.relay().await;
+    shared.keys.withdraw(key);
+    let Relay { mut client, up, expect, status, .. } = relay;
+    match stop {
+        Stop::Clean => {
+            if expect.is_empty() && status == b'I' {
+                let pool = shared.clone();
+                tokio::spawn(async move {
+                    if let Some(up) = reset(up, access).await {
+                        pool.pool.put(pool_key, up);
+                    }
+                });
+            } else {
+                tokio::spawn(abandon(up));
+            }
+            End::ClientClosed
+        }
+        Stop::End(end) => {
+            if end.is_cut() {
+                client_fatal(&mut client, "57P01", &format!("warden: the session was ended: {end}"));
+            } else if let End::ProtocolError { detail } = &end {
+                client_fatal(&mut client, "08P01", &format!("warden: {detail}"));
+            }
+            let _ = client.flush().await;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut client.io).await;
+            tokio::spawn(abandon(up));
+            end
+        }
+    }
+}
+
+/// Drops an upstream connection that may be busy: cancels what it runs, then terminates it.
+async fn abandon(up: Upstream) {
+    let _ = super::cancel::send(up.dst, up.backend).await;
+    pool::close(up).await;
+}
+
+/// Runs one simple query on an idle upstream connection, returning its rows (text) and failing on error.
+async fn simple(up: &mut Upstream, sql: &str) -> Result<Vec<Vec<Option<String>>>, End> {
+    let broken = |e: &dyn std::fmt::Display| End::UpstreamRefused { detail: format!("upstream: {e}") };
+    up.conn.send_raw(&wire::encoded(|b| frontend::query(sql, b)));
+    up.conn.flush().await.map_err(|e| broken(&e))?;
+    let mut rows = Vec::new();
+    let mut error = None;
+    loop {
+        let f = up.conn.next().await.map_err(|e| broken(&e))?.ok_or_else(|| broken(&"closed"))?;
+        match f.tag {
+            b'D' => {
+                let mut r = Reader::new(&f.body);
+                let n = r.i16().map_err(|e| broken(&e))?;
+                let mut row = Vec::new();
+                for _ in 0..n {
+                    row.push(
+                        r.value().map_err(|e| broken(&e))?.map(|v| String::from_utf8_lossy(v).into_owned()),
+                    );
+                }
+                rows.push(row);
+            }
+            b'E' => error = Some(wire::parse_error(&f.body)),
+            b'S' => {
+                let mut r = Reader::new(&f.body);
+                if let (Ok(k), Ok(v)) = (r.cstr(), r.cstr()) {
+                    let (k, v) = (k.to_owned(), v.to_owned());
+                    up.set_param(&k, &v);
+                }
+            }
+            b'Z' => {
+                return match error {
+                    Some(e) => Err(End::UpstreamRefused { detail: format!("{}: {}", e.code, e.message) }),
+                    None => Ok(rows),
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The grant's masks resolved on this upstream connection's catalog: the masked columns by (table oid,
+/// attnum) and the views that expose one (cached per connection and mask list).
+async fn resolve_masks(up: &mut Upstream, mask: &[String]) -> Result<mask::Resolved, End> {
+    if let Some((list, resolved)) = &up.masks
+        && list == mask
+    {
+        return Ok(resolved.clone());
+    }
+    let rows = simple(up, &mask::resolve_query(mask)).await?;
+    let rows: Vec<[&str; 5]> = rows
+        .iter()
+        .map(|r| std::array::from_fn(|i| r.get(i).and_then(Option::as_deref).unwrap_or("")))
+        .collect();
+    let resolved = mask::resolved(mask, &rows)
+        .map_err(|e| End::UpstreamRefused { detail: format!("cannot resolve the grant's masks: {e}") })?;
+    up.masks = Some((mask.to_vec(), resolved.clone()));
+    Ok(resolved)
+}
+
+/// Resets a connection for the next session: `DISCARD ALL`, and the read-only default re-asserted.
+async fn reset(mut up: Upstream, access: Access) -> Option<Upstream> {
+    simple(&mut up, "DISCARD ALL").await.ok()?;
+    if access == Access::Read {
+        simple(&mut up, "SET SESSION default_transaction_read_only = on").await.ok()?;
+    }
+    Some(up)
+}
+
+fn tag_of(f: &Frame) -> String {
+    Reader::new(&f.body).cstr().unwrap_or_default().to_owned()
+}
+
+impl Relay<'_> {
+    async fn relay(&mut self) -> Stop {
+        loop {
+            if !self.up.conn.out.is_empty()
+                && let Err(e) = self.up.conn.flush().await
+            {
+                tracing::debug!(error = %e, "upstream write failed");
+                return Stop::End(End::UpstreamError);
+            }
+            if !self.client.out.is_empty() && self.client.flush().await.is_err() {
+                return Stop::End(End::ClientError);
+            }
+            let stop = tokio::select! {
+                end = self.session.cut.cut_with() => Some(Stop::End(end)),
+                f = self.client.next() => self.on_client_batch(f),
+                f = self.up.conn.next() => self.on_upstream_batch(f),
+            };
+            if let Some(stop) = stop {
+                // What was already answered still reaches the client.
+                let _ = self.client.flush().await;
+                return stop;
+            }
+        }
+    }
+
+    fn on_client_batch(&mut self, first: Result<Option<Frame>, WireError>) -> Option<Stop> {
+        let mut next = first;
+        loop {
+            let f = match next {
+                Ok(Some(f)) => f,
+                Ok(None) => return Some(Stop::Clean),
+                Err(WireError::Io(_)) => return Some(Stop::End(End::ClientError)),
+                Err(e) => return Some(Stop::End(End::ProtocolError { detail: format!("client: {e}") })),
+            };
+            self.session.counters.up.fetch_add(f.wire_len() as u64, Ordering::Relaxed);
+            if let Err(stop) = self.on_client(&f) {
+                return Some(stop);
+            }
+            next = match self.client.try_next() {
+                Ok(None) => return None,
+                r => r,
+            };
+        }
+    }
+
+    fn on_upstream_batch(&mut self, first: Result<Option<Frame>, WireError>) -> Option<Stop> {
+        let mut next = first;
+        loop {
+            let f = match next {
+                Ok(Some(f)) => f,
+                Ok(None) => return Some(Stop::End(End::UpstreamClosed)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "upstream read failed");
+                    return Some(Stop::End(End::UpstreamError));
+                }
+            };
+            if let Err(stop) = self.on_upstream(&f) {
+                return Some(stop);
+            }
+            // Keep the client's buffer bounded while a large result streams.
+            if self.client.out.len() > 256 * 1024 {
+                return None;
+            }
+            next = match self.up.conn.try_next() {
+                Ok(None) => return None,
+                r => r,
+            };
+        }
+    }
+
+    fn append(&self, record: crate::audit::Record) -> Result<(), Stop> {
+        self.session.audit.append(record).map_err(|e| {
+            tracing::warn!(error = %e, session = %self.session.id, "pg record could not be queued; ending the session");
+            Stop::End(End::AuditUnavailable)
+        })
+    }
+
+    /// Records an execution before it is forwarded.
+    fn record_query(
+        &mut self,
+        protocol: &str,
+        text: &str,
+        statements: Option<usize>,
+        masks: &[String],
+        params: Option<serde_json::Value>,
+    ) -> Result<Pending, Stop> {
+        self.queries += 1;
+        let mut r = self
+            .session
+            .record("pg.query")
+            .field("n", self.queries)
+            .field("protocol", protocol)
+            .field("text", text)
+            .field("access", self.session.terms.access.as_str());
+        if let Some(s) = statements {
+            r = r.field("statements", s);
+        }
+        if !masks.is_empty() {
+            r = r.field("masks", masks);
+        }
+        if let Some(p) = params {
+            r = r.field("parameters", p);
+        }
+        self.append(r)?;
+        Ok(Pending {
+            n: self.queries,
+            started: Instant::now(),
+            rows: 0,
+            commands: Vec::new(),
+            sqlstate: None,
+            error: None,
+        })
+    }
+
+    fn record_result(&self, p: &Pending, skipped: bool) -> Result<(), Stop> {
+        let mut r = self
+            .session
+            .record("pg.result")
+            .field("n", p.n)
+            .field("rows", p.rows)
+            .field("commands", &p.commands)
+            .field("duration_ms", p.started.elapsed().as_secs_f64() * 1000.0);
+        if let Some(s) = &p.sqlstate {
+            r = r.field("sqlstate", s).field("error", &p.error);
+        }
+        if skipped {
+            r = r.field("skipped", true);
+        }
+        self.append(r)
+    }
+
+    /// Records a refusal and has Warden's error written in order (see the module docs).
+    fn refuse(
+        &mut self,
+        protocol: &str,
+        text: &str,
+        sqlstate: &str,
+        message: &str,
+        simple: bool,
+    ) -> Result<(), Stop> {
+        self.queries += 1;
+        let r = self
+            .session
+            .record("pg.query")
+            .field("n", self.queries)
+            .field("protocol", protocol)
+            .field("text", text)
+            .field("access", self.session.terms.access.as_str())
+            .field("decision", "refused")
+            .field("sqlstate", sqlstate)
+            .field("reason", message);
+        self.append(r)?;
+        let message = format!(
+            "warden: {message} (policy rule `{}` grants `{}` access to target `{}`)",
+            self.session.terms.rule, self.session.terms.access, self.session.target.name
+        );
+        let error = wire::error_response("ERROR", sqlstate, &message);
+        self.up.conn.send_raw(&wire::encoded(|b| {
+            frontend::sync(b);
+            Ok(())
+        }));
+        self.expect.push_back(Expect::Sync { refusal: Some(Refusal { error, simple }) });
+        if !simple {
+            self.skipping = true;
+        }
+        Ok(())
+    }
+
+    fn params_value(&self, bind: &wire::Bind) -> serde_json::Value {
+        if !self.pg.record_parameters {
+            return serde_json::json!({ "count": bind.params.len(), "redacted": true });
+        }
+        let fmt = |i: usize| match bind.formats.len() {
+            0 => 0,
+            1 => bind.formats[0],
+            _ => bind.formats.get(i).copied().unwrap_or(0),
+        };
+        let values: Vec<serde_json::Value> = bind
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| match p {
+                None => serde_json::Value::Null,
+                Some(v) if fmt(i) == 0 => String::from_utf8_lossy(v).into_owned().into(),
+                Some(v) => format!("\\x{}", hex::encode(v)).into(),
+            })
+            .collect();
+        values.into()
+    }
+
+    fn on_client(&mut self, f: &Frame) -> Result<(), Stop> {
+        let malformed = |e: WireError| Stop::End(End::ProtocolError { detail: format!("client: {e}") });
+        let access = self.session.terms.access;
+        let masks = &self.session.terms.mask;
+        match f.tag {
+            // After an extended-protocol error everything up to Sync is dropped, as a server does.
+            b'Q' | b'F' if self.skipping => {}
+            b'Q' => {
+                let text = Reader::new(&f.body).cstr().map_err(malformed)?.to_owned();
+                match self.shared.classifier.check_session(&text, access, masks, &mut self.state) {
+                    Err(r) => self.refuse("simple", &text, r.sqlstate, &r.message, true)?,
+                    Ok(c) => {
+                        let p =
+                            self.record_query("simple", &text, Some(c.statements), &c.masks_applied, None)?;
+                        self.up.conn.send(f);
+                        self.expect.push_back(Expect::Simple(p));
+                    }
+                }
+            }
+            b'P' => {
+                if self.skipping {
+                    return Ok(());
+                }
+                let mut r = Reader::new(&f.body);
+                let name = r.cstr().map_err(malformed)?.to_owned();
+                let text = r.cstr().map_err(malformed)?.to_owned();
+                match self.shared.classifier.check_session(&text, access, masks, &mut self.state) {
+                    Err(r) => self.refuse("extended", &text, r.sqlstate, &r.message, false)?,
+                    Ok(c) => {
+                        self.statements.insert(name, Statement { text, masks: c.masks_applied });
+                        self.up.conn.send(f);
+                        self.expect.push_back(Expect::Parse);
+                    }
+                }
+            }
+            b'B' => {
+                if self.skipping {
+                    return Ok(());
+                }
+                let bind = wire::parse_bind(&f.body).map_err(malformed)?;
+                let (text, stmt_masks) = match self.statements.get(&bind.statement) {
+                    Some(s) => (s.text.clone(), s.masks.clone()),
+                    // A statement prepared with SQL PREPARE (itself classified when it was prepared).
+                    None => (format!("<prepared statement `{}`>", bind.statement), Vec::new()),
+                };
+                let params = self.params_value(&bind);
+                self.portals.insert(bind.portal, Portal { text, masks: stmt_masks, params });
+                self.up.conn.send(f);
+                self.expect.push_back(Expect::Bind);
+            }
+            b'D' => {
+                if self.skipping {
+                    return Ok(());
+                }
+                self.up.conn.send(f);
+                self.expect.push_back(Expect::Describe { ours: false });
+            }
+            b'E' => {
+                if self.skipping {
+                    return Ok(());
+                }
+                let portal = Reader::new(&f.body).cstr().map_err(malformed)?.to_owned();
+                let (text, pmasks, params) = match self.portals.get(&portal) {
+                    Some(p) => (p.text.clone(), p.masks.clone(), p.params.clone()),
+                    None => (format!("<portal `{portal}`>"), Vec::new(), serde_json::Value::Null),
+                };
+                let p = self.record_query("extended", &text, None, &pmasks, Some(params))?;
+                if self.masking {
+                    self.up.conn.send_raw(&wire::encoded(|b| frontend::describe(b'P', &portal, b)));
+                    self.expect.push_back(Expect::Describe { ours: true });
+                }
+                self.up.conn.send(f);
+                self.expect.push_back(Expect::Execute(p));
+            }
+            b'C' => {
+                if self.skipping {
+                    return Ok(());
+                }
+                let mut r = Reader::new(&f.body);
+                let kind = r.u8().map_err(malformed)?;
+                let name = r.cstr().map_err(malformed)?;
+                if kind == b'S' {
+                    self.statements.remove(name);
+                } else {
+                    self.portals.remove(name);
+                }
+                self.up.conn.send(f);
+                self.expect.push_back(Expect::Close);
+            }
+            b'S' => {
+                self.skipping = false;
+                self.up.conn.send(f);
+                self.expect.push_back(Expect::Sync { refusal: None });
+            }
+            b'F' => {
+                let oid = Reader::new(&f.body).u32().map_err(malformed)?;
+                let text = format!("<function call, oid {oid}>");
+                if access != Access::Write {
+                    self.refuse(
+                        "function",
+                        &text,
+                        "25006",
+                        "a fastpath function call cannot be proven read-only",
+                        true,
+                    )?;
+                } else if !masks.is_empty() {
+                    self.refuse(
+                        "function",
+                        &text,
+                        "42501",
+                        "a fastpath function call may read masked columns",
+                        true,
+                    )?;
+                } else {
+                    let p = self.record_query("function", &text, None, &[], None)?;
+                    self.up.conn.send(f);
+                    self.expect.push_back(Expect::Function(p));
+                }
+            }
+            // Flush; COPY FROM STDIN data, which the upstream asks for only once the statement passed.
+            b'H' | b'd' | b'c' | b'f' => self.up.conn.send(f),
+            b'X' => return Err(Stop::Clean),
+            other => {
+                return Err(Stop::End(End::ProtocolError {
+                    detail: format!("client: unexpected message type {:?}", char::from(other)),
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&self, p: &Pending) -> Result<(), Stop> {
+        self.record_result(p, false)
+    }
+
+    fn on_upstream(&mut self, f: &Frame) -> Result<(), Stop> {
+        let malformed = |e: WireError| {
+            tracing::debug!(error = %e, "malformed upstream message");
+            Stop::End(End::UpstreamError)
+        };
+        self.session.counters.down.fetch_add(f.wire_len() as u64, Ordering::Relaxed);
+        match f.tag {
+            b'Z' => {
+                self.status = f.body.first().copied().unwrap_or(b'I');
+                self.masked.clear();
+                loop {
+                    match self.expect.pop_front() {
+                        Some(Expect::Simple(p) | Expect::Function(p)) => {
+                            self.finish(&p)?;
+                            break;
+                        }
+                        Some(Expect::Sync { refusal: Some(r) }) => {
+                            self.client.send(&r.error);
+                            if !r.simple {
+                                return Ok(());
+                            }
+                            break;
+                        }
+                        Some(Expect::Sync { refusal: None }) | None => break,
+                        Some(Expect::Execute(p)) => self.record_result(&p, true)?,
+                        Some(_) => {}
+                    }
+                }
+                self.client.send(f);
+            }
+            b'E' => {
+                let e = wire::parse_error(&f.body);
+                match self.expect.front_mut() {
+                    Some(Expect::Simple(p) | Expect::Function(p)) => {
+                        if p.sqlstate.is_none() {
+                            p.sqlstate = Some(e.code);
+                            p.error = Some(e.message);
+                        }
+                    }
+                    Some(Expect::Sync { .. }) | None => {}
+                    Some(_) => {
+                        // Extended protocol: this message failed and the upstream skips to Sync.
+                        let mut first = true;
+                        while !matches!(self.expect.front(), Some(Expect::Sync { .. }) | None) {
+                            if let Some(Expect::Execute(mut p)) = self.expect.pop_front() {
+                                if first {
+                                    p.sqlstate = Some(e.code.clone());
+                                    p.error = Some(e.message.clone());
+                                }
+                                self.record_result(&p, !first)?;
+                            }
+                            first = false;
+                        }
+                    }
+                }
+                self.masked.clear();
+                self.client.send(f);
+            }
+            b'1' | b'2' | b'3' => {
+                self.expect.pop_front();
+                self.client.send(f);
+            }
+            b'T' => {
+                let fields = wire::parse_row_description(&f.body).map_err(malformed)?;
+                self.masked = if self.masking {
+                    let view: Vec<(u32, i16, &str, u32)> =
+                        fields.iter().map(|c| (c.table, c.column, c.name.as_str(), c.type_oid)).collect();
+                    mask::masked_fields(&view, &self.masks)
+                        .into_iter()
+                        .zip(&fields)
+                        .map(|(m, c)| m.then_some((c.type_oid, c.format)))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                if self.describe_done() {
+                    return Ok(());
+                }
+                self.client.send(f);
+            }
+            b'n' => {
+                self.masked.clear();
+                if self.describe_done() {
+                    return Ok(());
+                }
+                self.client.send(f);
+            }
+            b'D' => {
+                if self.masked.iter().any(Option::is_some) {
+                    let masked: Vec<bool> = self.masked.iter().map(Option::is_some).collect();
+                    let cols = &self.masked;
+                    let row = wire::mask_data_row(&f.body, &masked, |i| {
+                        cols.get(i).copied().flatten().and_then(|(t, fmt)| mask::replacement(t, fmt))
+                    })
+                    .map_err(malformed)?;
+                    self.client.send(&row);
+                } else {
+                    self.client.send(f);
+                }
+            }
+            b'C' => {
+                let tag = tag_of(f);
+                self.masked.clear();
+                match self.expect.front_mut() {
+                    Some(Expect::Simple(p) | Expect::Function(p)) => {
+                        p.rows += wire::tag_rows(&tag).unwrap_or(0);
+                        p.commands.push(tag);
+                    }
+                    Some(Expect::Execute(_)) => {
+                        if let Some(Expect::Execute(mut p)) = self.expect.pop_front() {
+                            p.rows += wire::tag_rows(&tag).unwrap_or(0);
+                            p.commands.push(tag);
+                            self.finish(&p)?;
+                        }
+                    }
+                    _ => {}
+                }
+                self.client.send(f);
+            }
+            b'I' | b's' => {
+                if matches!(self.expect.front(), Some(Expect::Execute(_)))
+                    && let Some(Expect::Execute(mut p)) = self.expect.pop_front()
+                {
+                    if f.tag == b's' {
+                        p.commands.push("suspended".into());
+                    }
+                    self.finish(&p)?;
+                }
+                self.client.send(f);
+            }
+            b'S' => {
+                let mut r = Reader::new(&f.body);
+                let k = r.cstr().map_err(malformed)?.to_owned();
+                let v = r.cstr().map_err(malformed)?.to_owned();
+                self.up.set_param(&k, &v);
+                self.client.send(f);
+            }
+            // A second BackendKeyData would leak the real key.
+            b'K' => {}
+            _ => self.client.send(f),
+        }
+        Ok(())
+    }
+
+    /// On a `RowDescription`/`NoData`: completes a pending `Describe`; true if it was Warden's own.
+    fn describe_done(&mut self) -> bool {
+        if let Some(Expect::Describe { ours }) = self.expect.front() {
+            let ours = *ours;
+            self.expect.pop_front();
+            return ours;
+        }
+        false
+    }
+}
