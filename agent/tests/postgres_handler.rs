@@ -414,10 +414,10 @@ async fn masked_columns_are_replaced_in_text_and_binary_results() {
     let rows = client.query("SELECT id, name, email FROM users ORDER BY id", &[]).await.unwrap();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0].get::<_, String>(1), "ann");
-    assert_eq!(rows[0].get::<_, String>(2), "***");
+    assert_eq!(rows[0].get::<_, String>(2), "[masked]");
     // An alias still carries the column's origin.
     let rows = client.query("SELECT email AS contact FROM users", &[]).await.unwrap();
-    assert!(rows.iter().all(|r| r.get::<_, String>(0) == "***"));
+    assert!(rows.iter().all(|r| r.get::<_, String>(0) == "[masked]"));
     // Text, simple protocol.
     let rows = client.simple_query("SELECT id, email FROM users ORDER BY id").await.unwrap();
     let values: Vec<String> = rows
@@ -427,7 +427,7 @@ async fn masked_columns_are_replaced_in_text_and_binary_results() {
             _ => None,
         })
         .collect();
-    assert_eq!(values, ["***", "***"]);
+    assert_eq!(values, ["[masked]", "[masked]"]);
     // psql (text).
     let (ok, out, err) = psql(&proxy.conninfo("orders", "require"), "SELECT email FROM users", &[]);
     assert!(ok, "{err}");
