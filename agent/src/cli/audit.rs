@@ -21,6 +21,10 @@ pub fn run(action: AuditAction) -> u8 {
         }
         AuditAction::Tail { follow, lines, dir, config } => tail_cli(follow, lines, dir, &config.config),
         AuditAction::Pubkey { config } => pubkey_cli(&config.config),
+        AuditAction::Replay { session, speed, dir, config } => match audit_dir(dir, &config.config) {
+            Ok(dir) => replay_cli(&dir, &session, speed),
+            Err(code) => code,
+        },
     }
 }
 
@@ -390,5 +394,17 @@ fn pubkey_cli(config: &Path) -> u8 {
             0
         }
         Err(e) => fail(EXIT_FAILED, &format!("{e}; the key is created when the daemon first starts")),
+    }
+}
+
+/// `warden audit replay`: exit 0 played; 1 no recording, or an altered one; 64 a bad `--speed`.
+fn replay_cli(audit_dir: &Path, session: &str, speed: f64) -> u8 {
+    if !speed.is_finite() || speed < 0.0 {
+        return fail(EXIT_INVALID, &"--speed must be 0 (at once) or a positive factor");
+    }
+    let mut out = std::io::stdout().lock();
+    match crate::protocol::ssh::record::replay(audit_dir, session, speed, &mut out) {
+        Ok(()) => 0,
+        Err(e) => fail(EXIT_FAILED, &e),
     }
 }

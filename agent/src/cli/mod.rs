@@ -8,6 +8,7 @@
 //! command's status (128 + the signal when one killed it; 126 when it cannot be run).
 
 mod audit;
+mod ca;
 mod exec;
 mod grants;
 mod run;
@@ -122,6 +123,17 @@ pub enum Command {
     },
     /// Detach and unpin every kernel program and map: the one command that lifts enforcement.
     Uninstall(ConfigArg),
+    /// Print Warden's local certificate authorities, for agents to trust.
+    Ca {
+        #[command(subcommand)]
+        action: CaAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaAction {
+    /// The `@cert-authority * ssh-ed25519 ...` line for an agent's known_hosts (made on first use).
+    Ssh(ConfigArg),
 }
 
 #[derive(Debug, Subcommand)]
@@ -219,6 +231,17 @@ pub enum AuditAction {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Play a recorded SSH terminal back with its timing.
+    Replay {
+        session: String,
+        /// Playback speed; 0 prints everything at once.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Print the host's audit signing public key.
     Pubkey {
         #[command(flatten)]
@@ -243,6 +266,7 @@ pub fn main() -> ExitCode {
         Command::Sessions { action, json, config } => grants::sessions(action, json.json, &config.config),
         Command::Audit { action } => audit::run(action),
         Command::Status { json, config } => status::status(&config.config, json.json),
+        Command::Ca { action: CaAction::Ssh(c) } => ca::ssh(&c.config),
     };
     ExitCode::from(code)
 }

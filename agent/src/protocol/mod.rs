@@ -31,11 +31,15 @@ use crate::policy::{Target, TargetKind, Terms};
 #[derive(Debug)]
 pub struct Handlers {
     tcp: tcp::Tcp,
+    ssh: ssh::Ssh,
 }
 
 /// A protocol handler could not start (its keys or state could not be loaded).
 #[derive(Debug, thiserror::Error)]
-pub enum HandlersError {}
+pub enum HandlersError {
+    #[error(transparent)]
+    Ssh(#[from] ssh::SshError),
+}
 
 /// The client's hello could not be read, or its protocol has no handler; recorded as `session.refused`
 /// with code `protocol`. The handler has already told the client, or closed the connection.
@@ -48,12 +52,14 @@ pub enum HelloError {
     Unsupported { target: String, protocol: &'static str },
     #[error(transparent)]
     Tcp(#[from] tcp::HelloError),
+    #[error(transparent)]
+    Ssh(#[from] ssh::HelloError),
 }
 
 impl Handlers {
     /// Every handler's shared state (`state_dir` holds what must outlive a restart, e.g. a local CA).
-    pub fn new(_state_dir: &Path, _audit: &Audit) -> Result<Self, HandlersError> {
-        Ok(Self { tcp: tcp::Tcp::new() })
+    pub fn new(state_dir: &Path, audit: &Audit) -> Result<Self, HandlersError> {
+        Ok(Self { tcp: tcp::Tcp::new(), ssh: ssh::Ssh::new(state_dir, audit.clone())? })
     }
 
     /// Step 3 of a connection: the target's handler reads what the gate needs from the client. `Ok(None)`
@@ -66,9 +72,10 @@ impl Handlers {
     ) -> Result<Option<Greeting>, HelloError> {
         match &target.kind {
             TargetKind::Tcp => Ok(self.tcp.hello(client, target, origin).await?.map(Greeting::Tcp)),
-            // A postgres or ssh target relayed as opaque bytes would let a `read` grant write and would need
-            // the agent to hold the credential: refuse until their handlers land.
-            TargetKind::Postgres(_) | TargetKind::Ssh(_) => {
+            TargetKind::Ssh(_) => Ok(self.ssh.hello(client, target, origin).await?.map(Greeting::Ssh)),
+            // A postgres target relayed as opaque bytes would let a `read` grant write and would need
+            // the agent to hold the credential: refuse until its handler lands.
+            TargetKind::Postgres(_) => {
                 tcp::reset(client);
                 Err(HelloError::Unsupported {
                     target: target.name.clone(),
@@ -83,6 +90,7 @@ impl Handlers {
 #[derive(Debug)]
 pub enum Greeting {
     Tcp(tcp::Greeting),
+    Ssh(ssh::Greeting),
 }
 
 impl Greeting {
@@ -90,6 +98,7 @@ impl Greeting {
     pub fn hello(&self) -> &Hello {
         match self {
             Self::Tcp(g) => g.hello(),
+            Self::Ssh(g) => g.hello(),
         }
     }
 
@@ -97,6 +106,7 @@ impl Greeting {
     pub async fn refuse(self, refusal: &Refusal) {
         match self {
             Self::Tcp(g) => g.refuse(refusal).await,
+            Self::Ssh(g) => g.refuse(refusal).await,
         }
     }
 
@@ -104,6 +114,7 @@ impl Greeting {
     pub async fn connect(&mut self, dst: SocketAddr, terms: &Terms) -> Result<(), End> {
         match self {
             Self::Tcp(g) => g.connect(dst, terms).await,
+            Self::Ssh(g) => g.connect(dst, terms).await,
         }
     }
 
@@ -111,6 +122,7 @@ impl Greeting {
     pub async fn run(self, session: Session) -> End {
         match self {
             Self::Tcp(g) => g.run(session).await,
+            Self::Ssh(g) => g.run(session).await,
         }
     }
 }
