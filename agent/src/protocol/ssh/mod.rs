@@ -227,7 +227,10 @@ pub struct Greeting {
 
 impl std::fmt::Debug for Greeting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ssh::Greeting").field("target", &self.target.name).field("hello", &self.hello).finish_non_exhaustive()
+        f.debug_struct("ssh::Greeting")
+            .field("target", &self.target.name)
+            .field("hello", &self.hello)
+            .finish_non_exhaustive()
     }
 }
 
