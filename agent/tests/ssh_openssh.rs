@@ -616,3 +616,102 @@ async fn bad_input_ends_that_connection_only() {
     assert_eq!((code, out.as_str()), (0, "still here\n"), "{err}");
     f.next_end().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_grant_relays_w_and_records_it() {
+    let mut f = Fixture::start(Opts { forward: true, ..Opts::shell() }).await;
+    let target = f.sshd.addr.to_string();
+    let (_, out, err) = f.exec(&["-W", &target], "").await;
+    assert!(out.starts_with("SSH-2.0-OpenSSH"), "the forward reached the server: {out:?} {err}");
+    f.next_end().await;
+    let fw = f.events("ssh.forward").await;
+    assert_eq!(fw.len(), 1, "{:?}", f.records().await);
+    assert_eq!(fw[0]["to_host"], "127.0.0.1");
+    assert_eq!(fw[0]["to_port"], f.sshd.addr.port());
+    assert!(fw[0]["bytes_down"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sftp_and_scp_need_an_sftp_grant() {
+    let mut f = Fixture::start(Opts::shell()).await;
+    let files = tempfile::tempdir().unwrap();
+    let src = files.path().join("src.txt");
+    std::fs::write(&src, "payload\n").unwrap();
+    let dst = files.path().join("dst.txt");
+    let batch = files.path().join("batch");
+    std::fs::write(&batch, format!("put {} {}\n", src.display(), dst.display())).unwrap();
+    let sftp = |f: &Fixture| {
+        let mut c = tokio::process::Command::new("sftp");
+        c.args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+        ])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", f.known_hosts.display()))
+        .args(["-o", "BatchMode=yes", "-o", "IdentityAgent=none", "-P", &f.addr.port().to_string(), "-b"])
+        .arg(&batch)
+        .arg("agent@127.0.0.1")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+        c
+    };
+    let out = tokio::time::timeout(DEADLINE, sftp(&f).output()).await.unwrap().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sftp is not granted"), "{out:?}");
+    f.next_end().await;
+    // Legacy scp (-O) is an exec of `scp -t`: a transfer too.
+    let mut scp = tokio::process::Command::new("scp");
+    scp.args([
+        "-O",
+        "-F",
+        "/dev/null",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+    ])
+    .arg("-o")
+    .arg(format!("UserKnownHostsFile={}", f.known_hosts.display()))
+    .args(["-o", "BatchMode=yes", "-P", &f.addr.port().to_string()])
+    .arg(&src)
+    .arg(format!("agent@127.0.0.1:{}", dst.display()))
+    .stdin(Stdio::null());
+    let out = tokio::time::timeout(DEADLINE, scp.output()).await.unwrap().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("file transfer"), "{out:?}");
+    f.next_end().await;
+    assert!(!dst.exists());
+    let refused = f.events("ssh.refused").await;
+    assert_eq!(refused[0]["request"], "subsystem");
+    assert_eq!(refused[0]["detail"], "sftp");
+    let execs = f.events("ssh.exec").await;
+    assert_eq!(execs[0]["decision"], "refused");
+    assert!(execs[0]["command"].as_str().unwrap().starts_with("scp -t"));
+    drop(f);
+
+    // With sftp granted the subsystem is relayed and recorded.
+    let mut f = Fixture::start(Opts { sftp: true, ..Opts::shell() }).await;
+    let out = tokio::time::timeout(DEADLINE, sftp(&f).output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read_to_string(&dst).unwrap(), "payload\n");
+    f.next_end().await;
+    let sub = f.events("ssh.subsystem").await;
+    assert_eq!(sub.len(), 1, "{sub:?}");
+    assert_eq!(sub[0]["name"], "sftp");
+    assert!(sub[0]["bytes_up"].as_u64().unwrap() > 8);
+}
+
+#[test]
+fn warden_ca_ssh_prints_the_known_hosts_line() {
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("warden.toml");
+    std::fs::write(&config, format!("[agent]\nstate_dir = \"{}\"\n", root.path().display())).unwrap();
+    let (code, out, err) = Fixture::warden(&["ca", "ssh", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), warden::protocol::ssh::ca::known_hosts_line(root.path()).unwrap());
+    assert!(out.starts_with("@cert-authority * ssh-ed25519 AAAA"));
+}

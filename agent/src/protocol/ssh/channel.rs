@@ -216,8 +216,8 @@ impl ChanState {
                 ctx.record(
                     s.record("ssh.forward")
                         .field("channel", channel)
-                        .field("host", host)
-                        .field("port", port)
+                        .field("to_host", host)
+                        .field("to_port", port)
                         .field("bytes_up", up)
                         .field("bytes_down", down)
                         .field("duration_ms", duration_ms),

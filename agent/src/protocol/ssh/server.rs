@@ -480,9 +480,7 @@ impl server::Handler for AgentHandler {
         };
         if let Err(reason) = allowed {
             self.refused("subsystem", name, &reason);
-            c.state.set_kind(Kind::Refused);
-            session.extended_data(channel, 1, format!("warden: {reason}\r\n").into_bytes())?;
-            return session.channel_failure(channel);
+            return self.refuse_run(channel, &reason, session).await;
         }
         let state = c.state.clone();
         let up = c.up.clone();
