@@ -10,3 +10,4 @@ mod grants;
 mod harness;
 mod identity;
 mod operator;
+mod ssh;
