@@ -469,6 +469,18 @@ async fn a_pty_shell_is_recorded_replayed_and_an_edit_fails_verify() {
 
     let (code, out, err) = Fixture::warden(&["audit", "verify", "--dir", &dir]);
     assert_eq!(code, 0, "{out}{err}");
+    // An export can carry the recordings: the exported chain verifies with them beside it.
+    let export = tempfile::tempdir().unwrap();
+    let (code, jsonl, err) =
+        Fixture::warden(&["audit", "export", "--dir", &dir, "--recordings", export.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    std::fs::write(export.path().join("audit-00000000000000000000.jsonl"), jsonl).unwrap();
+    assert_eq!(
+        std::fs::read(export.path().join(recs[0]["file"].as_str().unwrap())).unwrap(),
+        text.as_bytes()
+    );
+    let (code, out, err) = Fixture::warden(&["audit", "verify", "--dir", export.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
     let edited = text.replace("typed-42", "typed-43");
     std::fs::write(&file, edited).unwrap();
     let (code, out, _) = Fixture::warden(&["audit", "verify", "--dir", &dir]);
@@ -714,4 +726,14 @@ fn warden_ca_ssh_prints_the_known_hosts_line() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), warden::protocol::ssh::ca::known_hosts_line(root.path()).unwrap());
     assert!(out.starts_with("@cert-authority * ssh-ed25519 AAAA"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_killed_by_a_signal_is_recorded_with_it() {
+    let mut f = Fixture::start(Opts::shell()).await;
+    let (code, _, err) = f.exec(&[], "kill -TERM $$").await;
+    assert_ne!(code, 0, "{err}");
+    f.next_end().await;
+    let execs = f.events("ssh.exec").await;
+    assert_eq!(execs[0]["exit_signal"], "TERM", "{execs:?}");
 }

@@ -13,9 +13,15 @@ use crate::config::Config;
 pub fn run(action: AuditAction) -> u8 {
     match action {
         AuditAction::Verify { dir, pubkey, config } => verify_cli(dir, pubkey.as_deref(), &config.config),
-        AuditAction::Export { since, until, format, mark, dir, config } => {
-            export_cli(since.as_deref(), until.as_deref(), &format, dir, &config.config, mark)
-        }
+        AuditAction::Export { since, until, format, mark, recordings, dir, config } => export_cli(
+            since.as_deref(),
+            until.as_deref(),
+            &format,
+            dir,
+            &config.config,
+            mark,
+            recordings.as_deref(),
+        ),
         AuditAction::Show { session, dir, json, config } => {
             show_cli(&session, dir, json.json, &config.config)
         }
@@ -100,6 +106,7 @@ fn export_cli(
     dir: Option<PathBuf>,
     config: &Path,
     mark: bool,
+    recordings: Option<&Path>,
 ) -> u8 {
     if format != "jsonl" {
         return fail(EXIT_INVALID, &format!("unknown format {format:?}; the only format is jsonl"));
@@ -115,8 +122,19 @@ fn export_cli(
     };
     let stdout = std::io::stdout();
     let mut out = BufWriter::with_capacity(256 * 1024, stdout.lock());
-    let last = files::export_lines(&dir, since.as_ref(), until.as_ref(), |line| out.write_all(line));
+    let mut casts = Vec::new();
+    let last = files::export_lines(&dir, since.as_ref(), until.as_ref(), |line| {
+        if recordings.is_some() {
+            casts.extend(crate::protocol::ssh::record::named_in(line));
+        }
+        out.write_all(line)
+    });
     let flushed = out.flush();
+    if let (Some(to), Ok(_)) = (recordings, &last)
+        && let Err(e) = crate::protocol::ssh::record::copy_recordings(&dir, &casts, to)
+    {
+        return fail(EXIT_INTERNAL, &e);
+    }
     match (last, flushed) {
         (Err(e), _) => fail(EXIT_INTERNAL, &e),
         (_, Err(e)) => fail(EXIT_INTERNAL, &format!("cannot write the export: {e}")),

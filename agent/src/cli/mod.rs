@@ -205,6 +205,10 @@ pub enum AuditAction {
         /// After a complete export, record its last seq as exported (lets retention delete it).
         #[arg(long)]
         mark: bool,
+        /// Also copy the SSH terminal recordings the exported `ssh.recording` records name into this
+        /// directory, at the same relative paths (`recordings/...`), so they can be verified beside the export.
+        #[arg(long, value_name = "DIR")]
+        recordings: Option<PathBuf>,
         #[arg(long)]
         dir: Option<PathBuf>,
         #[command(flatten)]

@@ -178,6 +178,39 @@ pub fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
     Ok((hex::encode(h.finalize()), n))
 }
 
+/// The recording an audit line names, if it is an `ssh.recording` record (for `audit export --recordings`).
+pub fn named_in(line: &[u8]) -> Option<String> {
+    const EVENT: &[u8] = b"\"event\":\"ssh.recording\"";
+    if !line.windows(EVENT.len()).any(|w| w == EVENT) {
+        return None;
+    }
+    let obj = serde_json::from_slice::<serde_json::Map<String, Value>>(line).ok()?;
+    obj.get("file").and_then(Value::as_str).map(str::to_owned)
+}
+
+/// Copies recordings (paths relative to `audit_dir`, as recorded) to the same relative paths under `to`,
+/// 0600. A name that leaves the audit directory is refused.
+pub fn copy_recordings(audit_dir: &Path, files: &[String], to: &Path) -> Result<usize, String> {
+    for file in files {
+        let rel = Path::new(file);
+        if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(format!("an ssh.recording record names {file:?}, outside the audit directory"));
+        }
+        let dst = to.join(rel);
+        if let Some(parent) = dst.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        std::fs::copy(audit_dir.join(rel), &dst).map_err(|e| format!("cannot copy recording {file}: {e}"))?;
+        std::fs::set_permissions(&dst, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| format!("cannot chmod {}: {e}", dst.display()))?;
+    }
+    Ok(files.len())
+}
+
 /// One `ssh.recording` record of a session.
 #[derive(Debug, Clone)]
 pub struct Listed {
