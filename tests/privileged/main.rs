@@ -16,3 +16,4 @@ mod package;
 mod postgres;
 mod ship;
 mod splice;
+mod ssh;

@@ -56,6 +56,8 @@ impl Report {
 }
 
 struct Walk<'a> {
+    /// The audit directory, when verifying one: terminal recordings (`ssh.recording`) are checked there.
+    dir: Option<&'a Path>,
     pubkey: Option<&'a VerifyingKey>,
     key_id: Option<String>,
     report: Report,
@@ -68,6 +70,7 @@ struct Walk<'a> {
 pub fn verify_dir(dir: &Path, pubkey: Option<&VerifyingKey>) -> Result<Report, AuditError> {
     let paths = files::list_any(dir)?;
     let mut chain = Chain::new(pubkey);
+    chain.walk.dir = Some(dir);
     chain.walk.report.files = paths.len();
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
@@ -108,6 +111,7 @@ impl<'a> Chain<'a> {
     pub fn new(pubkey: Option<&'a VerifyingKey>) -> Self {
         Chain {
             walk: Walk {
+                dir: None,
                 pubkey,
                 key_id: pubkey.map(sign::key_id),
                 report: Report { signatures_checked: pubkey.is_some(), ..Report::default() },
@@ -248,6 +252,11 @@ impl Walk<'_> {
                 }
             }
         }
+        if line.event == "ssh.recording"
+            && let Some(dir) = self.dir
+        {
+            check_recording(dir, &line).map_err(|what| problem(Some(seq), what))?;
+        }
         if line.event == "checkpoint" {
             self.checkpoint(&line).map_err(|what| problem(Some(seq), what))?;
         } else {
@@ -303,4 +312,26 @@ impl Walk<'_> {
         self.report.unsigned_tail = 0;
         Ok(())
     }
+}
+
+/// An `ssh.recording` record names a terminal recording (`file`, relative to the audit directory) and its
+/// `sha256` and `bytes`: the file on disk must still hash to them.
+fn check_recording(dir: &Path, line: &format::Line) -> Result<(), String> {
+    let (Some(file), Some(want)) = (line.str_field("file"), line.str_field("sha256")) else {
+        return Err("ssh.recording lacks file or sha256".into());
+    };
+    let rel = Path::new(file);
+    if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(format!("ssh.recording names {file:?}, outside the audit directory"));
+    }
+    let path = dir.join(rel);
+    let (got, bytes) = crate::protocol::ssh::record::hash_file(&path)
+        .map_err(|e| format!("recording {} cannot be read ({e}): removed or moved", path.display()))?;
+    if got != want || line.u64_field("bytes").is_some_and(|b| b != bytes) {
+        return Err(format!(
+            "recording {} does not match its record (sha256 {got}, {bytes} bytes): the recording was altered",
+            path.display()
+        ));
+    }
+    Ok(())
 }

@@ -19,14 +19,24 @@ pub fn run(action: AuditAction) -> u8 {
         AuditAction::Export { since, until, format, s3, config, .. } if s3.s3.is_some() => {
             super::audit_s3::export(&s3, since.as_deref(), until.as_deref(), &format, &config.config)
         }
-        AuditAction::Export { since, until, format, mark, dir, config, .. } => {
-            export_cli(since.as_deref(), until.as_deref(), &format, dir, &config.config, mark)
-        }
+        AuditAction::Export { since, until, format, mark, recordings, dir, config, .. } => export_cli(
+            since.as_deref(),
+            until.as_deref(),
+            &format,
+            dir,
+            &config.config,
+            mark,
+            recordings.as_deref(),
+        ),
         AuditAction::Show { session, dir, json, config } => {
             show_cli(&session, dir, json.json, &config.config)
         }
         AuditAction::Tail { follow, lines, dir, config } => tail_cli(follow, lines, dir, &config.config),
         AuditAction::Pubkey { config } => pubkey_cli(&config.config),
+        AuditAction::Replay { session, speed, dir, config } => match audit_dir(dir, &config.config) {
+            Ok(dir) => replay_cli(&dir, &session, speed),
+            Err(code) => code,
+        },
     }
 }
 
@@ -102,6 +112,7 @@ fn export_cli(
     dir: Option<PathBuf>,
     config: &Path,
     mark: bool,
+    recordings: Option<&Path>,
 ) -> u8 {
     if format != "jsonl" {
         return fail(EXIT_INVALID, &format!("unknown format {format:?}; the only format is jsonl"));
@@ -117,8 +128,19 @@ fn export_cli(
     };
     let stdout = std::io::stdout();
     let mut out = BufWriter::with_capacity(256 * 1024, stdout.lock());
-    let last = files::export_lines(&dir, since.as_ref(), until.as_ref(), |line| out.write_all(line));
+    let mut casts = Vec::new();
+    let last = files::export_lines(&dir, since.as_ref(), until.as_ref(), |line| {
+        if recordings.is_some() {
+            casts.extend(crate::protocol::ssh::record::named_in(line));
+        }
+        out.write_all(line)
+    });
     let flushed = out.flush();
+    if let (Some(to), Ok(_)) = (recordings, &last)
+        && let Err(e) = crate::protocol::ssh::record::copy_recordings(&dir, &casts, to)
+    {
+        return fail(EXIT_INTERNAL, &e);
+    }
     match (last, flushed) {
         (Err(e), _) => fail(EXIT_INTERNAL, &e),
         (_, Err(e)) => fail(EXIT_INTERNAL, &format!("cannot write the export: {e}")),
@@ -396,5 +418,17 @@ fn pubkey_cli(config: &Path) -> u8 {
             0
         }
         Err(e) => fail(EXIT_FAILED, &format!("{e}; the key is created when the daemon first starts")),
+    }
+}
+
+/// `warden audit replay`: exit 0 played; 1 no recording, or an altered one; 64 a bad `--speed`.
+fn replay_cli(audit_dir: &Path, session: &str, speed: f64) -> u8 {
+    if !speed.is_finite() || speed < 0.0 {
+        return fail(EXIT_INVALID, &"--speed must be 0 (at once) or a positive factor");
+    }
+    let mut out = std::io::stdout().lock();
+    match crate::protocol::ssh::record::replay(audit_dir, session, speed, &mut out) {
+        Ok(()) => 0,
+        Err(e) => fail(EXIT_FAILED, &e),
     }
 }

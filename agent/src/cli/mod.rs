@@ -124,7 +124,7 @@ pub enum Command {
     },
     /// Detach and unpin every kernel program and map: the one command that lifts enforcement.
     Uninstall(ConfigArg),
-    /// Print Warden's local CA certificates.
+    /// Print Warden's local certificate authorities, for agents to trust.
     Ca {
         #[command(subcommand)]
         action: CaAction,
@@ -135,6 +135,8 @@ pub enum Command {
 pub enum CaAction {
     /// The CA (PEM) that issues the TLS certificates PostgreSQL clients see (for `sslmode=verify-full`).
     Tls(ConfigArg),
+    /// The `@cert-authority * ssh-ed25519 ...` line for an agent's known_hosts (made on first use).
+    Ssh(ConfigArg),
 }
 
 #[derive(Debug, Subcommand)]
@@ -209,6 +211,10 @@ pub enum AuditAction {
         /// After a complete export, record its last seq as exported (lets retention delete it).
         #[arg(long)]
         mark: bool,
+        /// Also copy the SSH terminal recordings the exported `ssh.recording` records name into this
+        /// directory, at the same relative paths (`recordings/...`), so they can be verified beside the export.
+        #[arg(long, value_name = "DIR")]
+        recordings: Option<PathBuf>,
         #[arg(long)]
         dir: Option<PathBuf>,
         #[command(flatten)]
@@ -233,6 +239,17 @@ pub enum AuditAction {
         follow: bool,
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: usize,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Play a recorded SSH terminal back with its timing.
+    Replay {
+        session: String,
+        /// Playback speed; 0 prints everything at once.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
         #[arg(long)]
         dir: Option<PathBuf>,
         #[command(flatten)]
@@ -266,6 +283,7 @@ pub fn main() -> ExitCode {
         Command::Audit { action } => audit::run(action),
         Command::Status { json, config } => status::status(&config.config, json.json),
         Command::Ca { action: CaAction::Tls(c) } => ca::tls(&c.config),
+        Command::Ca { action: CaAction::Ssh(c) } => ca::ssh(&c.config),
     };
     ExitCode::from(code)
 }

@@ -164,10 +164,9 @@ fn within(terms: &crate::policy::Terms, ask: &Ask<'_>) -> Result<(), String> {
     let rule = &terms.rule;
     match ask {
         Ask::Exec { command } => match &terms.commands {
-            Some(list) if !crate::protocol::ssh::command_allowed(list, command) => {
-                Err(format!("rule `{rule}` does not allow the command `{command}`"))
-            }
-            _ => Ok(()),
+            Some(list) => crate::protocol::ssh::command_allowed(command, list)
+                .map_err(|why| format!("rule `{rule}`: {why}")),
+            None => Ok(()),
         },
         Ask::Shell if terms.commands.is_some() => {
             Err(format!("rule `{rule}` allows only listed commands, not an interactive shell"))

@@ -34,6 +34,7 @@ use crate::policy::{Target, TargetKind, Terms};
 pub struct Handlers {
     tcp: tcp::Tcp,
     postgres: postgres::Postgres,
+    ssh: ssh::Ssh,
 }
 
 /// A protocol handler could not start (its keys or state could not be loaded).
@@ -41,27 +42,30 @@ pub struct Handlers {
 pub enum HandlersError {
     #[error(transparent)]
     Postgres(#[from] postgres::PostgresError),
+    #[error(transparent)]
+    Ssh(#[from] ssh::SshError),
 }
 
-/// The client's hello could not be read, or its protocol has no handler; recorded as `session.refused`
-/// with code `protocol`. The handler has already told the client, or closed the connection.
+/// The client's hello could not be read; recorded as `session.refused` with code `protocol`. The handler
+/// has already told the client, or closed the connection.
 #[derive(Debug, thiserror::Error)]
 pub enum HelloError {
-    #[error(
-        "target {target} speaks {protocol}, whose protocol handler this warden does not have yet; only \
-         `protocol: tcp` targets are proxied"
-    )]
-    Unsupported { target: String, protocol: &'static str },
     #[error(transparent)]
     Tcp(#[from] tcp::HelloError),
     #[error(transparent)]
     Postgres(#[from] postgres::HelloError),
+    #[error(transparent)]
+    Ssh(#[from] ssh::HelloError),
 }
 
 impl Handlers {
     /// Every handler's shared state (`state_dir` holds what must outlive a restart, e.g. a local CA).
     pub fn new(state_dir: &Path, audit: &Audit) -> Result<Self, HandlersError> {
-        Ok(Self { tcp: tcp::Tcp::new(), postgres: postgres::Postgres::new(state_dir, audit.clone())? })
+        Ok(Self {
+            tcp: tcp::Tcp::new(),
+            postgres: postgres::Postgres::new(state_dir, audit.clone())?,
+            ssh: ssh::Ssh::new(state_dir, audit.clone())?,
+        })
     }
 
     /// Step 3 of a connection: the target's handler reads what the gate needs from the client. `Ok(None)`
@@ -79,15 +83,7 @@ impl Handlers {
                 .hello(client, target, origin)
                 .await?
                 .map(|g| Greeting::Postgres(Box::new(g)))),
-            // A postgres or ssh target relayed as opaque bytes would let a `read` grant write and would need
-            // the agent to hold the credential: refuse until their handlers land.
-            TargetKind::Ssh(_) => {
-                tcp::reset(client);
-                Err(HelloError::Unsupported {
-                    target: target.name.clone(),
-                    protocol: target.protocol().as_str(),
-                })
-            }
+            TargetKind::Ssh(_) => Ok(self.ssh.hello(client, target, origin).await?.map(Greeting::Ssh)),
         }
     }
 }
@@ -97,6 +93,7 @@ impl Handlers {
 pub enum Greeting {
     Tcp(tcp::Greeting),
     Postgres(Box<postgres::Greeting>),
+    Ssh(ssh::Greeting),
 }
 
 impl Greeting {
@@ -105,6 +102,7 @@ impl Greeting {
         match self {
             Self::Tcp(g) => g.hello(),
             Self::Postgres(g) => g.hello(),
+            Self::Ssh(g) => g.hello(),
         }
     }
 
@@ -113,6 +111,7 @@ impl Greeting {
         match self {
             Self::Tcp(g) => g.refuse(refusal).await,
             Self::Postgres(g) => (*g).refuse(refusal).await,
+            Self::Ssh(g) => g.refuse(refusal).await,
         }
     }
 
@@ -121,6 +120,7 @@ impl Greeting {
         match self {
             Self::Tcp(g) => g.connect(dst, terms).await,
             Self::Postgres(g) => g.connect(dst, terms).await,
+            Self::Ssh(g) => g.connect(dst, terms).await,
         }
     }
 
@@ -129,6 +129,7 @@ impl Greeting {
         match self {
             Self::Tcp(g) => g.run(session).await,
             Self::Postgres(g) => (*g).run(session).await,
+            Self::Ssh(g) => g.run(session).await,
         }
     }
 }
