@@ -9,6 +9,7 @@ mod bindings;
 mod events;
 mod gate;
 mod handler;
+mod limits;
 pub mod reserved_ports;
 pub mod status;
 mod tagging;
@@ -71,6 +72,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config = %crate::logging::effective_config(&config),
         "starting warden"
     );
+    limits::raise_nofile();
 
     let writer_stop = CancellationToken::new();
     let metrics = crate::metrics::unserved();
