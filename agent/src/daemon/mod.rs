@@ -171,6 +171,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         limit: Arc::new(Semaphore::new(MAX_SESSIONS)),
         tasks: tokio_util::task::TaskTracker::new(),
         metrics: metrics.clone(),
+        refusals: Arc::default(),
     });
     let mut tasks = tokio::task::JoinSet::new();
     for l in listeners {
