@@ -23,6 +23,7 @@ use warden::audit::{Audit, AuditOptions};
 use warden::origin::{ConnOrigin, Origins};
 use warden::policy::{Access, Approval, SshLogin, SshTarget, Target, TargetKind, Terms};
 use warden::protocol::{Ask, Authorize, End, Handlers, Hello, IdentityView, Refusal, RefusalCode, Session};
+use warden::proxy::per_cgroup::PerCgroup;
 use warden::proxy::refusals::Refusals;
 use warden::proxy::{Admission, Gate, Proxy, Sessions};
 
@@ -150,6 +151,11 @@ async fn echo() -> SocketAddr {
 }
 
 async fn rig() -> Rig {
+    rig_with(1024).await
+}
+
+/// A rig whose proxy lets one cgroup hold at most `per_cgroup` connections.
+async fn rig_with(per_cgroup: usize) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let writer_stop = CancellationToken::new();
     let (audit, writer) = Audit::start_with(&AuditOptions::in_dir(dir.path()), writer_stop.clone()).unwrap();
@@ -167,6 +173,7 @@ async fn rig() -> Rig {
         tasks: TaskTracker::new(),
         metrics: warden::metrics::unserved(),
         refusals: Arc::new(Refusals::new(PER_SECOND)),
+        per_cgroup: Arc::new(PerCgroup::new(per_cgroup)),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let listen = listener.local_addr().unwrap();
@@ -453,4 +460,27 @@ async fn a_flood_of_refused_sessions_from_one_cgroup_is_recorded_within_a_budget
             .all(|e| e["source"] == "proxy" && e["cgroup_id"] == 7 && e["cgroup"] == "/warden/test")
     );
     assert_eq!(refused as u64 + lost(&records, "proxy"), N as u64, "every refusal is recorded or counted");
+}
+
+#[tokio::test]
+async fn a_cgroup_over_its_share_of_sessions_is_refused_as_overloaded() {
+    let rig = rig_with(2).await;
+    let mut a = rig.connect(ALLOW).await;
+    let mut b = rig.connect(ALLOW).await;
+    echo_through(&mut a, b"a").await;
+    echo_through(&mut b, b"b").await;
+    // Both are live: the third from the same cgroup is reset.
+    let mut c = rig.connect(ALLOW).await;
+    let mut buf = [0u8; 16];
+    let err = c.read(&mut buf).await.expect_err("over its share: a reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert_eq!(rig.proxy.per_cgroup.held(7), 2);
+    drop((a, b, c));
+
+    let records = rig.records().await;
+    let refused = find(&records, "session.refused", ALLOW);
+    assert_eq!(refused.len(), 1, "{records:?}");
+    assert_eq!(refused[0]["code"], "overloaded");
+    assert!(refused[0]["reason"].as_str().unwrap().contains("max_sessions_per_cgroup"), "{:?}", refused[0]);
+    assert_eq!(find(&records, "session.start", ALLOW).len(), 2, "{records:?}");
 }

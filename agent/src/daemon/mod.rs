@@ -172,6 +172,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tasks: tokio_util::task::TaskTracker::new(),
         metrics: metrics.clone(),
         refusals: Arc::default(),
+        per_cgroup: Arc::new(crate::proxy::per_cgroup::PerCgroup::new(
+            state.config.agent.max_sessions_per_cgroup,
+        )),
     });
     let mut tasks = tokio::task::JoinSet::new();
     for l in listeners {

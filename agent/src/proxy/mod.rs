@@ -7,6 +7,7 @@
 //!
 //! **No byte reaches an upstream before its session's `session.start` record is durable.**
 
+pub mod per_cgroup;
 pub mod refusals;
 pub mod sessions;
 
@@ -92,6 +93,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     /// The budget of refusal records per source and second.
     pub refusals: Arc<refusals::Refusals>,
+    /// Caps the connections one tagged cgroup holds (hello, pending approval, live).
+    pub per_cgroup: Arc<per_cgroup::PerCgroup>,
 }
 
 impl Proxy {
@@ -156,9 +159,19 @@ impl Proxy {
             crate::protocol::tcp::reset(client);
             return;
         };
+        let Some(slot) = self.per_cgroup.try_take(origin.tagged_cgroup) else {
+            let why = format!(
+                "the cgroup holds {} sessions and pending approvals, its share (agent.max_sessions_per_cgroup)",
+                self.per_cgroup.max()
+            );
+            self.record_refusal(&origin, &Refusal::new(RefusalCode::Overloaded, why), None);
+            crate::protocol::tcp::reset(client);
+            return;
+        };
         let id = new_session_id();
         let span = tracing::info_span!("session", session = %id, pid = origin.pid, cgroup = %origin.cgroup, dst = %origin.dst, identity = tracing::field::Empty, target = tracing::field::Empty);
         self.clone().session(id, origin, client).instrument(span).await;
+        drop(slot);
         drop(permit);
     }
 
