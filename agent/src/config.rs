@@ -94,6 +94,8 @@ pub struct AgentConfig {
     pub host: Option<String>,
     /// `plain` (default) or `json` (one JSON object per line); `WARDEN_LOG_FORMAT` overrides it.
     pub log_format: LogFormat,
+    /// Connections one tagged cgroup may hold in the proxy at once (hello, pending approval, live).
+    pub max_sessions_per_cgroup: usize,
 }
 
 /// `agent.log_format`: how `warden run` writes its log.
@@ -132,6 +134,7 @@ impl Default for AgentConfig {
             allow: vec![Spanned::new(0..0, "0.0.0.0/0:443".into()), Spanned::new(0..0, "dns".into())],
             host: None,
             log_format: LogFormat::Plain,
+            max_sessions_per_cgroup: 1024,
         }
     }
 }
@@ -281,6 +284,9 @@ impl Config {
                 err(listen.span(), format!("proxy_listen: `{}` is not an ip:port", listen.get_ref()));
             }
         }
+        if self.agent.max_sessions_per_cgroup == 0 {
+            err(0..0, "agent.max_sessions_per_cgroup is 0; set it to at least 1".into());
+        }
         if self.agent.proxy_listen.is_empty() {
             err(0..0, "agent.proxy_listen is empty; Warden needs at least one listener".into());
         }
@@ -423,6 +429,16 @@ mod tests {
         let ConfigError::Invalid(d) = err else { panic!("{err}") };
         assert_eq!(d[0].line, 2, "{d:?}");
         assert!(d[0].message.contains("`5x` is not a duration"), "{d:?}");
+    }
+
+    #[test]
+    fn the_per_cgroup_session_cap_defaults_and_must_be_at_least_one() {
+        assert_eq!(Config::parse(Path::new("w.toml"), "").unwrap().agent.max_sessions_per_cgroup, 1024);
+        let c = Config::parse(Path::new("w.toml"), "[agent]\nmax_sessions_per_cgroup = 8\n").unwrap();
+        assert_eq!(c.agent.max_sessions_per_cgroup, 8);
+        let err = Config::parse(Path::new("w.toml"), "[agent]\nmax_sessions_per_cgroup = 0\n").unwrap_err();
+        let ConfigError::Invalid(d) = err else { panic!("{err}") };
+        assert!(d[0].message.contains("at least 1"), "{d:?}");
     }
 
     #[test]

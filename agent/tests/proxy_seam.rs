@@ -2,7 +2,9 @@
 //! the real opaque-TCP handler and audit writer, real loopback sockets. Allowed (bytes relayed, the
 //! session recorded), refused (the client sees a reset, `session.refused` with the code), killed
 //! mid-session (`killed_by_operator`), cut by a policy change and then killed (the first cause is recorded),
-//! and a target kind without a handler (refused at the hello, code `protocol`).
+//! and a target kind without a handler (refused at the hello, code `protocol`). Floods of connections with
+//! no origin, and of refused sessions from one cgroup, are all refused but recorded only within a budget
+//! per second, the rest summed in `events.lost`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,6 +23,8 @@ use warden::audit::{Audit, AuditOptions};
 use warden::origin::{ConnOrigin, Origins};
 use warden::policy::{Access, Approval, SshLogin, SshTarget, Target, TargetKind, Terms};
 use warden::protocol::{Ask, Authorize, End, Handlers, Hello, IdentityView, Refusal, RefusalCode, Session};
+use warden::proxy::per_cgroup::PerCgroup;
+use warden::proxy::refusals::Refusals;
 use warden::proxy::{Admission, Gate, Proxy, Sessions};
 
 /// What the stand-in gate does, chosen by the origin's uid.
@@ -28,6 +32,9 @@ const ALLOW: u32 = 1;
 const REFUSE: u32 = 2;
 /// Redirected for an SSH target, whose handler this build does not have yet.
 const SSH: u32 = 3;
+
+/// The rig's budget of refusal records per source and second: small, so a flood far exceeds it.
+const PER_SECOND: u32 = 5;
 
 /// Origins the test registers by the client's local address before it connects.
 #[derive(Default)]
@@ -144,6 +151,11 @@ async fn echo() -> SocketAddr {
 }
 
 async fn rig() -> Rig {
+    rig_with(1024).await
+}
+
+/// A rig whose proxy lets one cgroup hold at most `per_cgroup` connections.
+async fn rig_with(per_cgroup: usize) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let writer_stop = CancellationToken::new();
     let (audit, writer) = Audit::start_with(&AuditOptions::in_dir(dir.path()), writer_stop.clone()).unwrap();
@@ -160,6 +172,8 @@ async fn rig() -> Rig {
         limit: Arc::new(Semaphore::new(16)),
         tasks: TaskTracker::new(),
         metrics: warden::metrics::unserved(),
+        refusals: Arc::new(Refusals::new(PER_SECOND)),
+        per_cgroup: Arc::new(PerCgroup::new(per_cgroup)),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let listen = listener.local_addr().unwrap();
@@ -170,6 +184,11 @@ async fn rig() -> Rig {
 impl Rig {
     /// Connects to the proxy as a process with `uid`, its origin registered first.
     async fn connect(&self, uid: u32) -> TcpStream {
+        self.try_connect(uid).await.unwrap()
+    }
+
+    /// Like [`Rig::connect`], but a refusal may reset the connection before `connect` returns.
+    async fn try_connect(&self, uid: u32) -> std::io::Result<TcpStream> {
         let socket = TcpSocket::new_v4().unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let local = socket.local_addr().unwrap();
@@ -187,7 +206,7 @@ impl Rig {
             at: SystemTime::now(),
         };
         self.origins.0.lock().unwrap().insert(local, origin);
-        socket.connect(self.listen).await.unwrap()
+        socket.connect(self.listen).await
     }
 
     /// Stops the proxy once every session has recorded its end, stops the writer, reads the record.
@@ -350,4 +369,119 @@ async fn a_policy_change_then_a_kill_records_the_policy_change() {
     assert_eq!(end.len(), 1, "{records:?}");
     assert_eq!(end[0]["reason"], "policy_changed");
     assert_eq!(end[0]["detail"], "its target was removed from the policy");
+}
+
+/// Opens `n` connections, `parallel` at a time, each made by `open`, and waits until each is reset.
+async fn flood<F, Fut>(n: usize, open: F) -> Duration
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = std::io::Result<TcpStream>> + Send + 'static,
+{
+    let started = std::time::Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        if i >= 64 {
+            set.join_next().await.unwrap().unwrap();
+        }
+        let conn = open();
+        set.spawn(async move {
+            // A reset may come before `connect` returns.
+            let mut client = match conn.await {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+                Err(e) => panic!("connect: {e}"),
+            };
+            let mut buf = [0u8; 16];
+            let r = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf)).await;
+            assert!(matches!(r, Ok(Err(_) | Ok(0))), "refused: {r:?}");
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    started.elapsed()
+}
+
+/// The events summed in `events.lost` records' `rate_limited` entries of this `source`.
+fn lost(records: &[Map<String, Value>], source: &str) -> u64 {
+    records
+        .iter()
+        .filter(|r| r["event"] == "events.lost")
+        .flat_map(|r| r["rate_limited"].as_array().unwrap().iter())
+        .filter(|e| e["source"] == source)
+        .map(|e| e["events"].as_u64().unwrap())
+        .sum()
+}
+
+/// At most the budget per started second of the flood (and the second it was flushed in).
+fn bound(elapsed: Duration) -> usize {
+    (usize::try_from(elapsed.as_secs()).unwrap() + 2) * PER_SECOND as usize
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_connections_without_an_origin_is_refused_and_recorded_within_a_budget() {
+    const N: usize = 2000;
+    let rig = rig().await;
+    let listen = rig.listen;
+    let elapsed = flood(N, move || TcpStream::connect(listen)).await;
+
+    let records = rig.records().await;
+    let refused = records.iter().filter(|r| r["event"] == "connect.refused").count();
+    assert!(refused >= 1 && refused <= bound(elapsed), "{refused} records in {elapsed:?}");
+    let lost = lost(&records, "no_origin");
+    assert_eq!(refused as u64 + lost, N as u64, "every refusal is recorded or counted");
+    let summary = records.iter().find(|r| r["event"] == "events.lost").expect("an events.lost record");
+    assert_eq!(summary["per_second"], PER_SECOND);
+    assert_eq!(summary["decision"], "deny");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_sessions_from_one_cgroup_is_recorded_within_a_budget() {
+    const N: usize = 2000;
+    let rig = Arc::new(rig().await);
+    let r = rig.clone();
+    let elapsed = flood(N, move || {
+        let r = r.clone();
+        async move { r.try_connect(REFUSE).await }
+    })
+    .await;
+
+    let rig = Arc::into_inner(rig).expect("the flood is over");
+    let records = rig.records().await;
+    let refused = find(&records, "session.refused", REFUSE).len();
+    assert!(refused >= 1 && refused <= bound(elapsed), "{refused} records in {elapsed:?}");
+    let entries: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["event"] == "events.lost")
+        .flat_map(|r| r["rate_limited"].as_array().unwrap().iter())
+        .collect();
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["source"] == "proxy" && e["cgroup_id"] == 7 && e["cgroup"] == "/warden/test")
+    );
+    assert_eq!(refused as u64 + lost(&records, "proxy"), N as u64, "every refusal is recorded or counted");
+}
+
+#[tokio::test]
+async fn a_cgroup_over_its_share_of_sessions_is_refused_as_overloaded() {
+    let rig = rig_with(2).await;
+    let mut a = rig.connect(ALLOW).await;
+    let mut b = rig.connect(ALLOW).await;
+    echo_through(&mut a, b"a").await;
+    echo_through(&mut b, b"b").await;
+    // Both are live: the third from the same cgroup is reset.
+    let mut c = rig.connect(ALLOW).await;
+    let mut buf = [0u8; 16];
+    let err = c.read(&mut buf).await.expect_err("over its share: a reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert_eq!(rig.proxy.per_cgroup.held(7), 2);
+    drop((a, b, c));
+
+    let records = rig.records().await;
+    let refused = find(&records, "session.refused", ALLOW);
+    assert_eq!(refused.len(), 1, "{records:?}");
+    assert_eq!(refused[0]["code"], "overloaded");
+    assert!(refused[0]["reason"].as_str().unwrap().contains("max_sessions_per_cgroup"), "{:?}", refused[0]);
+    assert_eq!(find(&records, "session.start", ALLOW).len(), 2, "{records:?}");
 }

@@ -1,6 +1,7 @@
 //! Holes found by trying Warden as an attacker would (issue 13), each closed in the kernel: routing
 //! options, IPv6 forms that embed an IPv4 target, one cgroup's flood evicting another's origins, squatting
-//! the proxy port while the daemon is down, and sockets opened before `warden tag`.
+//! the proxy port while the daemon is down, and sockets opened before `warden tag`; and floods at the
+//! proxy port, recorded within a budget.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::process::{Child, Command, Stdio};
@@ -431,4 +432,77 @@ fn the_tag_depth_range_covers_every_tag_and_nothing_else() {
     let v = deep.probe_as_nobody(&["connect", "127.0.0.6", &op]);
     assert_eq!(errno(&v), Some(EPERM), "still tagged: {v}");
     drop(below);
+}
+
+/// Any local process can connect to the proxy's port: a flood of such connections (no origin) is reset,
+/// but only a budget of them per second becomes a `connect.refused` record; the rest are summed in
+/// `events.lost` (source `no_origin`), and tagged sessions still work afterwards.
+#[test]
+fn a_flood_at_the_proxy_port_is_recorded_within_a_budget() {
+    if !privileged("a_flood_at_the_proxy_port_is_recorded_within_a_budget") {
+        return;
+    }
+    let idp = Idp::start();
+    let db = Server::start("127.0.0.5", "db");
+    let w = setup("portflood", &idp, &db, &[]);
+    let total: u64 = 2000;
+    let started = std::time::Instant::now();
+    for _ in 0..total {
+        // Untagged: the kernel lets it through to the proxy, which finds no origin for it.
+        drop(std::net::TcpStream::connect(("127.0.0.1", w.proxy_port)).expect("connect to the proxy port"));
+    }
+    let elapsed = started.elapsed();
+    let (recorded, counted) = crate::harness::wait_for(
+        "every no-origin connection recorded or counted",
+        std::time::Duration::from_secs(20),
+        || {
+            let records = w.records();
+            let recorded =
+                records.iter().filter(|r| r["event"] == "connect.refused" && r["peer"].is_string()).count()
+                    as u64;
+            let counted: u64 = records
+                .iter()
+                .filter(|r| r["event"] == "events.lost")
+                .filter_map(|r| r["rate_limited"].as_array())
+                .flatten()
+                .filter(|e| e["source"] == "no_origin")
+                .map(|e| e["events"].as_u64().unwrap_or(0))
+                .sum();
+            (recorded + counted >= total).then_some((recorded, counted))
+        },
+    );
+    assert_eq!(recorded + counted, total, "recorded {recorded} + counted {counted}");
+    assert!(recorded <= (elapsed.as_secs() + 2) * 200, "{recorded} full records in {elapsed:?}");
+    assert!(counted > 0, "the flood went over the budget: {recorded} recorded in {elapsed:?}");
+    let cg = w.cgroup("agent");
+    w.tag(&cg, "bot");
+    assert_reached(&cg.probe_as_nobody(&["connect", "127.0.0.5", &db.addr.port().to_string()]), "db");
+}
+
+/// The daemon raises its open-file limit to the hard limit at start (under systemd the unit sets it too),
+/// so one agent holding many connections cannot take the descriptors the audit writer needs.
+#[test]
+fn the_daemon_runs_with_its_open_file_limit_at_the_hard_limit() {
+    if !privileged("the_daemon_runs_with_its_open_file_limit_at_the_hard_limit") {
+        return;
+    }
+    let idp = Idp::start();
+    let db = Server::start("127.0.0.5", "db");
+    // Started with the soft limit lowered to systemd's default, below the hard one.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    assert!(hard > 1024, "the test needs a hard open-file limit above 1024: {hard}");
+    let nofile = format!("--nofile=1024:{hard}");
+    let w = crate::harness::Warden::builder("nofile")
+        .policy(&crate::harness::tcp_policy("db", db.addr, "5m"))
+        .identity(crate::harness::IdentitySpec::pkjwt(&idp, "bot"), &idp.issuer)
+        .wrapper(&["prlimit", &nofile, "--"])
+        .start();
+    let pid = w.pid().expect("the daemon runs");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("an open-file limit");
+    let values: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(values.len(), 2, "{line}");
+    assert_eq!(values, [hard.to_string(), hard.to_string()], "soft limit raised to the hard one: {line}");
+    let log = w.log();
+    assert!(log.contains("raised the open-file limit") && log.contains("1024"), "old and new logged: {log}");
 }

@@ -73,6 +73,7 @@
 //! publishes the host's key, and `audit.ship_conflict` (`key`, `reason`) when the bucket holds other bytes
 //! under a key it would write.
 
+pub mod budget;
 pub mod files;
 pub mod format;
 pub mod serve;

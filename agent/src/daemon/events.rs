@@ -2,7 +2,6 @@
 //! `REFUSALS_PER_SECOND` per tagged cgroup; the rest (and ring-buffer overflows) are counted in
 //! `events.lost`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +10,7 @@ use warden_common::event;
 
 use super::State;
 use crate::audit::Record;
+use crate::audit::budget::{Budget, REFUSALS_PER_SECOND};
 use crate::bpf;
 
 /// Reads the kernel's refusal events and records them.
@@ -57,11 +57,6 @@ fn kernel_code(kind: u32) -> &'static str {
     }
 }
 
-/// Refusal records one tagged cgroup may add to the audit record per second; the rest are counted and
-/// summed up in an `events.lost` record, so one agent hammering refused destinations cannot fill the audit
-/// queue that every session's `session.start` goes through.
-const REFUSALS_PER_SECOND: u32 = 200;
-
 /// Kernel events that did not become records of their own, until an `events.lost` record accounts for them.
 #[derive(Default)]
 struct Unrecorded {
@@ -69,38 +64,29 @@ struct Unrecorded {
     kernel_seen: u64,
     /// Events the audit queue had no room for.
     queue_full: u64,
-    /// Per tagged cgroup: the current one-second window, its records, and those over the budget.
-    windows: HashMap<u64, (std::time::Instant, u32)>,
-    rate_limited: HashMap<u64, u64>,
+    /// Per tagged cgroup: the records of the current second, and those over the budget.
+    budget: Budget<u64>,
 }
 
 impl Unrecorded {
     /// True when an event of this tagged cgroup may be recorded in full.
     fn admit(&mut self, tagged_cgroup: u64, now: std::time::Instant) -> bool {
-        let (start, n) = self.windows.entry(tagged_cgroup).or_insert((now, 0));
-        if now.duration_since(*start) >= Duration::from_secs(1) {
-            (*start, *n) = (now, 0);
-        }
-        if *n < REFUSALS_PER_SECOND {
-            *n += 1;
-            return true;
-        }
-        *self.rate_limited.entry(tagged_cgroup).or_default() += 1;
-        false
+        self.budget.admit(&tagged_cgroup, now)
     }
 
     /// Appends `events.lost` when anything went unrecorded since the last one (kept for the next try if
     /// the record cannot be queued either).
     fn record(&mut self, state: &State) {
         let now = std::time::Instant::now();
-        self.windows.retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(2));
+        self.budget.prune(now);
         let kernel = state.kernel.events_lost();
         let ring_full = kernel.saturating_sub(self.kernel_seen);
-        if ring_full == 0 && self.queue_full == 0 && self.rate_limited.is_empty() {
+        if ring_full == 0 && self.queue_full == 0 && self.budget.over().is_empty() {
             return;
         }
         let limited: Vec<Value> = self
-            .rate_limited
+            .budget
+            .over()
             .iter()
             .map(|(id, n)| {
                 let binding = state.bindings.all().into_iter().find(|b| b.cgroup_id == *id);
@@ -131,7 +117,7 @@ impl Unrecorded {
                 );
                 self.kernel_seen = kernel;
                 self.queue_full = 0;
-                self.rate_limited.clear();
+                self.budget.clear_over();
             }
             Err(e) => tracing::error!(error = %e, "could not record lost kernel events; will retry"),
         }
@@ -215,7 +201,7 @@ mod tests {
         let t0 = std::time::Instant::now();
         let admitted = (0..REFUSALS_PER_SECOND + 50).filter(|_| u.admit(7, t0)).count();
         assert_eq!(admitted, REFUSALS_PER_SECOND as usize);
-        assert_eq!(u.rate_limited[&7], 50);
+        assert_eq!(u.budget.over()[&7], 50);
         // Another cgroup has its own budget; a new second starts afresh.
         assert!(u.admit(8, t0));
         assert!(u.admit(7, t0 + Duration::from_millis(1000)));

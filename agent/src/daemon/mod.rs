@@ -9,6 +9,7 @@ mod bindings;
 mod events;
 mod gate;
 mod handler;
+mod limits;
 pub mod reserved_ports;
 pub mod status;
 mod tagging;
@@ -33,7 +34,8 @@ use crate::proxy::{Proxy, Sessions};
 pub use bindings::{Binding, Bindings};
 pub use targets::Targets;
 
-/// Sessions beyond this are refused (and recorded) rather than queued.
+/// Sessions beyond this (or beyond what the open-file limit leaves room for) are refused (and recorded)
+/// rather than queued.
 const MAX_SESSIONS: usize = 16_384;
 
 /// The daemon's shared state.
@@ -71,6 +73,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config = %crate::logging::effective_config(&config),
         "starting warden"
     );
+    let max_sessions = limits::raise_nofile(MAX_SESSIONS);
 
     let writer_stop = CancellationToken::new();
     let metrics = crate::metrics::unserved();
@@ -166,9 +169,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         gate: Arc::new(gate::DaemonGate { state: state.clone() }),
         audit_failed: audit.failed(),
         shutdown: shutdown.clone(),
-        limit: Arc::new(Semaphore::new(MAX_SESSIONS)),
+        limit: Arc::new(Semaphore::new(max_sessions)),
         tasks: tokio_util::task::TaskTracker::new(),
         metrics: metrics.clone(),
+        refusals: Arc::default(),
+        per_cgroup: Arc::new(crate::proxy::per_cgroup::PerCgroup::new(
+            state.config.agent.max_sessions_per_cgroup,
+        )),
     });
     let mut tasks = tokio::task::JoinSet::new();
     for l in listeners {

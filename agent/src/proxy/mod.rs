@@ -7,6 +7,8 @@
 //!
 //! **No byte reaches an upstream before its session's `session.start` record is durable.**
 
+pub mod per_cgroup;
+pub mod refusals;
 pub mod sessions;
 
 use std::net::SocketAddr;
@@ -89,14 +91,23 @@ pub struct Proxy {
     /// The connections in flight, so a stop can wait for their end records.
     pub tasks: TaskTracker,
     pub metrics: Arc<Metrics>,
+    /// The budget of refusal records per source and second.
+    pub refusals: Arc<refusals::Refusals>,
+    /// Caps the connections one tagged cgroup holds (hello, pending approval, live).
+    pub per_cgroup: Arc<per_cgroup::PerCgroup>,
 }
 
 impl Proxy {
     /// Accepts on one listener until shutdown.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             let (stream, peer) = tokio::select! {
-                () = self.shutdown.cancelled() => return,
+                () = self.shutdown.cancelled() => return self.refusals.flush(&self.audit),
+                _ = tick.tick() => {
+                    self.refusals.flush(&self.audit);
+                    continue;
+                }
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
@@ -116,12 +127,18 @@ impl Proxy {
     pub async fn drained(&self) {
         self.tasks.close();
         self.tasks.wait().await;
+        self.refusals.flush(&self.audit);
     }
 
     async fn connection(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
         let Some(origin) = self.origins.lookup(peer) else {
-            tracing::warn!(%peer, "connection to the proxy with no origin; closing");
             self.metrics.refused(RefusalKind::Gate, "no_origin");
+            // Reset first: the refusal stands whether or not it is recorded in full.
+            crate::protocol::tcp::reset(client);
+            if !self.refusals.admit(&refusals::Source::NoOrigin, None, &self.metrics) {
+                return;
+            }
+            tracing::warn!(%peer, "connection to the proxy with no origin; closing");
             let _ = self.audit.append(
                 Record::new("connect.refused")
                     .field("decision", "deny")
@@ -131,7 +148,6 @@ impl Proxy {
                     )
                     .field("peer", peer.to_string()),
             );
-            crate::protocol::tcp::reset(client);
             return;
         };
         let Ok(permit) = self.limit.clone().try_acquire_owned() else {
@@ -143,9 +159,19 @@ impl Proxy {
             crate::protocol::tcp::reset(client);
             return;
         };
+        let Some(slot) = self.per_cgroup.try_take(origin.tagged_cgroup) else {
+            let why = format!(
+                "the cgroup holds {} sessions and pending approvals, its share (agent.max_sessions_per_cgroup)",
+                self.per_cgroup.max()
+            );
+            self.record_refusal(&origin, &Refusal::new(RefusalCode::Overloaded, why), None);
+            crate::protocol::tcp::reset(client);
+            return;
+        };
         let id = new_session_id();
         let span = tracing::info_span!("session", session = %id, pid = origin.pid, cgroup = %origin.cgroup, dst = %origin.dst, identity = tracing::field::Empty, target = tracing::field::Empty);
         self.clone().session(id, origin, client).instrument(span).await;
+        drop(slot);
         drop(permit);
     }
 
@@ -157,10 +183,14 @@ impl Proxy {
         if let Some(t) = &refusal.target {
             span.record("target", t.as_str());
         }
-        tracing::info!(code = %refusal.code, reason = %refusal.reason, "session refused");
         let kind =
             if refusal.code == RefusalCode::Protocol { RefusalKind::Protocol } else { RefusalKind::Gate };
         self.metrics.refused(kind, refusal.code.as_str());
+        let source = refusals::Source::Cgroup(origin.tagged_cgroup);
+        if !self.refusals.admit(&source, Some(&origin.cgroup), &self.metrics) {
+            return;
+        }
+        tracing::info!(code = %refusal.code, reason = %refusal.reason, "session refused");
         let mut rec = origin_fields(Record::new("session.refused"), origin)
             .field("target", &refusal.target)
             .field("identity", refusal.identity.as_deref())
