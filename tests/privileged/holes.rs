@@ -445,12 +445,18 @@ fn a_flood_at_the_proxy_port_is_recorded_within_a_budget() {
     let idp = Idp::start();
     let db = Server::start("127.0.0.5", "db");
     let w = setup("portflood", &idp, &db, &[]);
-    let total: u64 = 2000;
     let started = std::time::Instant::now();
-    for _ in 0..total {
-        // Untagged: the kernel lets it through to the proxy, which finds no origin for it.
-        drop(std::net::TcpStream::connect(("127.0.0.1", w.proxy_port)).expect("connect to the proxy port"));
+    let mut total: u64 = 0;
+    for _ in 0..2000 {
+        // Untagged: the kernel lets it through to the proxy, which finds no origin for it. Under load a
+        // connect can be reset before the handshake completes (a full accept queue): that one never
+        // reached the daemon, so only completed connects count.
+        if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", w.proxy_port)) {
+            total += 1;
+            drop(s);
+        }
     }
+    assert!(total >= 1000, "only {total} of 2000 connects to the proxy port completed");
     let elapsed = started.elapsed();
     let (recorded, counted) = crate::harness::wait_for(
         "every no-origin connection recorded or counted",
@@ -471,7 +477,12 @@ fn a_flood_at_the_proxy_port_is_recorded_within_a_budget() {
             (recorded + counted >= total).then_some((recorded, counted))
         },
     );
-    assert_eq!(recorded + counted, total, "recorded {recorded} + counted {counted}");
+    // Every completed connect is recorded or counted; a connect reset on the client's side under load may
+    // still have been accepted (and so accounted for), hence at most the 2000 attempts.
+    assert!(
+        (total..=2000).contains(&(recorded + counted)),
+        "recorded {recorded} + counted {counted} of {total}"
+    );
     assert!(recorded <= (elapsed.as_secs() + 2) * 200, "{recorded} full records in {elapsed:?}");
     assert!(counted > 0, "the flood went over the budget: {recorded} recorded in {elapsed:?}");
     let cg = w.cgroup("agent");

@@ -105,9 +105,6 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if args.first().map(String::as_str) == Some("client") {
         return client(&args[1..]);
     }
-    if args.first().map(String::as_str) == Some("postgres") {
-        return crate::bench_pg::run(&args[1..]);
-    }
     let opts = Options::parse(args)?;
     if !nix_is_root() {
         bail!(

@@ -17,6 +17,7 @@ fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("demo") => demo::run(),
+        Some("bench") if args.get(1).map(String::as_str) == Some("postgres") => bench_pg::run(&args[2..]),
         Some("bench") => bench::run(&args[1..]),
         Some("dist") => dist::run_task(&args[1..]),
         _ => {

@@ -223,3 +223,12 @@ pub fn filter_lines(
         *last = peek_seq(&line).or(*last);
     }
 }
+
+/// The SHA-256 (hex) and size of a file (a terminal recording the chain names).
+pub fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
+    use sha2::Digest as _;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let n = std::io::copy(&mut f, &mut h)?;
+    Ok((hex::encode(h.finalize()), n))
+}

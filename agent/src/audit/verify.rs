@@ -325,7 +325,7 @@ fn check_recording(dir: &Path, line: &format::Line) -> Result<(), String> {
         return Err(format!("ssh.recording names {file:?}, outside the audit directory"));
     }
     let path = dir.join(rel);
-    let (got, bytes) = crate::protocol::ssh::record::hash_file(&path)
+    let (got, bytes) = files::hash_file(&path)
         .map_err(|e| format!("recording {} cannot be read ({e}): removed or moved", path.display()))?;
     if got != want || line.u64_field("bytes").is_some_and(|b| b != bytes) {
         return Err(format!(

@@ -170,13 +170,7 @@ impl Recording {
     }
 }
 
-/// The SHA-256 (hex) and size of a file.
-pub fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    let n = std::io::copy(&mut f, &mut h)?;
-    Ok((hex::encode(h.finalize()), n))
-}
+pub use crate::audit::files::hash_file;
 
 /// The recording an audit line names, if it is an `ssh.recording` record (for `audit export --recordings`).
 pub fn named_in(line: &[u8]) -> Option<String> {
