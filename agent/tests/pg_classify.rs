@@ -255,11 +255,12 @@ fn data_row(b: &[u8]) -> Vec<Option<String>> {
 
 #[test]
 fn batteries_against_a_real_postgresql() {
-    let skip = std::env::var("WARDEN_ALLOW_SKIP").is_ok_and(|v| v == "1");
     let root = nix::unistd::geteuid().is_root();
-    let Some(bin) = pg_bindir().filter(|_| root) else {
-        assert!(skip, "needs root and Debian's PostgreSQL (scripts/setup.sh); WARDEN_ALLOW_SKIP=1 to skip");
-        eprintln!("skipping: needs root and Debian's PostgreSQL");
+    let bin = pg_bindir().filter(|_| root);
+    let needs = [("needs root and Debian's PostgreSQL (scripts/setup.sh)", bin.is_some())];
+    let Some(bin) =
+        bin.filter(|_| warden_test_support::require("batteries_against_a_real_postgresql", &needs))
+    else {
         return;
     };
     let pg = Cluster::start(&bin);

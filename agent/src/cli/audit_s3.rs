@@ -6,7 +6,7 @@ use std::path::Path;
 
 use std::path::PathBuf;
 
-use super::{EXIT_FAILED, EXIT_INTERNAL, EXIT_INVALID, fail};
+use super::{EXIT_INTERNAL, EXIT_INVALID, fail};
 use crate::audit::files::Bound;
 use crate::audit::ship::remote::{self, Location};
 use crate::audit::ship::{Connection, ShipConfig, Store};
@@ -96,15 +96,8 @@ pub fn verify(args: &S3Args, dir: Option<&Path>, pubkey: Option<&Path>, config: 
         Ok(r) => r,
         Err(e) => return fail(EXIT_INTERNAL, &e),
     };
-    for note in &report.notes {
-        println!("note: {note}");
-    }
-    if let Some(problem) = &report.problem {
-        println!("TAMPERED: {problem}");
-        if let Some(last) = report.last_seq {
-            println!("records up to seq {last} verified before it");
-        }
-        return EXIT_FAILED;
+    if let Some(code) = super::audit::print_notes_and_problem(&report) {
+        return code;
     }
     let hosts: Vec<&str> = report.hosts.iter().map(String::as_str).collect();
     println!(
