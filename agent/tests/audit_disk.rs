@@ -1,5 +1,6 @@
-//! A full disk: the audit directory on a small tmpfs mounted by the test. The writer fails closed (the
-//! failure token fires, every later append is refused with the reason) and nothing acknowledged is lost.
+//! A full disk: the audit directory on a small tmpfs mounted by the test. The writer fails closed while
+//! it cannot write (durable appends refused with the reason), loses nothing acknowledged, and resumes by
+//! itself when space returns, the chain intact across the gap.
 //! Needs root to mount; without it the test fails (unless `WARDEN_ALLOW_SKIP=1` is set).
 
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use warden::audit::{Audit, AuditError, AuditOptions, Record, sign};
 
 fn skip(reason: &str) {
     warden_test_support::require(
-        "a_full_disk_refuses_new_work_with_the_reason_and_loses_nothing_written",
+        "a_full_disk_refuses_durable_work_until_space_returns_then_the_writer_resumes",
         &[(reason, false)],
     );
 }
@@ -38,7 +39,7 @@ fn mount_tmpfs(at: &Path, size: &str) -> Result<Tmpfs, nix::Error> {
 }
 
 #[tokio::test]
-async fn a_full_disk_refuses_new_work_with_the_reason_and_loses_nothing_written() {
+async fn a_full_disk_refuses_durable_work_until_space_returns_then_the_writer_resumes() {
     if !nix::unistd::geteuid().is_root() {
         skip("mounting a tmpfs needs root");
         return;
@@ -73,24 +74,57 @@ async fn a_full_disk_refuses_new_work_with_the_reason_and_loses_nothing_written(
         }
     };
     let reason = match &err {
-        AuditError::Stopped { reason } => reason.clone(),
-        other => panic!("expected the writer to stop, got {other}"),
+        AuditError::Unavailable { reason } => reason.clone(),
+        other => panic!("expected the record to be unavailable, got {other}"),
     };
     assert!(reason.contains("No space left on device"), "{reason}");
-    tokio::time::timeout(Duration::from_secs(10), failed.cancelled()).await.expect("the failure token fires");
-    assert_eq!(audit.stopped_reason().as_deref(), Some(reason.as_str()));
-    // New sessions are refused with the same, clear reason.
+    // A transient fault: the writer rides it out instead of stopping.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), failed.cancelled()).await.is_err(),
+        "the failure token fired on a full disk"
+    );
+    assert_eq!(audit.stopped_reason(), None);
+    assert!(audit.unavailable_reason().is_some_and(|r| r.contains("No space left")));
+    // Meanwhile what must be durable is refused at once, with the reason; a record of something already
+    // done is held.
     let refused = audit.append_durable(Record::new("session.start")).await.unwrap_err();
-    assert_eq!(refused.to_string(), format!("audit writer has stopped: {reason}"));
-    assert!(matches!(audit.append(Record::new("x")), Err(AuditError::Stopped { .. })));
+    assert!(matches!(refused, AuditError::Unavailable { .. }), "{refused}");
+    assert!(refused.to_string().contains("No space left"), "{refused}");
+    assert!(matches!(audit.append(Record::new("pg.query")), Err(AuditError::Unavailable { .. })));
+    audit.append_or_hold(Record::new("session.end").field("session", "held")).unwrap();
+
+    // Space returns: the writer resumes by itself, within its backoff.
+    mount(None::<&str>, &mnt, None::<&str>, MsFlags::MS_REMOUNT, Some("size=4m")).expect("grow the tmpfs");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while audit.unavailable_reason().is_some() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the writer resumes once space returns");
+    let after = audit.append_durable(Record::new("session.start").field("session", "after")).await.unwrap();
     shutdown.cancel();
     writer.await.unwrap();
 
-    // Everything acknowledged is on disk and the chain is intact (the failed batch was cut back).
+    // Everything acknowledged is on disk, the chain is intact across the gap (the failed batch was cut
+    // back and the chain continued from the last record on disk), and the gap is recorded.
     let key = sign::load(root.path()).unwrap().verifying_key();
     let report = verify_dir(&opts.config.dir, Some(&key)).unwrap();
     assert!(report.intact(), "{}", report.problem.unwrap());
     assert!(acked.len() > 50, "only {} records fitted", acked.len());
-    assert!(report.last_seq.unwrap() >= *acked.last().unwrap());
+    assert!(report.last_seq.unwrap() > after);
+    let records = warden_test_support::audit_records(&opts.config.dir);
+    let seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    for seq in &acked {
+        assert!(seqs.contains(seq), "acknowledged seq {seq} is on disk");
+    }
+    let resumed = records.iter().position(|r| r["event"] == "audit.resumed").expect("audit.resumed");
+    let r = &records[resumed];
+    assert!(r["reason"].as_str().is_some_and(|x| x.contains("No space left")), "{r}");
+    assert!(r["refused"].as_u64() >= Some(2) && r["held"].as_u64() >= Some(1), "{r}");
+    assert!(
+        records[resumed + 1..].iter().any(|x| x["event"] == "session.end" && x["session"] == "held"),
+        "the held record follows audit.resumed"
+    );
     drop(guard);
 }

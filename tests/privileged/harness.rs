@@ -188,6 +188,7 @@ pub struct Warden {
     pub bpffs: PathBuf,
     pub proxy_port: u16,
     pub cgroup_parent: PathBuf,
+    audit_dir: PathBuf,
     child: Option<Child>,
     log: PathBuf,
     /// A command `warden run` is started under (e.g. `setpriv ...`), empty for none.
@@ -202,6 +203,8 @@ pub struct WardenBuilder {
     extra: String,
     agent_extra: String,
     wrapper: Vec<String>,
+    audit_dir: Option<PathBuf>,
+    audit_extra: Vec<String>,
 }
 
 impl Warden {
@@ -214,6 +217,8 @@ impl Warden {
             extra: String::new(),
             agent_extra: String::new(),
             wrapper: vec![],
+            audit_dir: None,
+            audit_extra: vec![],
         }
     }
 }
@@ -245,6 +250,18 @@ impl WardenBuilder {
         self
     }
 
+    /// The audit directory (default `<test dir>/state/audit`), e.g. on a small file system of the test's.
+    pub fn audit_dir(mut self, dir: &Path) -> Self {
+        self.audit_dir = Some(dir.to_path_buf());
+        self
+    }
+
+    /// A `key = value` line added to `[audit]` (e.g. `max_file_bytes = 4096`).
+    pub fn audit_extra(mut self, line: &str) -> Self {
+        self.audit_extra.push(line.into());
+        self
+    }
+
     /// Starts `warden run` as the last arguments of this command (e.g. `setpriv --bounding-set ... --`).
     pub fn wrapper(mut self, argv: &[&str]) -> Self {
         self.wrapper = argv.iter().map(ToString::to_string).collect();
@@ -273,6 +290,11 @@ impl WardenBuilder {
         toml.agent_extra.clone_from(&self.agent_extra);
         toml.host = format!("test-{}", self.name);
         toml.audit_extra.push("checkpoint_seconds = 1".into());
+        toml.audit_extra.extend(self.audit_extra.iter().cloned());
+        if let Some(d) = &self.audit_dir {
+            toml.audit_dir.clone_from(d);
+        }
+        let audit_dir = toml.audit_dir.clone();
         toml.identities = self
             .identities
             .iter()
@@ -296,6 +318,7 @@ impl WardenBuilder {
             bpffs,
             proxy_port: port,
             cgroup_parent,
+            audit_dir,
             child: None,
             log,
             dir,
@@ -392,7 +415,7 @@ impl Warden {
     }
 
     pub fn audit_dir(&self) -> PathBuf {
-        self.dir.path().join("state/audit")
+        self.audit_dir.clone()
     }
 
     /// Every audit record so far, in order.

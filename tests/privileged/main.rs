@@ -6,6 +6,7 @@
 mod audit;
 mod bypass;
 mod dataplane;
+mod exhaustion;
 mod grants;
 mod harness;
 mod holes;

@@ -449,6 +449,30 @@ elif op == "hold-many":
     for s in held:
         s.close()
     out(ok=True, closed=len(held))
+elif op == "hold-greeted":
+    # Opens n connections one after another, each waiting up to t seconds for the server's greeting, holds
+    # them all until a line arrives on stdin, then closes them.
+    host, port, n, t = args[0], int(args[1]), int(args[2]), float(args[3])
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    counts, held = {}, []
+    for _ in range(n):
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.settimeout(t)
+        try:
+            s.connect((host, port))
+            held.append(s)
+            data = s.recv(200).decode(errors="replace")
+            k = "greeted" if data.startswith("hello") else ("closed" if not data else "other")
+        except socket.timeout:
+            k = "silent"
+        except OSError as e:
+            k = errnos.errorcode.get(e.errno, str(e.errno))
+        counts[k] = counts.get(k, 0) + 1
+    out(ok=True, counts=counts)
+    sys.stdin.readline()
+    for s in held:
+        s.close()
+    out(ok=True, closed=len(held))
 elif op == "pretag":
     t = socket.create_connection((args[0], int(args[1])), timeout=10)
     greeting = t.recv(200).decode(errors="replace")

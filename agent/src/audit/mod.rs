@@ -104,6 +104,8 @@ pub enum AuditError {
     QueueFull,
     #[error("audit writer has stopped: {reason}")]
     Stopped { reason: String },
+    #[error("the audit record cannot be made durable now (the writer retries): {reason}")]
+    Unavailable { reason: String },
     #[error("record field {field:?} is reserved for the writer; rename the field")]
     ReservedField { field: String },
     #[error("cannot serialise the record: {reason}")]
@@ -159,12 +161,19 @@ impl Record {
 struct Msg {
     record: Record,
     ack: Option<oneshot::Sender<Result<u64, AuditError>>>,
+    /// While the writer cannot write, hold it rather than refuse it ([`Audit::append_or_hold`]).
+    hold: bool,
 }
 
 #[derive(Debug)]
 struct Shared {
     /// Why appends are refused (writer failed or stopped); `None` while healthy.
     stopped: Mutex<Option<String>>,
+    /// Why the writer cannot write now (disk full, no descriptors, an I/O error) while it retries; `None`
+    /// while it writes. Durable appends are refused meanwhile; the others are held (see [`Fault`]).
+    fault: Mutex<Option<String>>,
+    /// Durable appends the handle refused at once during a fault, for `audit.resumed`.
+    refused: std::sync::atomic::AtomicU64,
     /// Where the chain stands after the last batch.
     head: Mutex<Head>,
     /// Wakes the writer to seal its current file ([`Audit::seal`]).
@@ -178,6 +187,8 @@ impl Default for Shared {
     fn default() -> Self {
         Self {
             stopped: Mutex::default(),
+            fault: Mutex::default(),
+            refused: std::sync::atomic::AtomicU64::new(0),
             head: Mutex::default(),
             seal_wake: tokio::sync::Notify::new(),
             seal_waiters: Mutex::default(),
@@ -335,6 +346,12 @@ impl Audit {
         self.shared.stopped.lock().ok().and_then(|g| g.clone())
     }
 
+    /// Why the writer cannot make records durable right now, while it retries (durable appends are
+    /// refused meanwhile), if it cannot.
+    pub fn unavailable_reason(&self) -> Option<String> {
+        self.shared.fault.lock().ok().and_then(|g| g.clone())
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -354,6 +371,12 @@ impl Audit {
         if let Some(reason) = self.stopped_reason() {
             return Err(AuditError::Stopped { reason });
         }
+        if !msg.hold
+            && let Some(reason) = self.unavailable_reason()
+        {
+            self.shared.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(AuditError::Unavailable { reason });
+        }
         self.tx.try_send(msg).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => AuditError::QueueFull,
             mpsc::error::TrySendError::Closed(_) => AuditError::Stopped {
@@ -363,10 +386,11 @@ impl Audit {
     }
 
     /// Appends a record and waits until it is durable (fsync'd). Returns its `seq`. Fails at once with
-    /// `QueueFull` when the queue is full, and with `Stopped` once the writer has failed or shut down.
+    /// `QueueFull` when the queue is full, with `Unavailable` while the writer cannot write (it retries),
+    /// and with `Stopped` once the writer has failed for good or shut down.
     pub async fn append_durable(&self, record: Record) -> Result<u64, AuditError> {
         let (ack, done) = oneshot::channel();
-        self.send(Msg { record, ack: Some(ack) })?;
+        self.send(Msg { record, ack: Some(ack), hold: false })?;
         done.await.unwrap_or_else(|_| {
             Err(AuditError::Stopped {
                 reason: self.stopped_reason().unwrap_or_else(|| "the audit writer has shut down".into()),
@@ -374,9 +398,18 @@ impl Audit {
         })
     }
 
-    /// Queues a record without waiting for the disk; fails at once when the queue is full.
+    /// Queues a record without waiting for the disk; fails at once when the queue is full, and with
+    /// `Unavailable` while the writer cannot write (a protocol handler that records before it forwards
+    /// then ends its session).
     pub fn append(&self, record: Record) -> Result<(), AuditError> {
-        self.send(Msg { record, ack: None })
+        self.send(Msg { record, ack: None, hold: false })
+    }
+
+    /// Like [`Audit::append`] for a record of something already done (a session's end, a refusal already
+    /// enforced): while the writer cannot write, it is held in memory (at most `audit.queue` records; past
+    /// that counted in `audit.resumed` as `dropped`) and written when the writer resumes.
+    pub fn append_or_hold(&self, record: Record) -> Result<(), AuditError> {
+        self.send(Msg { record, ack: None, hold: true })
     }
 
     /// Seals the current file now (after the records queued before this call) when it holds anything
@@ -392,6 +425,9 @@ impl Audit {
                 .map_err(|_| AuditError::Stopped { reason: "the audit writer has shut down".into() })?;
             if let Some(reason) = self.stopped_reason() {
                 return Err(AuditError::Stopped { reason });
+            }
+            if let Some(reason) = self.unavailable_reason() {
+                return Err(AuditError::Unavailable { reason });
             }
             waiters.push(ack);
         }
@@ -409,11 +445,17 @@ impl Audit {
     }
 }
 
-/// Answers every pending [`Audit::seal`] with the reason the writer stopped.
-fn fail_seals(shared: &Shared, reason: &str) {
+/// Answers every pending [`Audit::seal`] with why the writer cannot seal.
+fn fail_seals(shared: &Shared, error: impl Fn() -> AuditError) {
     let waiters = shared.seal_waiters.lock().map(|mut g| std::mem::take(&mut *g)).unwrap_or_default();
     for waiter in waiters {
-        let _ = waiter.send(Err(AuditError::Stopped { reason: reason.to_owned() }));
+        let _ = waiter.send(Err(error()));
+    }
+}
+
+fn set_fault(shared: &Shared, reason: Option<&str>) {
+    if let Ok(mut g) = shared.fault.lock() {
+        *g = reason.map(str::to_owned);
     }
 }
 
@@ -434,7 +476,7 @@ async fn commit(
     sync: bool,
     shared: &Shared,
     seal: bool,
-) -> (Option<writer::Writer>, Option<String>) {
+) -> (Option<writer::Writer>, Option<String>, Vec<Record>) {
     let (records, acks): (Vec<Record>, Vec<_>) = batch.into_iter().map(|m| (m.record, m.ack)).unzip();
     let joined = tokio::task::spawn_blocking(move || {
         let mut w = w;
@@ -464,24 +506,224 @@ async fn commit(
         Ok((w, outcome)) => (Some(w), outcome),
         Err(e) => (
             None,
-            writer::BatchOutcome { results: Vec::new(), fatal: Some(format!("writer task failed: {e}")) },
+            writer::BatchOutcome {
+                results: Vec::new(),
+                fatal: Some(format!("writer task failed: {e}")),
+                records: Vec::new(),
+            },
         ),
     };
-    let mut results = outcome.results.into_iter();
+    let held = answer(acks, outcome.results, outcome.records, outcome.fatal.as_deref());
+    (w, outcome.fatal, held)
+}
+
+/// Answers each record's waiter, if it has one, with its result. After a failed write (`fatal`), a record
+/// that was not written is `Unavailable` to its waiter; one nobody waits on is given back, to be held and
+/// written when the writer resumes.
+fn answer(
+    acks: Vec<Option<oneshot::Sender<Result<u64, AuditError>>>>,
+    results: Vec<Result<u64, AuditError>>,
+    records: Vec<Record>,
+    fatal: Option<&str>,
+) -> Vec<Record> {
+    let mut held = Vec::new();
+    let mut results = results.into_iter();
+    let mut records = records.into_iter();
     for ack in acks {
-        let result = results.next().unwrap_or_else(|| {
-            Err(AuditError::Stopped { reason: outcome.fatal.clone().unwrap_or_else(|| "not written".into()) })
-        });
+        let record = records.next();
+        let result =
+            results.next().unwrap_or_else(|| Err(AuditError::Stopped { reason: "not written".into() }));
+        let result = match (result, fatal) {
+            (Err(AuditError::Stopped { .. }), Some(reason)) => {
+                Err(AuditError::Unavailable { reason: reason.to_owned() })
+            }
+            (r, _) => r,
+        };
         if let Err(e) = &result
-            && !matches!(e, AuditError::Stopped { .. })
+            && !matches!(e, AuditError::Stopped { .. } | AuditError::Unavailable { .. })
         {
             tracing::warn!(error = %e, "audit record refused");
         }
-        if let Some(ack) = ack {
-            let _ = ack.send(result);
+        match ack {
+            Some(ack) => {
+                let _ = ack.send(result);
+            }
+            None if matches!(result, Err(AuditError::Unavailable { .. })) => held.extend(record),
+            None => {}
         }
     }
-    (w, outcome.fatal)
+    held
+}
+
+/// The first wait before the writer tries again after a failed write; it doubles up to `RETRY_MAX`.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// What happened while the writer could not write, for its `audit.resumed` record, and the records it
+/// holds to write when it resumes.
+struct Fault {
+    since: OffsetDateTime,
+    first: String,
+    last: String,
+    attempts: u64,
+    /// Durable appends refused (sessions not started, grants not changed).
+    refused: u64,
+    /// Records nobody waited on (a `session.end`, a refusal), in order, written after `audit.resumed`.
+    held: Vec<Record>,
+    /// Records past the hold's bound, counted and lost.
+    dropped: u64,
+}
+
+impl Fault {
+    fn new(since: OffsetDateTime, reason: String, held: Vec<Record>) -> Self {
+        Self { since, first: reason.clone(), last: reason, attempts: 0, refused: 0, held, dropped: 0 }
+    }
+
+    /// Takes a record that arrived during the fault: a durable one is refused at once, another held.
+    fn take(&mut self, m: Msg, hold: usize) {
+        match m.ack {
+            Some(ack) => {
+                self.refused += 1;
+                let _ = ack.send(Err(AuditError::Unavailable { reason: self.last.clone() }));
+            }
+            None if self.held.len() < hold => self.held.push(m.record),
+            None => self.dropped += 1,
+        }
+    }
+
+    fn record(&self, cuts: &[writer::Cut]) -> Record {
+        let mut r = Record::new("audit.resumed")
+            .field("since", crate::timestamp::format(self.since))
+            .field("reason", &self.first)
+            .field("attempts", self.attempts)
+            .field("refused", self.refused)
+            .field("held", self.held.len())
+            .field("dropped", self.dropped);
+        if self.last != self.first {
+            r = r.field("last_error", &self.last);
+        }
+        if !cuts.is_empty() {
+            let cut: Vec<Value> = cuts
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "file": c.file.display().to_string(),
+                        "cut_bytes": c.bytes,
+                        "saved_to": c.saved_to.display().to_string(),
+                        "reason": c.reason,
+                        "last_good_seq": c.last_good_seq,
+                    })
+                })
+                .collect();
+            r = r.field("cut", cut);
+        }
+        r
+    }
+}
+
+/// One attempt to resume: find where the chain stands on disk, then write `audit.resumed` and the held
+/// records durably. Gives the writer and the fault back, the fault emptied on success.
+async fn resume(w: writer::Writer, mut fault: Fault) -> (Option<writer::Writer>, Fault, bool) {
+    let joined = tokio::task::spawn_blocking(move || {
+        let mut w = w;
+        fault.attempts += 1;
+        let cuts = match w.reposition() {
+            Ok(cuts) => cuts,
+            Err(reason) => {
+                fault.last = reason;
+                return (w, fault, false);
+            }
+        };
+        let mut batch = Vec::with_capacity(fault.held.len() + 1);
+        batch.push(fault.record(&cuts));
+        batch.append(&mut fault.held);
+        let outcome = w.write_batch(batch, false, true);
+        let Some(reason) = outcome.fatal else { return (w, fault, true) };
+        // Hold again what was not written (the `audit.resumed` record is made anew next time).
+        let acks = outcome.records.iter().map(|_| None).collect();
+        let mut again = answer(acks, outcome.results, outcome.records, Some(&reason));
+        if !again.is_empty() && again[0].event == "audit.resumed" {
+            again.remove(0);
+        }
+        fault.held = again;
+        fault.last = reason;
+        (w, fault, false)
+    })
+    .await;
+    match joined {
+        Ok((w, fault, ok)) => (Some(w), fault, ok),
+        Err(e) => {
+            let reason = format!("writer task failed: {e}");
+            (None, Fault::new(OffsetDateTime::now_utc(), reason, Vec::new()), false)
+        }
+    }
+}
+
+/// While the writer cannot write: refuses durable appends, holds the others (up to `hold`), answers seals
+/// with the fault, and tries to resume after a backoff (100 ms doubling to 2 s). Returns the writer once it
+/// has resumed, or `None` when shutdown came and a last attempt failed too (the held records are lost and
+/// logged).
+async fn ride_out(
+    w: writer::Writer,
+    mut fault: Fault,
+    rx: &mut mpsc::Receiver<Msg>,
+    shutdown: &CancellationToken,
+    shared: &Shared,
+) -> Option<writer::Writer> {
+    let hold = rx.max_capacity();
+    let mut w = Some(w);
+    let mut delay = RETRY_FIRST;
+    let retry = tokio::time::sleep(delay);
+    tokio::pin!(retry);
+    let mut open = true;
+    loop {
+        let last_try = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => true,
+            msg = rx.recv(), if open => {
+                match msg {
+                    Some(m) => fault.take(m, hold),
+                    None => open = false,
+                }
+                continue;
+            }
+            () = shared.seal_wake.notified() => {
+                fail_seals(shared, || AuditError::Unavailable { reason: fault.last.clone() });
+                continue;
+            }
+            () = &mut retry => false,
+        };
+        let writer = w.take()?;
+        // Durable appends the handle refused at once count as refused too.
+        fault.refused += shared.refused.swap(0, std::sync::atomic::Ordering::Relaxed);
+        let (back, f, resumed) = resume(writer, fault).await;
+        fault = f;
+        w = back;
+        if resumed {
+            set_fault(shared, None);
+            fault.refused += shared.refused.swap(0, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                since = %crate::timestamp::format(fault.since),
+                attempts = fault.attempts,
+                refused = fault.refused,
+                dropped = fault.dropped,
+                "audit writer resumed"
+            );
+            return w;
+        }
+        if w.is_none() {
+            tracing::error!(reason = %fault.last, "audit writer lost");
+            return None;
+        }
+        set_fault(shared, Some(&fault.last));
+        if last_try {
+            tracing::error!(reason = %fault.last, lost = fault.held.len(), "audit writer could not resume before shutdown; held records lost");
+            return None;
+        }
+        tracing::debug!(reason = %fault.last, attempts = fault.attempts, "audit writer still cannot write");
+        delay = (delay * 2).min(RETRY_MAX);
+        retry.as_mut().reset(tokio::time::Instant::now() + delay);
+    }
 }
 
 async fn run(
@@ -530,8 +772,26 @@ async fn run(
         }
         let durable = force || sync_only || seal || batch.iter().any(|m| m.ack.is_some());
         let Some(writer) = w.take() else { break };
-        let (back, fatal) = commit(writer, batch, force, durable, &shared, seal).await;
+        let (back, fatal, held) = commit(writer, batch, force, durable, &shared, seal).await;
         w = back;
+        if let Some(reason) = &fatal
+            && let Some(writer) = w.take()
+        {
+            // A failure the writer can ride out: refuse what must be durable, hold the rest, retry.
+            tracing::error!(%reason, "audit writer cannot write; refusing new sessions until it can, retrying");
+            set_fault(&shared, Some(reason));
+            fail_seals(&shared, || AuditError::Unavailable { reason: reason.clone() });
+            let fault = Fault::new(writer.now(), reason.clone(), held);
+            w = ride_out(writer, fault, &mut rx, &shutdown, &shared).await;
+            if let (Some(wr), Ok(mut head)) = (&w, shared.head.lock()) {
+                *head = wr.head();
+            }
+            sync_by = None;
+            if w.is_none() {
+                break;
+            }
+            continue;
+        }
         if let (Some(wr), Ok(mut head)) = (&w, shared.head.lock()) {
             *head = wr.head();
         }
@@ -542,7 +802,7 @@ async fn run(
         if let Some(reason) = fatal {
             tracing::error!(%reason, "audit writer failed; refusing new sessions and ending live ones");
             set_stopped(&shared, &reason);
-            fail_seals(&shared, &reason);
+            fail_seals(&shared, || AuditError::Stopped { reason: reason.clone() });
             failed.cancel();
             rx.close();
             while let Some(m) = rx.recv().await {
@@ -555,15 +815,15 @@ async fn run(
     }
     // Shutdown: refuse new work, write what is queued, then `audit.stopped` and a final checkpoint.
     set_stopped(&shared, "the audit writer has shut down");
-    fail_seals(&shared, "the audit writer has shut down");
+    fail_seals(&shared, || AuditError::Stopped { reason: "the audit writer has shut down".into() });
     rx.close();
     let mut rest = Vec::new();
     while let Ok(m) = rx.try_recv() {
         rest.push(m);
     }
-    rest.push(Msg { record: Record::new("audit.stopped"), ack: None });
+    rest.push(Msg { record: Record::new("audit.stopped"), ack: None, hold: false });
     if let Some(writer) = w.take() {
-        let (_, fatal) = commit(writer, rest, true, true, &shared, false).await;
+        let (_, fatal, _) = commit(writer, rest, true, true, &shared, false).await;
         if let Some(reason) = fatal {
             tracing::error!(%reason, "audit writer failed while shutting down");
             failed.cancel();

@@ -95,6 +95,8 @@ pub struct Head {
 pub struct BatchOutcome {
     pub results: Vec<Result<u64, AuditError>>,
     pub fatal: Option<String>,
+    /// The batch's records, given back so that those not written can be held and written again.
+    pub records: Vec<Record>,
 }
 
 impl Writer {
@@ -103,21 +105,8 @@ impl Writer {
         create_dir(&s.dir)?;
         let lock = lock_dir(&s.dir)?;
         let mut recovery = Recovery::default();
-        let mut listed = files::list_writer_files(&s.dir)?;
-        let mut tail: Option<Tail> = None;
-        while let Some((_, path)) = listed.last().cloned() {
-            let scan = scan_file(&path)?;
-            if scan.good_len < scan.total_len {
-                recovery.cuts.push(cut_tail(&path, &scan, &s.clock)?);
-            }
-            if scan.last.is_some() {
-                tail = Some(Tail { path, len: scan.good_len, scan });
-                break;
-            }
-            // Nothing valid in the newest file: drop it and continue from its predecessor.
-            std::fs::remove_file(&path).map_err(|source| AuditError::io("remove", &path, source))?;
-            listed.pop();
-        }
+        let (tail, cuts) = find_tail(&s.dir, &s.clock)?;
+        recovery.cuts = cuts;
         let now = (s.clock)();
         let key_id = sign::key_id(&key.verifying_key());
         let last_checkpoint = tail.as_ref().and_then(|t| t.scan.last_checkpoint.clone());
@@ -181,7 +170,7 @@ impl Writer {
                 results[i] = Err(AuditError::Stopped { reason: reason.to_owned() });
             }
         };
-        for record in records {
+        for record in &records {
             if let Some(key) = record.fields.keys().find(|k| RESERVED.contains(&k.as_str())) {
                 results.push(Err(AuditError::ReservedField { field: key.clone() }));
                 continue;
@@ -193,12 +182,14 @@ impl Writer {
                 }
                 if let Err(reason) = self.flush(&mut buf, true) {
                     fail(&mut results, &pending, &reason);
-                    return BatchOutcome { results, fatal: Some(reason) };
+                    self.buf = buf;
+                    return BatchOutcome { results, fatal: Some(reason), records };
                 }
                 pending.clear();
                 if let Err(reason) = self.rotate(now, &mut buf) {
                     results.push(Err(AuditError::Stopped { reason: reason.clone() }));
-                    return BatchOutcome { results, fatal: Some(reason) };
+                    self.buf = buf;
+                    return BatchOutcome { results, fatal: Some(reason), records };
                 }
             }
             match self.encode(&mut buf, now, &record.event, &record.fields) {
@@ -225,7 +216,7 @@ impl Writer {
             fail(&mut results, &pending, reason);
         }
         self.buf = buf;
-        BatchOutcome { results, fatal }
+        BatchOutcome { results, fatal, records }
     }
 
     fn needs_rotation(&self, now: OffsetDateTime, pending: usize) -> bool {
@@ -318,6 +309,11 @@ impl Writer {
         r
     }
 
+    /// The writer's clock, now.
+    pub fn now(&self) -> OffsetDateTime {
+        (self.s.clock)()
+    }
+
     /// Where the chain stands now.
     pub fn head(&self) -> Head {
         let last = self.next_seq.checked_sub(1);
@@ -327,6 +323,48 @@ impl Writer {
             checkpoint_seq: self.last_checkpoint.as_ref().map(|c| c.0),
             checkpoint_time: self.last_checkpoint.as_ref().map(|c| c.1.clone()),
         }
+    }
+
+    /// After a failed write: finds where the chain really stands on disk and continues from there. The
+    /// newest file is checked again from its start (a torn tail is cut and kept beside it, an empty file a
+    /// failed rotation left is removed), the chain state is taken from its last good record, and the file
+    /// is opened again. With shipping on, a non-empty file is sealed and a new one started, as at start.
+    /// Returns what was cut. On failure nothing changed; call it again later.
+    pub fn reposition(&mut self) -> Result<Vec<Cut>, String> {
+        let (tail, cuts) = find_tail(&self.s.dir, &self.s.clock).map_err(|e| e.to_string())?;
+        let Some(t) = tail else {
+            return Err(format!("no valid audit record is left in {}", self.s.dir.display()));
+        };
+        let Some(last) = t.scan.last.as_ref() else {
+            return Err("the newest audit file has no record".into());
+        };
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&t.path)
+            .map_err(|e| format!("cannot open {}: {e}", t.path.display()))?;
+        let now = (self.s.clock)();
+        if t.path != self.path {
+            self.file_day = file_day(&t.path, now);
+            self.content = 0;
+        }
+        self.file = file;
+        self.next_seq = last.seq + 1;
+        self.prev.clone_from(&last.hash);
+        self.path = t.path;
+        self.file_len = t.len;
+        self.unsigned = t.scan.unsigned;
+        self.last_checkpoint = t.scan.last_checkpoint;
+        self.dirty = false;
+        self.buffered = 0;
+        if self.s.ship && self.file_len > 0 {
+            let mut buf = Vec::new();
+            if self.unsigned > 0 {
+                self.checkpoint(&mut buf, now);
+            }
+            self.flush(&mut buf, true)?;
+            self.new_file(now)?;
+        }
+        Ok(cuts)
     }
 
     /// Whether records were written but not yet made durable.
@@ -459,6 +497,26 @@ struct Scan {
     unsigned: u64,
     bad_reason: Option<String>,
     last_checkpoint: Option<(u64, String)>,
+}
+
+/// Finds the newest file with a valid record: cuts an invalid tail (kept beside the file), removes a newest
+/// file left with no valid record and goes on to its predecessor. `None` when no file holds a record.
+fn find_tail(dir: &Path, clock: &Clock) -> Result<(Option<Tail>, Vec<Cut>), AuditError> {
+    let mut cuts = Vec::new();
+    let mut listed = files::list_writer_files(dir)?;
+    while let Some((_, path)) = listed.last().cloned() {
+        let scan = scan_file(&path)?;
+        if scan.good_len < scan.total_len {
+            cuts.push(cut_tail(&path, &scan, clock)?);
+        }
+        if scan.last.is_some() {
+            return Ok((Some(Tail { path, len: scan.good_len, scan }), cuts));
+        }
+        // Nothing valid in the newest file: drop it and continue from its predecessor.
+        std::fs::remove_file(&path).map_err(|source| AuditError::io("remove", &path, source))?;
+        listed.pop();
+    }
+    Ok((None, cuts))
 }
 
 /// Reads a file and finds the longest prefix of whole, valid, chained lines.

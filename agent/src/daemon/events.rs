@@ -108,7 +108,7 @@ impl Unrecorded {
                 "reason",
                 "kernel refusals that were enforced but not recorded one by one (counted here instead)",
             );
-        match state.audit.append(rec) {
+        match state.audit.append_or_hold(rec) {
             Ok(()) => {
                 tracing::warn!(
                     ring_full,
@@ -183,7 +183,7 @@ impl State {
             .field("decision", "deny")
             .field("reason", reason)
             .field("at", crate::timestamp::format_system(crate::origin::monotonic_to_wall(ev.ktime_ns)));
-        if let Err(e) = self.audit.append(rec) {
+        if let Err(e) = self.audit.append_or_hold(rec) {
             tracing::debug!(error = %e, "could not record a kernel refusal");
             return false;
         }

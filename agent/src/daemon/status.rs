@@ -81,6 +81,7 @@ pub fn status(state: &State) -> Value {
             "last_checkpoint": head.checkpoint_seq.map(|seq| json!({ "seq": seq, "time": head.checkpoint_time })),
             "queue": { "depth": depth, "capacity": capacity },
             "stopped": state.audit.stopped_reason(),
+            "unavailable": state.audit.unavailable_reason(),
         },
         "kernel": {
             "tags": kernel_tags.len(),
@@ -215,6 +216,13 @@ pub fn render(v: &Value) -> String {
         or_dash(&a["queue"]["depth"]),
         or_dash(&a["queue"]["capacity"])
     );
+    if !a["unavailable"].is_null() {
+        let _ = writeln!(
+            out,
+            "  AUDIT UNAVAILABLE (new sessions refused, retrying): {}",
+            or_dash(&a["unavailable"])
+        );
+    }
     if !a["stopped"].is_null() {
         let _ = writeln!(out, "  AUDIT STOPPED: {}", or_dash(&a["stopped"]));
     }

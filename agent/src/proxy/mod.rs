@@ -139,7 +139,7 @@ impl Proxy {
                 return;
             }
             tracing::warn!(%peer, "connection to the proxy with no origin; closing");
-            let _ = self.audit.append(
+            let _ = self.audit.append_or_hold(
                 Record::new("connect.refused")
                     .field("decision", "deny")
                     .field(
@@ -200,7 +200,7 @@ impl Proxy {
         if let Some(h) = hello.filter(|h| **h != Hello::default()) {
             rec = rec.field("hello", h);
         }
-        if let Err(e) = self.audit.append(rec) {
+        if let Err(e) = self.audit.append_or_hold(rec) {
             tracing::error!(error = %e, "could not record a refused session");
         }
     }
@@ -341,7 +341,7 @@ impl Proxy {
             counters.up.load(Ordering::Relaxed),
             counters.down.load(Ordering::Relaxed),
         );
-        if let Err(e) = self.audit.append(rec) {
+        if let Err(e) = self.audit.append_or_hold(rec) {
             tracing::error!(error = %e, "could not record session.end");
         }
     }

@@ -92,7 +92,7 @@ impl Refusals {
                 "reason",
                 "proxy refusals that were enforced but not recorded one by one (counted here instead)",
             );
-        match audit.append(rec) {
+        match audit.append_or_hold(rec) {
             Ok(()) => {
                 tracing::warn!(events = total, "proxy refusals not recorded one by one");
                 inner.budget.clear_over();

@@ -1,0 +1,269 @@
+//! The daemon under exhaustion (issue 13): the audit writer rides out a full disk and running out of
+//! descriptors. While it cannot make a record durable, sessions are refused (fail closed); nothing it
+//! acknowledged is lost; once space or descriptors return it resumes on its own, records the gap
+//! (`audit.resumed`), the chain verifies, and sessions work again.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::dataplane::assert_reached;
+use crate::harness::{
+    IdentitySpec, Idp, Server, TestCgroup, Warden, privileged, probe_script, tcp_policy, wait_for,
+};
+
+/// A tmpfs of `size` mounted on a directory of the test's; unmounted and removed on drop.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::Builder::new().prefix("warden-smallfs-").tempdir().expect("tempdir");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "warden-test"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+        Self { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn filler(&self) -> PathBuf {
+        self.dir.path().join("filler")
+    }
+
+    /// Writes zeros beside the audit directory until the file system is full.
+    fn fill(&self) {
+        let mut f = std::fs::File::create(self.filler()).expect("filler");
+        let block = vec![0u8; 4096];
+        loop {
+            match f.write(&block) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(nix::libc::ENOSPC), "filling: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.filler()).expect("remove filler");
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).output();
+    }
+}
+
+fn reached(v: &Value) -> bool {
+    v["ok"] == true && v["data"].as_str().is_some_and(|d| d.starts_with("hello db"))
+}
+
+/// A process in `cg` holding `n` connections to `127.0.0.5:port` (each waits up to `wait` s for the
+/// greeting) until [`Holder::release`].
+struct Holder {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    first: Value,
+}
+
+impl Holder {
+    fn start(cg: &TestCgroup, port: u16, n: usize, wait: f64) -> Self {
+        let script = probe_script();
+        let (port, n, wait) = (port.to_string(), n.to_string(), wait.to_string());
+        let mut child = cg
+            .command(
+                "/usr/bin/python3",
+                &[script.to_str().unwrap(), "hold-greeted", "127.0.0.5", &port, &n, &wait],
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("holder");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first: Value = serde_json::from_str(&lines.next().expect("holder output").unwrap()).unwrap();
+        Self { child, lines, first }
+    }
+
+    fn count(&self, what: &str) -> u64 {
+        self.first["counts"][what].as_u64().unwrap_or(0)
+    }
+
+    fn pid(&self) -> u64 {
+        self.first["pid"].as_u64().expect("holder pid")
+    }
+
+    fn release(mut self) {
+        writeln!(self.child.stdin.take().unwrap()).unwrap();
+        let _ = self.lines.next();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn session_starts_of(w: &Warden, pid: u64) -> usize {
+    w.records().iter().filter(|r| r["event"] == "session.start" && r["pid"] == pid).count()
+}
+
+fn verify(w: &Warden) {
+    let out = w.cli(&["audit", "verify", "--dir", w.audit_dir().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "audit verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The audit disk fills: sessions are refused from the first record that cannot be made durable and
+/// while the disk stays full; a session live across the fault keeps running and its `session.end` is held;
+/// when space returns the writer resumes by itself, records `audit.resumed` (the gap in time), writes what it
+/// held, every session that reached the server has its `session.start`, and the chain verifies.
+#[test]
+fn the_audit_writer_rides_out_a_full_disk() {
+    if !privileged("the_audit_writer_rides_out_a_full_disk") {
+        return;
+    }
+    let idp = Idp::start();
+    let db = Server::start("127.0.0.5", "db");
+    let fs = SmallFs::mount("1m");
+    let w = Warden::builder("diskfull")
+        .policy(&tcp_policy("db", db.addr, "5m"))
+        .identity(IdentitySpec::pkjwt(&idp, "bot"), &idp.issuer)
+        .audit_dir(&fs.path().join("audit"))
+        .start();
+    let cg = w.cgroup("agent");
+    w.tag(&cg, "bot");
+    let port = db.addr.port().to_string();
+    let connect = || cg.probe(&["connect", "127.0.0.5", &port]);
+    assert_reached(&connect(), "db");
+    // A session live across the fault.
+    let live = Holder::start(&cg, db.addr.port(), 1, 5.0);
+    assert_eq!(live.count("greeted"), 1, "{}", live.first);
+
+    fs.fill();
+    let mut reached_pids = Vec::new();
+    let mut refused = None;
+    for _ in 0..200 {
+        let v = connect();
+        if reached(&v) {
+            reached_pids.push(v["pid"].as_u64().unwrap());
+        } else {
+            refused = Some(v);
+            break;
+        }
+    }
+    let refused = refused.expect("no session was refused on a full audit disk");
+    assert_ne!(refused["ok"], true, "a refused session is reset: {refused}");
+    // Refused while the disk stays full, not once.
+    for _ in 0..3 {
+        let v = connect();
+        assert!(!reached(&v), "a session got through while the audit disk was full: {v}");
+    }
+    let status = w.cli(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("AUDIT UNAVAILABLE") && text.contains("No space left"), "{text}");
+    // The live session ends during the fault: its end is held.
+    let live_pid = live.pid();
+    live.release();
+
+    fs.free();
+    let resumed = w.wait_record("audit.resumed", |r| r["event"] == "audit.resumed");
+    assert!(resumed["reason"].as_str().is_some_and(|r| r.contains("No space left")), "{resumed}");
+    assert!(resumed["refused"].as_u64() >= Some(1), "{resumed}");
+    assert!(resumed["since"].is_string() && resumed["attempts"].as_u64() >= Some(1), "{resumed}");
+    assert_reached(&connect(), "db");
+    // Nothing acknowledged is lost: every session that reached the server has its start on disk.
+    for pid in &reached_pids {
+        assert_eq!(session_starts_of(&w, *pid), 1, "session.start of pid {pid}");
+    }
+    // The live session's end was held and written after the writer resumed.
+    let end =
+        w.wait_record("the live session's end", |r| r["event"] == "session.end" && r["pid"] == live_pid);
+    assert!(end["seq"].as_u64() > resumed["seq"].as_u64(), "{end} after {resumed}");
+    assert!(w.log().contains("audit writer resumed"), "{}", w.log());
+    verify(&w);
+}
+
+/// The daemon runs out of descriptors (its soft limit lowered under it with prlimit, one agent holding
+/// connections) while the audit writer must open its next file: the sessions past that are refused (reset,
+/// never greeted by the server) and every session that was greeted has its `session.start`; once
+/// descriptors return the writer re-opens its file, records `audit.resumed` with the EMFILE it rode out,
+/// sessions work again, and the chain verifies.
+#[test]
+fn the_audit_writer_rides_out_descriptor_exhaustion() {
+    if !privileged("the_audit_writer_rides_out_descriptor_exhaustion") {
+        return;
+    }
+    let idp = Idp::start();
+    let db = Server::start("127.0.0.5", "db");
+    let w = Warden::builder("nofds")
+        .policy(&tcp_policy("db", db.addr, "5m"))
+        .identity(IdentitySpec::pkjwt(&idp, "bot"), &idp.issuer)
+        .audit_extra("max_file_bytes = 4096")
+        .start();
+    let cg = w.cgroup("agent");
+    w.tag(&cg, "bot");
+    let port = db.addr.port().to_string();
+    let connect = || cg.probe(&["connect", "127.0.0.5", &port]);
+    assert_reached(&connect(), "db");
+    let pid = w.pid().expect("daemon pid");
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let soft = open + 40;
+    let lower = |soft: u64| {
+        let out = Command::new("prlimit")
+            .args(["--pid", &pid.to_string(), &format!("--nofile={soft}:{hard}")])
+            .output()
+            .expect("prlimit");
+        assert!(out.status.success(), "prlimit: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    lower(soft as u64);
+    // Each session takes two descriptors: 40 sessions take them all, and the writer (a small
+    // `max_file_bytes`: it opens a new file every few records) finds none when it rotates.
+    let holder = Holder::start(&cg, db.addr.port(), 40, 0.5);
+    let greeted = holder.count("greeted");
+    assert!(greeted > 0 && greeted < 40, "descriptors ran out: {}", holder.first);
+    // If the sessions alone did not make a rotation fail, kernel refusals to a non-target keep the record
+    // growing until the writer must open its next file.
+    wait_for("the audit writer to fail", Duration::from_secs(30), || {
+        if w.log().contains("audit writer cannot write") {
+            return Some(());
+        }
+        let _ = cg.probe(&["flood", "127.0.0.6", "9", "20"]);
+        None
+    });
+    let log = w.log();
+    assert!(
+        log.contains("cannot write; refusing new sessions") && log.contains("Too many open files"),
+        "{log}"
+    );
+    let holder_pid = holder.pid();
+    holder.release();
+
+    let resumed = w.wait_record("audit.resumed", |r| r["event"] == "audit.resumed");
+    assert!(resumed["reason"].as_str().is_some_and(|r| r.contains("Too many open files")), "{resumed}");
+    wait_for("sessions to work again", Duration::from_secs(20), || reached(&connect()).then_some(()));
+    // Nothing acknowledged is lost: every held connection that was greeted has its start on disk.
+    assert!(session_starts_of(&w, holder_pid) >= usize::try_from(greeted).unwrap(), "{greeted} greeted");
+    lower(hard);
+    verify(&w);
+}
