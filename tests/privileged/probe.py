@@ -473,6 +473,68 @@ elif op == "hold-greeted":
     for s in held:
         s.close()
     out(ok=True, closed=len(held))
+elif op == "storm":
+    # Paced connects for secs seconds: trate/s to a target (closed at once with a reset, so no TIME_WAIT;
+    # every `every`-th one blocking, waiting for the server's greeting) and nrate/s to a non-target.
+    th, tp, nh, nport = args[0], int(args[1]), args[2], int(args[3])
+    secs, trate, nrate, every = float(args[4]), int(args[5]), int(args[6]), int(args[7])
+    counts = {}
+    def bump(k):
+        counts[k] = counts.get(k, 0) + 1
+    def code(e):
+        return errnos.errorcode.get(e.errno, type(e).__name__) if e.errno else type(e).__name__
+    linger = struct.pack("ii", 1, 0)
+    start = time.monotonic()
+    sent_t = sent_n = greeted = sampled = 0
+    while True:
+        el = time.monotonic() - start
+        if el >= secs:
+            break
+        if sent_t >= int(el * trate) and sent_n >= int(el * nrate):
+            time.sleep(0.001)
+            continue
+        if sent_n < int(el * nrate):
+            sent_n += 1
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect((nh, nport))
+                bump("n_ok")
+            except BlockingIOError:
+                bump("n_inprogress")
+            except OSError as e:
+                bump("n_" + code(e))
+            s.close()
+        if sent_t < int(el * trate):
+            sent_t += 1
+            if sent_t % every == 0:
+                sampled += 1
+                s = socket.socket()
+                s.settimeout(5)
+                try:
+                    s.connect((th, tp))
+                    d = s.recv(100)
+                    if d.startswith(b"hello"):
+                        greeted += 1
+                    else:
+                        bump("t_sample_" + ("closed" if not d else "other"))
+                except OSError as e:
+                    bump("t_sample_" + code(e))
+                s.close()
+            else:
+                s = socket.socket()
+                s.setblocking(False)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                try:
+                    s.connect((th, tp))
+                    bump("t_ok")
+                except BlockingIOError:
+                    bump("t_inprogress")
+                except OSError as e:
+                    bump("t_" + code(e))
+                s.close()
+    out(ok=True, counts=counts, target=sent_t, other=sent_n, sampled=sampled, greeted=greeted,
+        secs=round(time.monotonic() - start, 2))
 elif op == "pretag":
     t = socket.create_connection((args[0], int(args[1])), timeout=10)
     greeting = t.recv(200).decode(errors="replace")
