@@ -534,7 +534,7 @@ elif op == "storm":
                     bump("t_" + code(e))
                 s.close()
     out(ok=True, counts=counts, target=sent_t, other=sent_n, sampled=sampled, greeted=greeted,
-        secs=round(time.monotonic() - start, 2))
+        secs=round(time.monotonic() - start, 2), ms=int((time.monotonic() - start) * 1000))
 elif op == "pretag":
     t = socket.create_connection((args[0], int(args[1])), timeout=10)
     greeting = t.recv(200).decode(errors="replace")
