@@ -4,6 +4,7 @@
 //! (`audit.resumed`), the chain verifies, and sessions work again.
 
 use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -413,4 +414,103 @@ fn a_connect_storm_keeps_memory_bounded_and_untagged_processes_unaffected() {
     assert!(peak < before + 64 * 1024, "RSS grew from {before} to {peak} KiB");
     assert!(late <= early + 16 * 1024, "RSS still growing: {early} then {late} KiB");
     verify(&w);
+}
+
+/// Raises this process's soft open-file limit to the hard one and returns it.
+fn raise_nofile() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("raise RLIMIT_NOFILE");
+    hard
+}
+
+/// How many idle sessions the idle-memory test opens: 10,000, or as many as the open-file limit lets the
+/// daemon hold (two descriptors a session, 256 kept in reserve, some margin); `WARDEN_IDLE_SESSIONS`
+/// to choose.
+fn idle_sessions(hard: u64) -> usize {
+    let fit = usize::try_from(hard.saturating_sub(1024) / 2).unwrap_or(usize::MAX);
+    std::env::var("WARDEN_IDLE_SESSIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(fit.min(10_000))
+}
+
+/// 10,000 idle opaque TCP sessions (connected, recorded, no bytes yet) fit in 500 MiB of the daemon's
+/// resident memory (measured with as many as the open-file limit allows, up to 10,000, and extrapolated);
+/// the bytes per idle session are printed for BENCHMARKS.md.
+#[test]
+fn ten_thousand_idle_sessions_fit_in_500_mib() {
+    if !privileged("ten_thousand_idle_sessions_fit_in_500_mib") {
+        return;
+    }
+    let hard = raise_nofile();
+    let n = idle_sessions(hard);
+    // An upstream that accepts and holds every connection, sending nothing.
+    let sink = TcpListener::bind("127.0.0.5:0").expect("sink");
+    let addr = sink.local_addr().unwrap();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let held = held.clone();
+        std::thread::spawn(move || {
+            for s in sink.incoming().map_while(Result::ok) {
+                held.lock().unwrap().push(s);
+            }
+        });
+    }
+    let idp = Idp::start();
+    let w = Warden::builder("idle")
+        .policy(&tcp_policy("db", addr, "30m"))
+        .identity(IdentitySpec::pkjwt(&idp, "bot"), &idp.issuer)
+        .agent_extra(&format!("max_sessions_per_cgroup = {}\n", n + 100))
+        .start();
+    crate::holes::set_origin_share(&w, u32::try_from(n + 100).unwrap());
+    let cg = w.cgroup("agent");
+    w.tag(&cg, "bot");
+    let pid = w.pid().expect("daemon pid");
+    let live = || -> Option<u64> {
+        let out = w.cli(&["status", "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["sessions"]["live"].as_u64()
+    };
+    // Warm up: one session, so the runtime, identity cache and grant exist before the baseline.
+    let mut one = Holder::start(&cg, addr.port(), 1, 0.2);
+    wait_for("one live session", Duration::from_secs(20), || (live()? == 1).then_some(()));
+    let before = rss_kib(pid).unwrap();
+    let script = probe_script();
+    let count = n.to_string();
+    let port = addr.port().to_string();
+    let mut holder = cg
+        .command(
+            "prlimit",
+            &[
+                &format!("--nofile={hard}:{hard}"),
+                "/usr/bin/python3",
+                script.to_str().unwrap(),
+                "hold-many",
+                "127.0.0.5",
+                &port,
+                &count,
+            ],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("holder");
+    let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
+    let opened: Value = serde_json::from_str(&lines.next().expect("holder output").unwrap()).unwrap();
+    assert_eq!(opened["counts"]["ok"].as_u64(), Some(n as u64), "{opened}");
+    let want = n as u64 + 1;
+    wait_for("every session live", Duration::from_secs(180), || (live()? >= want).then_some(()));
+    std::thread::sleep(Duration::from_secs(2));
+    let after = rss_kib(pid).unwrap();
+    let per = (after.saturating_sub(before)) * 1024 / n as u64;
+    eprintln!(
+        "idle sessions: {n}; daemon RSS {before} KiB -> {after} KiB; {per} bytes per idle session (RSS delta / sessions)"
+    );
+    writeln!(holder.stdin.take().unwrap()).unwrap();
+    let _ = lines.next();
+    let _ = holder.wait();
+    one.child.kill().ok();
+    // At 10,000 sessions (extrapolated when the descriptors allowed fewer).
+    let at_10k = before + per * 10_000 / 1024;
+    eprintln!("at 10,000 idle sessions: {at_10k} KiB");
+    assert!(at_10k < 500 * 1024, "{n} idle sessions take {after} KiB: {at_10k} KiB at 10,000");
+    drop(held);
 }

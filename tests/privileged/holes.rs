@@ -240,7 +240,7 @@ fn ipv6_forms_embedding_a_target_are_refused() {
 }
 
 /// Sets the per-cgroup share of in-flight origins in the pinned limits map.
-fn set_origin_share(w: &crate::harness::Warden, n: u32) {
+pub(crate) fn set_origin_share(w: &crate::harness::Warden, n: u32) {
     let data = aya::maps::MapData::from_pin(w.bpffs.join("maps/WARDEN_LIMITS")).expect("pinned limits map");
     let mut map: aya::maps::Array<_, warden_common::Limits> =
         aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("limits map type");

@@ -7,8 +7,13 @@ use crate::protocol::End;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-/// Per-direction buffer. One allocation per direction per session, none per packet.
+/// Per-direction buffer for bulk traffic. Allocated only while a direction moves bulk data (a read fills
+/// the small buffer) and given back at the first short read, so an idle or interactive session holds
+/// none: one allocation per burst, none per packet.
 pub const BUFFER: usize = 32 * 1024;
+
+/// What each direction reads into when it is not moving bulk data (inside the pump, no allocation).
+const SMALL: usize = 1024;
 
 /// How a relay finished on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,15 +48,29 @@ where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
 {
-    let mut buf = vec![0u8; BUFFER].into_boxed_slice();
+    let mut small = [0u8; SMALL];
+    let mut bulk: Option<Box<[u8]>> = None;
     loop {
-        let n = r.read(&mut buf).await.map_err(|_| Side::Read)?;
+        let n = match bulk.as_mut() {
+            Some(b) => r.read(b).await,
+            None => r.read(&mut small).await,
+        }
+        .map_err(|_| Side::Read)?;
         if n == 0 {
             let _ = w.shutdown().await;
             return Ok(());
         }
-        w.write_all(&buf[..n]).await.map_err(|_| Side::Write)?;
+        let data = match &bulk {
+            Some(b) => &b[..n],
+            None => &small[..n],
+        };
+        w.write_all(data).await.map_err(|_| Side::Write)?;
         count.fetch_add(n as u64, Ordering::Relaxed);
+        match (&bulk, n) {
+            (None, SMALL) => bulk = Some(vec![0u8; BUFFER].into_boxed_slice()),
+            (Some(_), n) if n < SMALL => bulk = None,
+            _ => {}
+        }
     }
 }
 
@@ -118,5 +137,36 @@ mod tests {
         assert_eq!(finished, Finished::ClientClosed);
         assert_eq!(counters.up.load(Ordering::Relaxed), 14);
         assert_eq!(counters.down.load(Ordering::Relaxed), 22);
+    }
+
+    /// Bulk data (reads that fill the small buffer, then the bulk one) and small messages after it all
+    /// arrive intact and in order.
+    #[tokio::test]
+    async fn relays_bulk_then_small_intact() {
+        let (mut client, mut client_peer) = tokio::io::duplex(64 * 1024);
+        let (mut upstream, mut upstream_peer) = tokio::io::duplex(64 * 1024);
+        let counters = Counters::default();
+        let relay = relay(&mut client_peer, &mut upstream_peer, &counters);
+        let sent: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let ends = async {
+            let write = async {
+                client.write_all(&sent).await.unwrap();
+                for _ in 0..10 {
+                    client.write_all(b"small").await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+                client.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let read = upstream.read_to_end(&mut got);
+            let ((), r) = tokio::join!(write, read);
+            r.unwrap();
+            assert_eq!(&got[..sent.len()], &sent[..]);
+            assert_eq!(&got[sent.len()..], b"small".repeat(10).as_slice());
+            upstream.shutdown().await.unwrap();
+        };
+        let (finished, ()) = tokio::join!(relay, ends);
+        assert_eq!(finished, Finished::ClientClosed);
+        assert_eq!(counters.up.load(Ordering::Relaxed), 300_050);
     }
 }
