@@ -7,7 +7,7 @@
 //!
 //! Files: [`ca`] (host CA, host certificates), [`server`] (the agent-side server, one per connection),
 //! [`upstream`] (the client to the real server, host key checks), [`channel`] (bridging one channel),
-//! [`command`] (the exec allow-list rule, pure), [`record`] (asciicast recording and replay).
+//! [`record`] (asciicast recording and replay).
 //!
 //! The path of one connection, in the seam's terms: [`Ssh::hello`] runs the SSH transport and waits for
 //! the agent's first user-auth request, so a refusal can be an SSH disconnect message `ssh` prints;
@@ -17,7 +17,6 @@
 
 pub mod ca;
 pub mod channel;
-pub mod command;
 pub mod record;
 pub mod server;
 pub mod upstream;
@@ -39,8 +38,6 @@ use crate::audit::{Audit, Record};
 use crate::origin::ConnOrigin;
 use crate::policy::{Target, TargetKind, Terms};
 use crate::protocol::{End, Hello, Refusal, RefusalCode, Session};
-
-pub use command::command_allowed;
 
 /// How long the agent has from TCP accept to its first user-auth request.
 /// (Just under the proxy's own hello deadline, so the agent is told and the record says why.)

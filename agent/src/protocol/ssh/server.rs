@@ -16,9 +16,9 @@ use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
 use tokio::sync::{mpsc, oneshot};
 
 use super::channel::{self, ChanState, Kind};
-use super::command::{command_allowed, words};
 use super::{Admitted, Decision};
 use crate::policy::Access;
+use crate::policy::commands::{command_allowed, words};
 use crate::protocol::Ask;
 
 /// How long the upstream has to answer one channel request.
