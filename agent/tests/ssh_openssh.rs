@@ -639,8 +639,59 @@ async fn a_forward_grant_relays_w_and_records_it() {
     let fw = f.events("ssh.forward").await;
     assert_eq!(fw.len(), 1, "{:?}", f.records().await);
     assert_eq!(fw[0]["to_host"], "127.0.0.1");
+    assert_eq!(fw[0]["direction"], "local");
     assert_eq!(fw[0]["to_port"], f.sshd.addr.port());
     assert!(fw[0]["bytes_down"].as_u64().unwrap() > 0);
+}
+
+/// `ssh -R` under `forward: true`: the upstream sshd listens on a loopback port, each connection to it
+/// comes back through Warden as a forwarded-tcpip channel to the client, which connects it to a
+/// listener on the agent's side; recorded as `ssh.forward` with direction `remote`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_grant_relays_r_and_records_it() {
+    let mut f = Fixture::start(Opts { forward: true, ..Opts::shell() }).await;
+    let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lport = local.local_addr().unwrap().port();
+    let served = tokio::spawn(async move {
+        let (mut s, _) = local.accept().await.unwrap();
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).await.unwrap();
+        s.write_all(b"agent side got ").await.unwrap();
+        s.write_all(&got).await.unwrap();
+        s.shutdown().await.unwrap();
+    });
+    let rport = free_port();
+    let mut c = f.ssh();
+    c.args(["-N", "-o", "ExitOnForwardFailure=yes", "-R", &format!("{rport}:127.0.0.1:{lport}")])
+        .arg("agent@127.0.0.1")
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    // Polls for the upstream's listener (ssh prints nothing when it is up).
+    let mut stream = tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Ok(s) = TcpStream::connect(("127.0.0.1", rport)).await {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the upstream never listened for -R");
+    stream.write_all(b"hello").await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(String::from_utf8_lossy(&buf), "agent side got hello");
+    served.await.unwrap();
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
+    f.next_end().await;
+    let fw = f.events("ssh.forward").await;
+    assert_eq!(fw.len(), 1, "{:?}", f.records().await);
+    assert_eq!(fw[0]["direction"], "remote");
+    assert_eq!(fw[0]["to_port"], rport);
+    assert!(fw[0]["from"].as_str().unwrap().starts_with("127.0.0.1:"), "{fw:?}");
+    assert_eq!((fw[0]["bytes_up"].as_u64(), fw[0]["bytes_down"].as_u64()), (Some(20), Some(5)), "{fw:?}");
+    assert!(f.events("ssh.refused").await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

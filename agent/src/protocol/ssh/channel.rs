@@ -29,10 +29,14 @@ pub enum Kind {
     Subsystem {
         name: String,
     },
-    /// `-L`/`-W` forwarding under a grant with `forward: true`.
+    /// Forwarding under a grant with `forward: true`: `-L`/`-W` (local, to `host:port` from the
+    /// upstream), or a connection to a `-R` listener (remote, accepted on the upstream's `host:port`
+    /// from `from`, relayed back to the agent).
     Forward {
+        remote: bool,
         host: String,
         port: u32,
+        from: Option<String>,
     },
     /// Its request was refused (recorded when refused).
     Refused,
@@ -212,12 +216,14 @@ impl ChanState {
                         .field("duration_ms", duration_ms),
                 );
             }
-            Kind::Forward { host, port } => {
+            Kind::Forward { remote, host, port, from } => {
                 ctx.record(
                     s.record("ssh.forward")
                         .field("channel", channel)
+                        .field("direction", if *remote { "remote" } else { "local" })
                         .field("to_host", host)
                         .field("to_port", port)
+                        .field("from", from)
                         .field("bytes_up", up)
                         .field("bytes_down", down)
                         .field("duration_ms", duration_ms),
