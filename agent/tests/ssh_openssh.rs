@@ -756,16 +756,82 @@ async fn sftp_and_scp_need_an_sftp_grant() {
     assert!(execs[0]["command"].as_str().unwrap().starts_with("scp -t"));
     drop(f);
 
-    // With sftp granted the subsystem is relayed and recorded.
+    // With sftp granted the subsystem is relayed and recorded, file by file.
     let mut f = Fixture::start(Opts { sftp: true, ..Opts::shell() }).await;
+    let moved = files.path().join("moved.txt");
+    std::fs::write(
+        &batch,
+        format!(
+            "put {src} {dst}\nget {dst} {back}\nrename {dst} {moved}\nmkdir {dir}\nrm {moved}\n-rm {gone}\n",
+            src = src.display(),
+            dst = dst.display(),
+            back = files.path().join("back.txt").display(),
+            moved = moved.display(),
+            dir = files.path().join("newdir").display(),
+            gone = files.path().join("never-there").display(),
+        ),
+    )
+    .unwrap();
     let out = tokio::time::timeout(DEADLINE, sftp(&f).output()).await.unwrap().unwrap();
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(std::fs::read_to_string(&dst).unwrap(), "payload\n");
+    assert_eq!(std::fs::read_to_string(files.path().join("back.txt")).unwrap(), "payload\n");
+    assert!(!moved.exists() && files.path().join("newdir").is_dir());
     f.next_end().await;
     let sub = f.events("ssh.subsystem").await;
     assert_eq!(sub.len(), 1, "{sub:?}");
     assert_eq!(sub[0]["name"], "sftp");
     assert!(sub[0]["bytes_up"].as_u64().unwrap() > 8);
+    assert_eq!((sub[0]["sftp_unparsed"].as_u64(), sub[0]["sftp_lost"].as_bool()), (Some(0), Some(false)));
+    let ops = f.events("ssh.sftp").await;
+    let summary: Vec<(String, String, u64, u64, String)> = ops
+        .iter()
+        .map(|o| {
+            (
+                o["op"].as_str().unwrap().to_owned(),
+                o["path"].as_str().unwrap().replace(&files.path().display().to_string(), ""),
+                o["bytes_read"].as_u64().unwrap(),
+                o["bytes_written"].as_u64().unwrap(),
+                o["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let s = |op: &str, path: &str, r: u64, w: u64, status: &str| {
+        (op.to_owned(), path.to_owned(), r, w, status.to_owned())
+    };
+    assert_eq!(
+        summary,
+        [
+            s("file", "/dst.txt", 0, 8, "ok"),
+            s("file", "/dst.txt", 8, 0, "ok"),
+            s("rename", "/dst.txt", 0, 0, "ok"),
+            s("mkdir", "/newdir", 0, 0, "ok"),
+            s("remove", "/moved.txt", 0, 0, "ok"),
+            s("remove", "/never-there", 0, 0, "no such file: No such file"),
+        ],
+        "{ops:?}"
+    );
+    assert_eq!(ops[0]["mode"], "write,create,truncate");
+    assert_eq!(ops[1]["mode"], "read");
+    assert_eq!(ops[2]["to"], moved.display().to_string());
+
+    // scp in OpenSSH >= 9 is sftp too: recorded the same way.
+    let copy = files.path().join("copy.txt");
+    let mut scp = tokio::process::Command::new("scp");
+    scp.args(["-F", "/dev/null", "-o", "StrictHostKeyChecking=yes", "-o", "GlobalKnownHostsFile=/dev/null"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", f.known_hosts.display()))
+        .args(["-o", "BatchMode=yes", "-P", &f.addr.port().to_string()])
+        .arg(&src)
+        .arg(format!("agent@127.0.0.1:{}", copy.display()))
+        .stdin(Stdio::null());
+    let out = tokio::time::timeout(DEADLINE, scp.output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read_to_string(&copy).unwrap(), "payload\n");
+    f.next_end().await;
+    let ops = f.events("ssh.sftp").await;
+    let last = ops.last().unwrap();
+    assert_eq!((last["op"].as_str(), last["path"].as_str()), (Some("file"), copy.to_str()), "{ops:?}");
+    assert_eq!((last["bytes_written"].as_u64(), last["status"].as_str()), (Some(8), Some("ok")));
 }
 
 #[test]

@@ -6,7 +6,8 @@
 //! unless the grant allows them.
 //!
 //! Files: [`ca`] (host CA, host certificates), [`server`] (the agent-side server, one per connection),
-//! [`upstream`] (the client to the real server, host key checks), [`channel`] (bridging one channel),
+//! [`upstream`] (the client to the real server, host key checks), [`channel`] (bridging one channel), [`sftp`] (file operations
+//! on a granted sftp channel, pure),
 //! [`record`] (asciicast recording and replay).
 //!
 //! The path of one connection, in the seam's terms: [`Ssh::hello`] runs the SSH transport and waits for
@@ -19,6 +20,7 @@ pub mod ca;
 pub mod channel;
 pub mod record;
 pub mod server;
+pub mod sftp;
 pub mod upstream;
 
 use std::net::SocketAddr;

@@ -486,6 +486,7 @@ impl server::Handler for AgentHandler {
         let state = c.state.clone();
         let up = c.up.clone();
         state.set_kind(Kind::Subsystem { name: name.to_owned() });
+        state.start_sftp();
         let ok = up.request_subsystem(true, name).await.is_ok() && self.upstream_reply(channel).await;
         Self::reply(session, channel, ok)
     }
