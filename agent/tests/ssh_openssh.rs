@@ -639,8 +639,59 @@ async fn a_forward_grant_relays_w_and_records_it() {
     let fw = f.events("ssh.forward").await;
     assert_eq!(fw.len(), 1, "{:?}", f.records().await);
     assert_eq!(fw[0]["to_host"], "127.0.0.1");
+    assert_eq!(fw[0]["direction"], "local");
     assert_eq!(fw[0]["to_port"], f.sshd.addr.port());
     assert!(fw[0]["bytes_down"].as_u64().unwrap() > 0);
+}
+
+/// `ssh -R` under `forward: true`: the upstream sshd listens on a loopback port, each connection to it
+/// comes back through Warden as a forwarded-tcpip channel to the client, which connects it to a
+/// listener on the agent's side; recorded as `ssh.forward` with direction `remote`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_grant_relays_r_and_records_it() {
+    let mut f = Fixture::start(Opts { forward: true, ..Opts::shell() }).await;
+    let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lport = local.local_addr().unwrap().port();
+    let served = tokio::spawn(async move {
+        let (mut s, _) = local.accept().await.unwrap();
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).await.unwrap();
+        s.write_all(b"agent side got ").await.unwrap();
+        s.write_all(&got).await.unwrap();
+        s.shutdown().await.unwrap();
+    });
+    let rport = free_port();
+    let mut c = f.ssh();
+    c.args(["-N", "-o", "ExitOnForwardFailure=yes", "-R", &format!("{rport}:127.0.0.1:{lport}")])
+        .arg("agent@127.0.0.1")
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    // Polls for the upstream's listener (ssh prints nothing when it is up).
+    let mut stream = tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Ok(s) = TcpStream::connect(("127.0.0.1", rport)).await {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the upstream never listened for -R");
+    stream.write_all(b"hello").await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(String::from_utf8_lossy(&buf), "agent side got hello");
+    served.await.unwrap();
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
+    f.next_end().await;
+    let fw = f.events("ssh.forward").await;
+    assert_eq!(fw.len(), 1, "{:?}", f.records().await);
+    assert_eq!(fw[0]["direction"], "remote");
+    assert_eq!(fw[0]["to_port"], rport);
+    assert!(fw[0]["from"].as_str().unwrap().starts_with("127.0.0.1:"), "{fw:?}");
+    assert_eq!((fw[0]["bytes_up"].as_u64(), fw[0]["bytes_down"].as_u64()), (Some(20), Some(5)), "{fw:?}");
+    assert!(f.events("ssh.refused").await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -705,16 +756,82 @@ async fn sftp_and_scp_need_an_sftp_grant() {
     assert!(execs[0]["command"].as_str().unwrap().starts_with("scp -t"));
     drop(f);
 
-    // With sftp granted the subsystem is relayed and recorded.
+    // With sftp granted the subsystem is relayed and recorded, file by file.
     let mut f = Fixture::start(Opts { sftp: true, ..Opts::shell() }).await;
+    let moved = files.path().join("moved.txt");
+    std::fs::write(
+        &batch,
+        format!(
+            "put {src} {dst}\nget {dst} {back}\nrename {dst} {moved}\nmkdir {dir}\nrm {moved}\n-rm {gone}\n",
+            src = src.display(),
+            dst = dst.display(),
+            back = files.path().join("back.txt").display(),
+            moved = moved.display(),
+            dir = files.path().join("newdir").display(),
+            gone = files.path().join("never-there").display(),
+        ),
+    )
+    .unwrap();
     let out = tokio::time::timeout(DEADLINE, sftp(&f).output()).await.unwrap().unwrap();
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(std::fs::read_to_string(&dst).unwrap(), "payload\n");
+    assert_eq!(std::fs::read_to_string(files.path().join("back.txt")).unwrap(), "payload\n");
+    assert!(!moved.exists() && files.path().join("newdir").is_dir());
     f.next_end().await;
     let sub = f.events("ssh.subsystem").await;
     assert_eq!(sub.len(), 1, "{sub:?}");
     assert_eq!(sub[0]["name"], "sftp");
     assert!(sub[0]["bytes_up"].as_u64().unwrap() > 8);
+    assert_eq!((sub[0]["sftp_unparsed"].as_u64(), sub[0]["sftp_lost"].as_bool()), (Some(0), Some(false)));
+    let ops = f.events("ssh.sftp").await;
+    let summary: Vec<(String, String, u64, u64, String)> = ops
+        .iter()
+        .map(|o| {
+            (
+                o["op"].as_str().unwrap().to_owned(),
+                o["path"].as_str().unwrap().replace(&files.path().display().to_string(), ""),
+                o["bytes_read"].as_u64().unwrap(),
+                o["bytes_written"].as_u64().unwrap(),
+                o["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let s = |op: &str, path: &str, r: u64, w: u64, status: &str| {
+        (op.to_owned(), path.to_owned(), r, w, status.to_owned())
+    };
+    assert_eq!(
+        summary,
+        [
+            s("file", "/dst.txt", 0, 8, "ok"),
+            s("file", "/dst.txt", 8, 0, "ok"),
+            s("rename", "/dst.txt", 0, 0, "ok"),
+            s("mkdir", "/newdir", 0, 0, "ok"),
+            s("remove", "/moved.txt", 0, 0, "ok"),
+            s("remove", "/never-there", 0, 0, "no such file: No such file"),
+        ],
+        "{ops:?}"
+    );
+    assert_eq!(ops[0]["mode"], "write,create,truncate");
+    assert_eq!(ops[1]["mode"], "read");
+    assert_eq!(ops[2]["to"], moved.display().to_string());
+
+    // scp in OpenSSH >= 9 is sftp too: recorded the same way.
+    let copy = files.path().join("copy.txt");
+    let mut scp = tokio::process::Command::new("scp");
+    scp.args(["-F", "/dev/null", "-o", "StrictHostKeyChecking=yes", "-o", "GlobalKnownHostsFile=/dev/null"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", f.known_hosts.display()))
+        .args(["-o", "BatchMode=yes", "-P", &f.addr.port().to_string()])
+        .arg(&src)
+        .arg(format!("agent@127.0.0.1:{}", copy.display()))
+        .stdin(Stdio::null());
+    let out = tokio::time::timeout(DEADLINE, scp.output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read_to_string(&copy).unwrap(), "payload\n");
+    f.next_end().await;
+    let ops = f.events("ssh.sftp").await;
+    let last = ops.last().unwrap();
+    assert_eq!((last["op"].as_str(), last["path"].as_str()), (Some("file"), copy.to_str()), "{ops:?}");
+    assert_eq!((last["bytes_written"].as_u64(), last["status"].as_str()), (Some(8), Some("ok")));
 }
 
 #[test]

@@ -164,7 +164,7 @@ fn within(terms: &crate::policy::Terms, ask: &Ask<'_>) -> Result<(), String> {
     let rule = &terms.rule;
     match ask {
         Ask::Exec { command } => match &terms.commands {
-            Some(list) => crate::protocol::ssh::command_allowed(command, list)
+            Some(list) => crate::policy::commands::command_allowed(command, list)
                 .map_err(|why| format!("rule `{rule}`: {why}")),
             None => Ok(()),
         },
@@ -239,8 +239,7 @@ mod tests {
         assert!(within(&wide, &Ask::Forward { what: "direct-tcpip" }).is_ok());
         assert!(within(&wide, &Ask::Subsystem { name: "sftp" }).is_ok());
 
-        // With an allow-list no shell runs; commands go through protocol::ssh::command_allowed (a
-        // placeholder that refuses every command until the SSH handler lands).
+        // With an allow-list no shell runs; commands go through policy::commands::command_allowed.
         let listed = terms(Some(vec!["uptime".into()]), false, false);
         assert!(within(&listed, &Ask::Shell).is_err());
         assert!(within(&listed, &Ask::Exec { command: "rm -rf /" }).is_err());

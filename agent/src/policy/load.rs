@@ -6,7 +6,8 @@
 //! files the daemon can read (relative paths are resolved against the policy file's directory);
 //! rules: names unique across files, a non-empty `match`, grant entries naming a known target (in any
 //! file), an access that fits its protocol, a TTL such as `90s`, `15m`, `2h` or `1h30m` (at most 24h:
-//! grants are meant to be short), masks only for postgres, commands only for ssh exec.
+//! grants are meant to be short), masks only for postgres, commands only for ssh exec and
+//! each `commands` pattern well formed (`commands::pattern_problem`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -213,8 +214,17 @@ impl Loader {
                     .ok()
             });
             let mask = fields.get("mask").and_then(|(_, n)| f.strings(n, "mask").map(|v| (v, n.pos)));
-            let commands =
-                fields.get("commands").and_then(|(_, n)| f.strings(n, "commands").map(|v| (v, n.pos)));
+            let commands = fields.get("commands").and_then(|(_, n)| {
+                let list = f.strings(n, "commands")?;
+                if let Value::Seq(items) = &n.value {
+                    for (item, pattern) in items.iter().zip(&list) {
+                        if let Some(why) = super::commands::pattern_problem(pattern) {
+                            f.err(item.pos, format!("commands: `{}`: {why}", pattern.escape_debug()));
+                        }
+                    }
+                }
+                Some((list, n.pos))
+            });
             let approval = match fields.get("approval") {
                 None => Approval::None,
                 Some((_, n)) => match f.string(n, "approval").as_deref() {

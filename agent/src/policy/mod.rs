@@ -20,6 +20,7 @@
 //! **Invariant:** `decide` does no I/O; only [`load`] touches the file system (to read the policy files
 //! and to check that credential files are readable).
 
+pub mod commands;
 mod load;
 mod store;
 mod targets;

@@ -11,6 +11,7 @@ use russh::{ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::sync::mpsc;
 
 use super::record::Recording;
+use super::sftp::{self, Sftp};
 use super::{Admitted, signal_name};
 use crate::protocol::End;
 
@@ -29,10 +30,14 @@ pub enum Kind {
     Subsystem {
         name: String,
     },
-    /// `-L`/`-W` forwarding under a grant with `forward: true`.
+    /// Forwarding under a grant with `forward: true`: `-L`/`-W` (local, to `host:port` from the
+    /// upstream), or a connection to a `-R` listener (remote, accepted on the upstream's `host:port`
+    /// from `from`, relayed back to the agent).
     Forward {
+        remote: bool,
         host: String,
         port: u32,
+        from: Option<String>,
     },
     /// Its request was refused (recorded when refused).
     Refused,
@@ -51,6 +56,8 @@ struct Inner {
     kind: Kind,
     pty: Option<Pty>,
     recording: Option<Recording>,
+    /// The sftp parser of a granted sftp subsystem channel.
+    sftp: Option<Box<Sftp>>,
     started: Instant,
     exit_status: Option<u32>,
     exit_signal: Option<String>,
@@ -75,6 +82,7 @@ impl ChanState {
                 kind,
                 pty: None,
                 recording: None,
+                sftp: None,
                 started: Instant::now(),
                 exit_status: None,
                 exit_signal: None,
@@ -116,6 +124,40 @@ impl ChanState {
 
     pub fn pty(&self) -> Option<Pty> {
         self.with(|i| i.pty.clone())
+    }
+
+    /// Starts recording this channel's sftp file operations (`ssh.sftp`).
+    pub fn start_sftp(&self) {
+        self.with(|i| i.sftp = Some(Box::default()));
+    }
+
+    /// Feeds relayed sftp bytes to the parser, if any, and records the file operations completed.
+    fn sftp(&self, ctx: &Admitted, dir: sftp::Dir, data: &[u8]) {
+        let mut ops = Vec::new();
+        self.with(|i| {
+            if let Some(s) = i.sftp.as_mut() {
+                s.feed(dir, data, &mut ops);
+            }
+        });
+        self.record_sftp(ctx, ops);
+    }
+
+    fn record_sftp(&self, ctx: &Admitted, ops: Vec<sftp::Op>) {
+        for op in ops {
+            ctx.record(
+                ctx.session
+                    .record("ssh.sftp")
+                    .field("channel", u32::from(self.id))
+                    .field("op", op.op)
+                    .field("path", &op.path)
+                    .field("to", &op.to)
+                    .field("mode", &op.mode)
+                    .field("bytes_read", op.bytes_read)
+                    .field("bytes_written", op.bytes_written)
+                    .field("status", &op.status)
+                    .field("duration_ms", op.duration_ms),
+            );
+        }
     }
 
     /// Starts the terminal recording for this channel.
@@ -170,6 +212,14 @@ impl ChanState {
 
     /// Writes this channel's closing records.
     fn finish(&self, ctx: &Admitted) {
+        let mut ops = Vec::new();
+        let sftp_state = self.with(|i| {
+            i.sftp.take().map(|mut s| {
+                s.finish(&mut ops);
+                (s.unparsed, s.lost())
+            })
+        });
+        self.record_sftp(ctx, ops);
         let (kind, recording, started, status, signal, up, down, pty) = self.with(|i| {
             (
                 i.kind.clone(),
@@ -203,21 +253,26 @@ impl ChanState {
                 ctx.record(r);
             }
             Kind::Subsystem { name } => {
-                ctx.record(
-                    s.record("ssh.subsystem")
-                        .field("channel", channel)
-                        .field("name", name)
-                        .field("bytes_up", up)
-                        .field("bytes_down", down)
-                        .field("duration_ms", duration_ms),
-                );
+                let mut r = s
+                    .record("ssh.subsystem")
+                    .field("channel", channel)
+                    .field("name", name)
+                    .field("bytes_up", up)
+                    .field("bytes_down", down)
+                    .field("duration_ms", duration_ms);
+                if let Some((unparsed, lost)) = sftp_state {
+                    r = r.field("sftp_unparsed", unparsed).field("sftp_lost", lost);
+                }
+                ctx.record(r);
             }
-            Kind::Forward { host, port } => {
+            Kind::Forward { remote, host, port, from } => {
                 ctx.record(
                     s.record("ssh.forward")
                         .field("channel", channel)
+                        .field("direction", if *remote { "remote" } else { "local" })
                         .field("to_host", host)
                         .field("to_port", port)
+                        .field("from", from)
                         .field("bytes_up", up)
                         .field("bytes_down", down)
                         .field("duration_ms", duration_ms),
@@ -273,6 +328,7 @@ pub async fn bridge(ctx: Arc<Admitted>, state: Arc<ChanState>, ends: Ends) {
             msg = agent_read.wait(), if agent_open => match msg {
                 Some(ChannelMsg::Data { data }) => {
                     state.input(&ctx, &data);
+                    state.sftp(&ctx, sftp::Dir::Up, &data);
                     if up_write.data_bytes(data).await.is_err() {
                         break;
                     }
@@ -304,6 +360,7 @@ pub async fn bridge(ctx: Arc<Admitted>, state: Arc<ChanState>, ends: Ends) {
                 match msg {
                 Some(ChannelMsg::Data { data }) => {
                     state.output(&ctx, &data);
+                    state.sftp(&ctx, sftp::Dir::Down, &data);
                     if agent_open && agent_write.data_bytes(data).await.is_err() {
                         agent_open = false;
                     }

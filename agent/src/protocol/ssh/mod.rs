@@ -6,8 +6,9 @@
 //! unless the grant allows them.
 //!
 //! Files: [`ca`] (host CA, host certificates), [`server`] (the agent-side server, one per connection),
-//! [`upstream`] (the client to the real server, host key checks), [`channel`] (bridging one channel),
-//! [`command`] (the exec allow-list rule, pure), [`record`] (asciicast recording and replay).
+//! [`upstream`] (the client to the real server, host key checks), [`channel`] (bridging one channel), [`sftp`] (file operations
+//! on a granted sftp channel, pure),
+//! [`record`] (asciicast recording and replay).
 //!
 //! The path of one connection, in the seam's terms: [`Ssh::hello`] runs the SSH transport and waits for
 //! the agent's first user-auth request, so a refusal can be an SSH disconnect message `ssh` prints;
@@ -17,9 +18,9 @@
 
 pub mod ca;
 pub mod channel;
-pub mod command;
 pub mod record;
 pub mod server;
+pub mod sftp;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -39,8 +40,6 @@ use crate::audit::{Audit, Record};
 use crate::origin::ConnOrigin;
 use crate::policy::{Target, TargetKind, Terms};
 use crate::protocol::{End, Hello, Refusal, RefusalCode, Session};
-
-pub use command::command_allowed;
 
 /// How long the agent has from TCP accept to its first user-auth request.
 /// (Just under the proxy's own hello deadline, so the agent is told and the record says why.)
@@ -197,6 +196,16 @@ pub struct Admitted {
     pub upstream: Arc<russh::client::Handle<upstream::UpstreamHandler>>,
     pub tracker: TaskTracker,
     pub audit_dir: PathBuf,
+    /// The remote (`-R`) listeners the agent asked for and the upstream granted.
+    listeners: tokio::sync::watch::Sender<Listeners>,
+}
+
+/// The agent's remote listeners: granted ones as (address, port), and how many requests are still
+/// waiting for the upstream (whose first connection may arrive before its reply is handled).
+#[derive(Debug, Default)]
+pub struct Listeners {
+    granted: Vec<(String, u32)>,
+    pending: usize,
 }
 
 impl Admitted {
@@ -212,6 +221,100 @@ impl Admitted {
 
     pub fn terms(&self) -> &Terms {
         &self.session.terms
+    }
+
+    /// A remote listener request is on its way to the upstream.
+    pub fn listen_pending(&self) {
+        self.listeners.send_modify(|l| l.pending += 1);
+    }
+
+    /// The upstream answered a listener request: `Some(port)` if it now listens for the agent.
+    pub fn listen_done(&self, address: &str, granted: Option<u32>) {
+        self.listeners.send_modify(|l| {
+            l.pending = l.pending.saturating_sub(1);
+            if let Some(port) = granted {
+                l.granted.push((address.to_owned(), port));
+            }
+        });
+    }
+
+    /// Forgets a remote listener; false if the agent never had it.
+    pub fn unlisten(&self, address: &str, port: u32) -> bool {
+        let mut found = false;
+        self.listeners.send_modify(|l| {
+            let before = l.granted.len();
+            l.granted.retain(|(a, p)| !(a == address && *p == port));
+            found = l.granted.len() != before;
+        });
+        found
+    }
+
+    /// Whether the upstream may forward a connection accepted on `port`: one of the agent's listeners
+    /// (waiting for requests still in flight); anything else from the upstream is refused.
+    async fn listening(&self, port: u32) -> bool {
+        let mut rx = self.listeners.subscribe();
+        let decided = rx.wait_for(|l| l.granted.iter().any(|(_, p)| *p == port) || l.pending == 0);
+        match tokio::time::timeout(UPSTREAM_DEADLINE, decided).await {
+            Ok(Ok(l)) => l.granted.iter().any(|(_, p)| *p == port),
+            _ => false,
+        }
+    }
+
+    /// Relays one connection the upstream accepted on a remote listener to the agent as a
+    /// forwarded-tcpip channel, then bridges it (an `ssh.forward` record with direction `remote`).
+    async fn relay_forwarded(self: Arc<Self>, agent: russh::server::Handle, f: upstream::Forwarded) {
+        let from = format!("{}:{}", f.originator_address, f.originator_port);
+        if !self.listening(f.connected_port).await {
+            self.record(
+                self.session
+                    .record("ssh.refused")
+                    .field("request", "forwarded-tcpip")
+                    .field("detail", format!("{}:{}", f.connected_address, f.connected_port))
+                    .field(
+                        "reason",
+                        "the upstream forwarded a connection for a port the agent did not ask for",
+                    ),
+            );
+            return;
+        }
+        let opened = agent.channel_open_forwarded_tcpip(
+            f.connected_address.clone(),
+            f.connected_port,
+            f.originator_address.clone(),
+            f.originator_port,
+        );
+        let agent_channel = match tokio::time::timeout(UPSTREAM_DEADLINE, opened).await {
+            Ok(Ok(c)) => c,
+            // Dropping the reply rejects the upstream's channel.
+            Ok(Err(e)) => {
+                tracing::debug!(session = %self.session.id, error = %e, "the client refused a forwarded connection");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(session = %self.session.id, "the client did not answer a forwarded connection");
+                return;
+            }
+        };
+        f.reply.accept().await;
+        let kind = channel::Kind::Forward {
+            remote: true,
+            host: f.connected_address,
+            port: f.connected_port,
+            from: Some(from),
+        };
+        let state = channel::ChanState::new(agent_channel.id(), kind);
+        let (agent_read, agent_write) = agent_channel.split();
+        let (up_read, up_write) = f.channel.split();
+        let (replies, _) = tokio::sync::mpsc::channel(1);
+        let ends = channel::Ends {
+            agent_read,
+            agent_write,
+            agent_handle: agent,
+            up_read,
+            up_write: Arc::new(up_write),
+            replies,
+        };
+        channel::bridge(self, state, ends).await;
     }
 }
 
@@ -286,8 +389,8 @@ impl Greeting {
             },
             end = session.cut.cut_with() => Err(end),
         };
-        let (upstream, upstream_closed) = match login {
-            Ok(pair) => pair,
+        let upstream::Connected { handle: upstream, closed: upstream_closed, mut forwarded } = match login {
+            Ok(c) => c,
             Err(end) => {
                 self.turn_away(format!("warden: {}: {end}", self.target.name)).await;
                 return end;
@@ -298,6 +401,7 @@ impl Greeting {
             upstream: Arc::new(upstream),
             tracker: TaskTracker::new(),
             audit_dir: self.audit_dir.clone(),
+            listeners: tokio::sync::watch::Sender::new(Listeners::default()),
         });
         if let Some(tx) = self.decision.take()
             && tx.send(Decision::Admit(admitted.clone())).is_err()
@@ -306,26 +410,31 @@ impl Greeting {
         }
         let client = self.running.handle();
         let mut client_done = false;
-        let end = tokio::select! {
-            ended = &mut self.running => match ended {
-                Ok(()) => {
-                    client_done = true;
-                    End::ClientClosed
+        let end = loop {
+            tokio::select! {
+                ended = &mut self.running => match ended {
+                    Ok(()) => {
+                        client_done = true;
+                        break End::ClientClosed;
+                    }
+                    Err(e) => {
+                        client_done = true;
+                        tracing::debug!(session = %session.id, error = %e, "ssh client connection failed");
+                        break End::ClientError;
+                    }
+                },
+                () = upstream_closed.cancelled() => {
+                    let _ = client.disconnect(russh::Disconnect::ByApplication, "warden: the upstream closed the connection".into(), String::new()).await;
+                    break End::UpstreamClosed;
                 }
-                Err(e) => {
-                    client_done = true;
-                    tracing::debug!(session = %session.id, error = %e, "ssh client connection failed");
-                    End::ClientError
+                end = session.cut.cut_with() => {
+                    let message = format!("warden: session ended: {end}");
+                    let _ = client.disconnect(russh::Disconnect::ByApplication, message, String::new()).await;
+                    break end;
                 }
-            },
-            () = upstream_closed.cancelled() => {
-                let _ = client.disconnect(russh::Disconnect::ByApplication, "warden: the upstream closed the connection".into(), String::new()).await;
-                End::UpstreamClosed
-            }
-            end = session.cut.cut_with() => {
-                let message = format!("warden: session ended: {end}");
-                let _ = client.disconnect(russh::Disconnect::ByApplication, message, String::new()).await;
-                end
+                Some(f) = forwarded.recv() => {
+                    admitted.tracker.spawn(admitted.clone().relay_forwarded(client.clone(), f));
+                }
             }
         };
         let _ = admitted.upstream.disconnect(russh::Disconnect::ByApplication, "session ended", "").await;

@@ -16,9 +16,9 @@ use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
 use tokio::sync::{mpsc, oneshot};
 
 use super::channel::{self, ChanState, Kind};
-use super::command::{command_allowed, words};
 use super::{Admitted, Decision};
 use crate::policy::Access;
+use crate::policy::commands::{command_allowed, words};
 use crate::protocol::Ask;
 
 /// How long the upstream has to answer one channel request.
@@ -286,7 +286,8 @@ impl server::Handler for AgentHandler {
         match ctx.upstream.channel_open_direct_tcpip(host, port, originator, originator_port).await {
             Ok(up) => {
                 reply.accept().await;
-                let state = ChanState::new(channel.id(), Kind::Forward { host: host.to_owned(), port });
+                let kind = Kind::Forward { remote: false, host: host.to_owned(), port, from: None };
+                let state = ChanState::new(channel.id(), kind);
                 self.open_bridge(&ctx, channel, up, state, session);
             }
             Err(e) => {
@@ -485,6 +486,7 @@ impl server::Handler for AgentHandler {
         let state = c.state.clone();
         let up = c.up.clone();
         state.set_kind(Kind::Subsystem { name: name.to_owned() });
+        state.start_sftp();
         let ok = up.request_subsystem(true, name).await.is_ok() && self.upstream_reply(channel).await;
         Self::reply(session, channel, ok)
     }
@@ -546,14 +548,49 @@ impl server::Handler for AgentHandler {
         port: &mut u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let forward = self.admitted.as_ref().is_some_and(|c| c.terms().forward);
-        let reason = if forward {
-            "remote port forwarding (-R) is not supported through warden yet"
+        let what = format!("{address}:{port}");
+        let Ok(ctx) = self.ctx() else { return Ok(false) };
+        let allowed = if ctx.terms().forward {
+            ctx.session.ask(&Ask::Forward { what: "tcpip-forward" }).map_err(|r| r.reason)
         } else {
-            "port forwarding is not granted (the grant needs forward: true)"
+            Err("port forwarding is not granted (the grant needs forward: true)".to_owned())
         };
-        self.refused("tcpip-forward", &format!("{address}:{port}"), reason);
+        if let Err(reason) = allowed {
+            self.refused("tcpip-forward", &what, &reason);
+            return Ok(false);
+        }
+        // The upstream listens; its connections come back as forwarded-tcpip channels (mod.rs relays
+        // those for listeners asked for here only).
+        ctx.listen_pending();
+        let asked = tokio::time::timeout(REPLY_DEADLINE, ctx.upstream.tcpip_forward(address, *port)).await;
+        let refusal = match asked {
+            Ok(Ok(bound)) => {
+                if *port == 0 {
+                    *port = bound;
+                }
+                ctx.listen_done(address, Some(*port));
+                return Ok(true);
+            }
+            Ok(Err(e)) => format!("the upstream refused: {e}"),
+            Err(_) => "the upstream did not answer".to_owned(),
+        };
+        ctx.listen_done(address, None);
+        self.refused("tcpip-forward", &what, &refusal);
         Ok(false)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Ok(ctx) = self.ctx() else { return Ok(false) };
+        if !ctx.unlisten(address, port) {
+            return Ok(false);
+        }
+        let cancelled = ctx.upstream.cancel_tcpip_forward(address, port);
+        Ok(matches!(tokio::time::timeout(REPLY_DEADLINE, cancelled).await, Ok(Ok(()))))
     }
 
     async fn streamlocal_forward(

@@ -10,17 +10,34 @@ use russh::client;
 use russh::keys::ssh_key::{self, HashAlg, PublicKey, certificate::CertType};
 use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::policy::{SshTarget, Target};
 use crate::protocol::End;
 
-/// The russh client handler: checks the host key, reports the connection's end.
+/// The russh client handler: checks the host key, reports the connection's end, hands the upstream's
+/// forwarded-tcpip channels (connections to a `-R` listener) to the session.
 pub struct UpstreamHandler {
     expect: Expect,
     /// Why the host key was refused, for the message the agent sees.
     mismatch: Arc<Mutex<Option<String>>>,
     closed: CancellationToken,
+    forwarded: mpsc::Sender<Forwarded>,
+}
+
+/// How many forwarded connections may wait for the agent to accept them; more are refused.
+const FORWARDED_QUEUE: usize = 16;
+
+/// A connection the upstream accepted on a remote (`-R`) listener, not yet answered: the session relays
+/// it to the agent as a forwarded-tcpip channel, then accepts or rejects it (dropping `reply` rejects).
+pub struct Forwarded {
+    pub channel: russh::Channel<client::Msg>,
+    pub reply: russh::client::ChannelOpenHandle,
+    pub connected_address: String,
+    pub connected_port: u32,
+    pub originator_address: String,
+    pub originator_port: u32,
 }
 
 impl Drop for UpstreamHandler {
@@ -134,6 +151,28 @@ impl client::Handler for UpstreamHandler {
             }
         }
     }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        // Never waits here (that would stall the upstream connection): a full queue refuses.
+        let _ = self.forwarded.try_send(Forwarded {
+            channel,
+            reply,
+            connected_address: connected_address.to_owned(),
+            connected_port,
+            originator_address: originator_address.to_owned(),
+            originator_port,
+        });
+        Ok(())
+    }
 }
 
 fn client_config(expect: &Expect) -> client::Config {
@@ -157,20 +196,30 @@ fn read_secret(path: &std::path::Path) -> Result<String, String> {
     Ok(text.trim_end_matches(['\n', '\r']).to_owned())
 }
 
-/// Runs the SSH handshake over `stream` and logs in. Returns the client handle and a token that fires
-/// when the upstream connection ends.
-pub async fn connect(
-    stream: TcpStream,
-    target: &Target,
-    ssh: &SshTarget,
-) -> Result<(client::Handle<UpstreamHandler>, CancellationToken), End> {
+/// A logged-in upstream connection.
+pub struct Connected {
+    pub handle: client::Handle<UpstreamHandler>,
+    /// Fires when the upstream connection ends.
+    pub closed: CancellationToken,
+    /// Connections the upstream forwards back (remote forwarding).
+    pub forwarded: mpsc::Receiver<Forwarded>,
+}
+
+/// Runs the SSH handshake over `stream` and logs in.
+pub async fn connect(stream: TcpStream, target: &Target, ssh: &SshTarget) -> Result<Connected, End> {
     let refused = |detail: String| End::UpstreamRefused { detail };
     let addr = stream.peer_addr().ok().map(|a| a.ip());
     let expect = Expect::from_target(target, ssh, addr).map_err(refused)?;
     let config = Arc::new(client_config(&expect));
     let mismatch = Arc::new(Mutex::new(None));
     let closed = CancellationToken::new();
-    let handler = UpstreamHandler { expect, mismatch: mismatch.clone(), closed: closed.clone() };
+    let (forwarded_tx, forwarded) = mpsc::channel(FORWARDED_QUEUE);
+    let handler = UpstreamHandler {
+        expect,
+        mismatch: mismatch.clone(),
+        closed: closed.clone(),
+        forwarded: forwarded_tx,
+    };
     let mut handle = match client::connect_stream(config, stream, handler).await {
         Ok(h) => h,
         Err(e) => {
@@ -194,7 +243,7 @@ pub async fn connect(
             handle.authenticate_publickey(user.clone(), PrivateKeyWithHashAlg::new(key, hash)).await
         };
         match result {
-            Ok(r) if r.success() => return Ok((handle, closed)),
+            Ok(r) if r.success() => return Ok(Connected { handle, closed, forwarded }),
             Ok(_) => tried.push("publickey"),
             Err(e) => return Err(refused(format!("login failed: {e}"))),
         }
@@ -202,7 +251,7 @@ pub async fn connect(
     if let Some(path) = &login.password_file {
         let password = read_secret(path).map_err(refused)?;
         match handle.authenticate_password(user.clone(), password).await {
-            Ok(r) if r.success() => return Ok((handle, closed)),
+            Ok(r) if r.success() => return Ok(Connected { handle, closed, forwarded }),
             Ok(_) => tried.push("password"),
             Err(e) => return Err(refused(format!("login failed: {e}"))),
         }

@@ -1,5 +1,6 @@
 //! The `exec` allow-list rule: which command strings a grant's `commands: [...]` patterns let through to the
-//! remote shell. Pure; no I/O.
+//! remote shell, and which patterns are well formed ([`pattern_problem`], checked when a policy loads, so
+//! `warden check` and the daemon both refuse a pattern the rule would never match). Pure; no I/O.
 //!
 //! # The rule
 //!
@@ -23,7 +24,8 @@
 //!    written in the same safe words plus `*`; `*` matches any run (possibly empty) of safe characters
 //!    and spaces, so `systemctl status *` matches `systemctl status nginx` and `systemctl status a b`,
 //!    but only ever plain words. Everything else in a pattern matches itself exactly. A pattern holding
-//!    any other character is invalid and matches nothing.
+//!    any other character, or one that could only match a command refused by 1-3 (its first word starts
+//!    with `-`, or holds `=` before any `*`), is invalid: the policy does not load.
 //!
 //! What a `*` may still match is ordinary arguments, options included (`find *` allows
 //! `find / -delete`): write patterns as narrow as the task needs.
@@ -94,11 +96,46 @@ pub fn words(command: &str) -> Result<Vec<&str>, String> {
     Ok(words)
 }
 
-/// Whether a pattern is written only in safe characters, spaces and `*`.
+/// Whether a pattern is well formed (see [`pattern_problem`]).
 pub fn pattern_valid(pattern: &str) -> bool {
-    pattern.len() <= MAX_COMMAND
-        && pattern.chars().any(|c| c != ' ')
-        && pattern.chars().all(|c| c == ' ' || c == '*' || safe(c))
+    pattern_problem(pattern).is_none()
+}
+
+/// Why a `commands` pattern can never let a command through under the rule, or `None` when it can: it
+/// must be written only in safe characters, spaces and `*` (so `?`, `[...]`, `{...}` and other globs
+/// are refused, not guessed at), and must not be one that only a refused command would match.
+pub fn pattern_problem(pattern: &str) -> Option<String> {
+    if pattern.len() > MAX_COMMAND {
+        return Some(format!("pattern is {} bytes; commands are at most {MAX_COMMAND}", pattern.len()));
+    }
+    if let Some((i, c)) = pattern.char_indices().find(|&(_, c)| c != ' ' && c != '*' && !safe(c)) {
+        let why = match c {
+            '?' | '[' | ']' | '{' | '}' => "a glob the rule does not know (only `*` is a wildcard)",
+            _ if c.is_control() || !c.is_ascii() => "a character no allowed command may hold",
+            _ => "a character the rule refuses in every command",
+        };
+        return Some(format!(
+            "pattern contains {} at byte {i}, {why}; patterns are plain words of letters, digits and \
+             {SAFE_PUNCTUATION} separated by spaces, with `*` for any run of them",
+            describe(c)
+        ));
+    }
+    let pattern = pattern.trim_start_matches(' ');
+    if pattern.trim_end_matches(' ').is_empty() {
+        return Some("pattern is empty; it would match nothing".into());
+    }
+    if pattern.starts_with('-') {
+        return Some("pattern starts with `-`, but a command's first word may not (name the program)".into());
+    }
+    // The literal start of the first word: what every matching command's program name begins with.
+    let literal = pattern.split([' ', '*']).next().unwrap_or_default();
+    if literal.contains('=') {
+        return Some(format!(
+            "pattern's first word `{literal}` contains `=`, but a command's first word may not (a shell \
+             reads it as an environment assignment)"
+        ));
+    }
+    None
 }
 
 fn normalise_pattern(pattern: &str) -> String {
@@ -248,6 +285,29 @@ mod tests {
         assert!(command_allowed("   ", &pats(&["*"])).unwrap_err().contains("empty"));
         let long = "a".repeat(MAX_COMMAND + 1);
         assert!(command_allowed(&long, &pats(&["*"])).unwrap_err().contains("at most"));
+    }
+
+    #[test]
+    fn pattern_problems_are_named() {
+        let problem = |p: &str| pattern_problem(p).unwrap_or_default();
+        assert!(problem("ls ?").contains("glob"), "{}", problem("ls ?"));
+        assert!(problem("ls [ab]").contains("glob"));
+        assert!(problem("ls {a,b}").contains("glob"));
+        assert!(problem("uptime; id").contains("`;`"));
+        assert!(problem("ls $HOME").contains("`$`"));
+        assert!(problem("ls\tx").contains("a tab"));
+        assert!(problem("ls \u{e9}").contains("non-ASCII"));
+        assert!(problem("").contains("empty"));
+        assert!(problem("   ").contains("empty"));
+        assert!(problem(" -c *").contains("`-`"));
+        assert!(problem("LD_PRELOAD=* ls").contains("`=`"));
+        assert!(problem("A=1").contains("`=`"));
+        assert!(problem(&"a".repeat(MAX_COMMAND + 1)).contains("at most"));
+        for good in ["uptime", "systemctl status *", "*", "* -la", "env FOO=1", "*=1", "a*=1", "date +%F"] {
+            assert_eq!(pattern_problem(good), None, "{good:?}");
+        }
+        // `*=1` can match `ls a=1` (the star spans the space), so it is not refused.
+        assert!(allowed("ls a=1", &["*=1"]));
     }
 
     #[test]
