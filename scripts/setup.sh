@@ -51,6 +51,7 @@ if ! python3 -m pip show moto 2>/dev/null | grep -q "^Version: ${MOTO_VERSION}$"
 fi
 
 # The pinned nightly with rust-src, for the eBPF programs.
+command -v rustup >/dev/null 2>&1 || { echo "setup.sh: rustup is missing: install Rust with https://rustup.rs first" >&2; exit 1; }
 NIGHTLY_COMMIT="e50aa6fba"   # the commit nightly-2026-05-20 names (rustc 1.97.0-nightly, LLVM 22)
 if ! rustup toolchain list | grep -q "^${NIGHTLY}"; then
   log "installing ${NIGHTLY}"

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use warden::audit::ship::remote::{Location, verify_bucket};
 use warden::audit::ship::s3::{Checksums, Put};
-use warden::audit::ship::{Connection, ShipOptions, Stats, Store, segment_key};
+use warden::audit::ship::{Connection, ShipOptions, Shipping, Stats, Store, segment_key};
 use warden::audit::verify::{Report, verify_dir};
 use warden::audit::{Audit, AuditOptions, Record, read_shipped, sign};
 
@@ -828,4 +828,84 @@ async fn retention_never_deletes_an_unshipped_file() {
     assert_intact(&report);
     assert_eq!(report.first_seq, Some(0));
     assert!(report.last_seq.unwrap() >= shipped);
+}
+
+/// `warden status`'s shipping view follows the shipper: what it shipped last, what waits while the storage
+/// is down, the error and the retry, and the backlog draining once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_view_shows_the_last_segment_the_backlog_the_error_and_the_retry() {
+    let root = tempfile::tempdir().unwrap();
+    let creds = credentials(root.path());
+    let store = bucket(&creds).await;
+    let switch = Switch::new(moto()).await;
+    let via_switch = Store::connect(&connection(switch.port, &creds), store.bucket()).await.unwrap();
+    let mut host = Host::start(root, 0);
+    host.ship(&via_switch, Duration::from_secs(3600));
+    let shipping = Shipping {
+        bucket: store.bucket().into(),
+        prefix: PREFIX.into(),
+        audit_dir: host.dir(),
+        stats: host.stats.clone(),
+    };
+    let json = || serde_json::to_value(shipping.status()).unwrap();
+    wait_until("the shipper to plan its first attempt", Duration::from_secs(30), || {
+        json()["next_attempt"].is_string()
+    })
+    .await;
+    let first = json();
+    assert_eq!(first["enabled"], true);
+    assert_eq!(first["bucket"], store.bucket());
+    assert_eq!(first["prefix"], PREFIX);
+    assert!(first["shipped_through"].is_null() && first["last_shipped"].is_null(), "{first}");
+
+    host.sessions(0, 20).await;
+    let through = host.seal_and_wait().await;
+    let s = json();
+    assert_eq!(s["shipped_through"], through, "{s}");
+    assert_eq!(s["last_shipped"]["last_seq"], through, "{s}");
+    assert_eq!(s["last_shipped"]["first_seq"], 0, "{s}");
+    assert_eq!(s["last_shipped"]["segment"], "audit-00000000000000000000.jsonl", "{s}");
+    assert_eq!(s["last_shipped"]["key"], format!("{PREFIX}segments/audit-00000000000000000000.jsonl"));
+    assert_eq!(s["pending"]["segments"], 0, "{s}");
+    assert!(s["last_error"].is_null() && s["stopped"].is_null(), "{s}");
+
+    switch.down();
+    for round in 0..2 {
+        host.sessions(100 + round * 10, 10).await;
+        assert!(host.audit.seal().await.unwrap());
+    }
+    wait_until("a failed upload while the storage is down", Duration::from_secs(60), || {
+        host.stats.failures.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    let down = json();
+    assert!(down["pending"]["segments"].as_u64().unwrap() >= 2, "{down}");
+    assert!(down["pending"]["bytes"].as_u64().unwrap() > 0, "{down}");
+    assert_eq!(down["pending"]["oldest"], format!("audit-{:020}.jsonl", through + 1), "{down}");
+    assert!(down["last_error"]["error"].as_str().unwrap().contains("cannot"), "{down}");
+    let failed_at = warden::timestamp::parse(down["last_error"]["at"].as_str().unwrap()).unwrap();
+    let retry_at = warden::timestamp::parse(down["next_attempt"].as_str().unwrap()).unwrap();
+    assert!(retry_at > failed_at && retry_at < failed_at + Duration::from_secs(301), "{down}");
+    assert_eq!(down["shipped_through"], through, "{down}");
+    let text = warden::daemon::status::render(&serde_json::json!({ "shipping": down }));
+    for want in [
+        format!("shipping: s3://{}/{PREFIX}; shipped through seq {through}", store.bucket()),
+        format!("{} pending (", down["pending"]["segments"]),
+        format!("  last error at {}: ", down["last_error"]["at"].as_str().unwrap()),
+    ] {
+        assert!(text.contains(&want), "missing {want:?} in\n{text}");
+    }
+
+    switch.up();
+    let sealed = host.last_sealed().unwrap();
+    wait_until("the backlog to ship once the storage is back", Duration::from_secs(60), || {
+        json()["pending"]["segments"] == 0
+    })
+    .await;
+    let back = json();
+    assert!(back["shipped_through"].as_u64().unwrap() >= sealed, "{back}");
+    assert_eq!(back["last_shipped"]["last_seq"], back["shipped_through"], "{back}");
+    assert!(!back["last_error"].is_null(), "the last error stays visible after recovery: {back}");
+    assert!(back["segments_shipped"].as_u64().unwrap() >= 3, "{back}");
+    let _root = host.stop().await;
 }

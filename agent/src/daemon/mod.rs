@@ -54,6 +54,8 @@ pub struct State {
     pub subjects: Mutex<HashMap<String, crate::policy::Subject>>,
     pub shutdown: CancellationToken,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The audit shipper's view, when `[audit.ship]` is on.
+    pub shipping: Option<crate::audit::ship::Shipping>,
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -80,7 +82,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let audit_options = crate::audit::AuditOptions::new(&config.audit, &config.agent.state_dir, host.clone());
     let (audit, writer) =
         Audit::start_with(&audit_options.with_metrics(metrics.clone()), writer_stop.clone())?;
-    let _shipper = crate::audit::ship::spawn(
+    let shipper = crate::audit::ship::spawn(
         &config.audit.ship,
         &audit,
         &config.agent.state_dir,
@@ -88,6 +90,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     )
     .await?;
+    let shipping = shipper.as_ref().map(|(_, view)| view.clone());
 
     let kernel = Arc::new(bpf::install(&bpf::Settings {
         bpffs_dir: config.agent.bpffs_dir.clone(),
@@ -155,6 +158,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         subjects: Mutex::new(HashMap::new()),
         shutdown: shutdown.clone(),
         metrics: metrics.clone(),
+        shipping,
         config,
     });
     state.apply_static_bindings();

@@ -90,8 +90,7 @@ pub fn status(state: &State) -> Value {
             "allow": state.kernel.allow_entries(),
             "events_lost": state.kernel.events_lost(),
         },
-        // S3 shipping of the audit record is not there yet.
-        "shipping": { "enabled": false },
+        "shipping": state.shipping.as_ref().map_or_else(|| json!({ "enabled": false }), |s| json!(s.status())),
         "metrics": { "listen": (!state.config.metrics.listen.is_empty()).then(|| state.config.metrics.listen.clone()) },
         "targets": state.policy.current().targets().map(|t| t.name.clone()).collect::<Vec<_>>(),
         "proxy_listen": state.config.proxy_listen().iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -116,6 +115,44 @@ pub fn sample(state: &State, m: &Metrics) {
     let (depth, capacity) = state.audit.queue();
     m.audit_queue_depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
     m.audit_queue_capacity.set(i64::try_from(capacity).unwrap_or(i64::MAX));
+}
+
+/// `shipping: off`, or where to and how far, what waits, and what went wrong last.
+fn render_shipping(out: &mut String, s: &Value) {
+    if s["enabled"] != true {
+        out.push_str("shipping: off\n");
+        return;
+    }
+    let through = if s["shipped_through"].is_null() {
+        "nothing shipped yet".to_owned()
+    } else {
+        format!("shipped through seq {}", or_dash(&s["shipped_through"]))
+    };
+    let _ = write!(out, "shipping: s3://{}/{}; {through}", or_dash(&s["bucket"]), or_dash(&s["prefix"]));
+    let last = &s["last_shipped"];
+    if !last.is_null() {
+        let _ = write!(
+            out,
+            " (last {} seq {}-{} at {})",
+            or_dash(&last["segment"]),
+            or_dash(&last["first_seq"]),
+            or_dash(&last["last_seq"]),
+            or_dash(&last["at"])
+        );
+    }
+    let p = &s["pending"];
+    let _ = write!(out, "; {} pending ({} bytes)", or_dash(&p["segments"]), or_dash(&p["bytes"]));
+    if !s["next_attempt"].is_null() {
+        let _ = write!(out, "; next attempt {}", or_dash(&s["next_attempt"]));
+    }
+    out.push('\n');
+    let e = &s["last_error"];
+    if !e.is_null() {
+        let _ = writeln!(out, "  last error at {}: {}", or_dash(&e["at"]), or_dash(&e["error"]));
+    }
+    if !s["stopped"].is_null() {
+        let _ = writeln!(out, "  SHIPPING STOPPED: {}", or_dash(&s["stopped"]));
+    }
 }
 
 fn list(v: &Value) -> Vec<String> {
@@ -235,8 +272,7 @@ pub fn render(v: &Value) -> String {
         or_dash(&k["targets"]),
         or_dash(&k["events_lost"])
     );
-    let shipping = if v["shipping"]["enabled"] == true { "on" } else { "off" };
-    let _ = writeln!(out, "shipping: {shipping}");
+    render_shipping(&mut out, &v["shipping"]);
     let metrics =
         v["metrics"]["listen"].as_str().map_or_else(|| "off".to_owned(), |l| format!("http://{l}/metrics"));
     let _ = writeln!(out, "metrics: {metrics}");
@@ -278,5 +314,34 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn the_shipping_line_says_how_far_what_waits_and_what_failed() {
+        let mut out = String::new();
+        render_shipping(
+            &mut out,
+            &json!({
+                "enabled": true, "bucket": "audit-lock", "prefix": "hosts/web-1/", "shipped_through": 41,
+                "last_shipped": { "segment": "audit-00000000000000000001.jsonl", "first_seq": 1,
+                                  "last_seq": 41, "at": "2026-01-01T00:00:00Z" },
+                "pending": { "segments": 2, "bytes": 900 },
+                "last_error": { "error": "cannot put k: connection refused", "at": "2026-01-01T00:01:00Z" },
+                "next_attempt": "2026-01-01T00:01:04Z",
+                "stopped": "the bucket already holds different bytes",
+            }),
+        );
+        for want in [
+            "shipping: s3://audit-lock/hosts/web-1/; shipped through seq 41 (last \
+             audit-00000000000000000001.jsonl seq 1-41 at 2026-01-01T00:00:00Z); 2 pending (900 bytes); next \
+             attempt 2026-01-01T00:01:04Z\n",
+            "  last error at 2026-01-01T00:01:00Z: cannot put k: connection refused\n",
+            "  SHIPPING STOPPED: the bucket already holds different bytes\n",
+        ] {
+            assert!(out.contains(want), "missing {want:?} in\n{out}");
+        }
+        let mut off = String::new();
+        render_shipping(&mut off, &json!({ "enabled": false }));
+        assert_eq!(off, "shipping: off\n");
     }
 }

@@ -31,13 +31,14 @@
 //! otherwise fork); an operator must look.
 
 mod config;
+mod progress;
 pub mod remote;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use ed25519_dalek::VerifyingKey;
 use time::OffsetDateTime;
@@ -45,6 +46,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{ShipConfig, check_endpoint};
+pub use progress::{LastError, LastShipped, Pending, Progress, ShipStatus, Shipping, pending};
 pub use remote::Location;
 pub use s3::{Connection, Store};
 
@@ -82,6 +84,8 @@ pub struct Stats {
     pub segments: AtomicU64,
     pub bytes: AtomicU64,
     pub failures: AtomicU64,
+    /// The last segment shipped, the last error, the next attempt.
+    pub progress: Progress,
 }
 
 /// Everything the shipper needs.
@@ -97,14 +101,15 @@ pub struct ShipOptions {
     pub stats: Arc<Stats>,
 }
 
-/// Starts the shipper when `[audit.ship]` is on: builds the client, then ships until `shutdown`.
+/// Starts the shipper when `[audit.ship]` is on: builds the client, then ships until `shutdown`. Returns
+/// the task and the view `status` reads.
 pub async fn spawn(
     config: &ShipConfig,
     audit: &Audit,
     state_dir: &Path,
     host: &str,
     shutdown: CancellationToken,
-) -> Result<Option<JoinHandle<()>>, ShipError> {
+) -> Result<Option<(JoinHandle<()>, Shipping)>, ShipError> {
     if !config.enabled() {
         return Ok(None);
     }
@@ -120,7 +125,13 @@ pub async fn spawn(
         stats: Arc::default(),
     };
     tracing::info!(bucket = config.bucket.get_ref(), prefix = %opts.prefix, "audit shipping on");
-    Ok(Some(tokio::spawn(run(opts, audit.clone(), shutdown))))
+    let shipping = Shipping {
+        bucket: config.bucket.get_ref().clone(),
+        prefix: opts.prefix.clone(),
+        audit_dir: opts.audit_dir.clone(),
+        stats: opts.stats.clone(),
+    };
+    Ok(Some((tokio::spawn(run(opts, audit.clone(), shutdown)), shipping)))
 }
 
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -136,6 +147,9 @@ pub async fn run(opts: ShipOptions, audit: Audit, shutdown: CancellationToken) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = BACKOFF_MIN;
     let mut retry_at: Option<tokio::time::Instant> = None;
+    let stats = shipper.o.stats.clone();
+    let interval = shipper.o.interval;
+    stats.progress.next_attempt(SystemTime::now() + interval);
     loop {
         if retry_at.is_none_or(|t| t <= tokio::time::Instant::now()) {
             // Cancelling mid-upload is safe: the next start finds the key and checks its bytes.
@@ -145,13 +159,18 @@ pub async fn run(opts: ShipOptions, audit: Audit, shutdown: CancellationToken) {
             };
             match outcome {
                 Ok(()) => {
+                    if retry_at.take().is_some() {
+                        stats.progress.next_attempt(SystemTime::now() + interval);
+                    }
                     backoff = BACKOFF_MIN;
-                    retry_at = None;
                 }
                 Err(e) => {
-                    shipper.o.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    stats.failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, retry_in = ?backoff, "audit shipping failed; segments stay on disk");
                     shipper.note_failure(&e);
+                    let stopped = shipper.conflict.clone();
+                    stats.progress.failed(e.to_string(), stopped);
+                    stats.progress.next_attempt(SystemTime::now() + backoff);
                     retry_at = Some(tokio::time::Instant::now() + backoff);
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
@@ -161,6 +180,9 @@ pub async fn run(opts: ShipOptions, audit: Audit, shutdown: CancellationToken) {
             biased;
             () = shutdown.cancelled() => break,
             _ = tick.tick() => {
+                if retry_at.is_none() {
+                    stats.progress.next_attempt(SystemTime::now() + interval);
+                }
                 if let Err(e) = shipper.audit.seal().await {
                     tracing::debug!(error = %e, "audit seal refused");
                 }
@@ -337,6 +359,7 @@ impl Shipper {
             .await?;
         files::mark_shipped(&self.o.audit_dir, last_seq)?;
         self.shipped_since_start = true;
+        self.o.stats.progress.shipped(&name, &key, first_seq, last_seq, len);
         self.o.stats.segments.fetch_add(1, Ordering::Relaxed);
         self.o.stats.bytes.fetch_add(len, Ordering::Relaxed);
         tracing::debug!(%key, first_seq, last_seq, bytes = len, "audit segment shipped");
