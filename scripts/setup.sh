@@ -24,6 +24,8 @@ PKGS=(postgresql postgresql-client openssh-server openssh-client haproxy iproute
 PKGS+=(systemd man-db binutils vagrant)
 # clang + libclang: pg_query's build script compiles the vendored libpg_query and runs bindgen.
 PKGS+=(clang libclang-dev)
+# gcc + libpq-dev: the PostgreSQL handler tests build a small PQfn client (a fastpath FunctionCall).
+PKGS+=(gcc libpq-dev)
 # The PostgreSQL benchmark's peers: pgbench (postgresql-contrib) and pgbouncer in session mode.
 PKGS+=(postgresql-contrib pgbouncer)
 # Node.js (for the OpenID provider the tests run) ships with these machines; Debian's is the fallback.

@@ -746,3 +746,302 @@ async fn md5_and_cleartext_upstream_logins_work() {
         "agent_rw"
     );
 }
+
+/// Frontend messages, encoded by postgres-protocol.
+fn fe(f: impl FnOnce(&mut bytes::BytesMut) -> std::io::Result<()>) -> Vec<u8> {
+    let mut b = bytes::BytesMut::new();
+    f(&mut b).unwrap();
+    b.to_vec()
+}
+
+fn simple_query(sql: &str) -> Vec<u8> {
+    fe(|b| postgres_protocol::message::frontend::query(sql, b))
+}
+
+/// The extended protocol's Parse/Bind/Execute of one unnamed statement, without Sync.
+fn extended(sql: &str) -> Vec<u8> {
+    use postgres_protocol::message::frontend;
+    fe(|b| {
+        frontend::parse("", sql, std::iter::empty(), b)?;
+        frontend::bind(
+            "",
+            "",
+            std::iter::empty::<i16>(),
+            std::iter::empty::<Option<()>>(),
+            |_, _| unreachable!(),
+            Some(0),
+            b,
+        )
+        .map_err(|_| std::io::Error::other("bind"))?;
+        frontend::execute("", 0, b)
+    })
+}
+
+fn status_of(msgs: &[(u8, Vec<u8>)]) -> u8 {
+    let (tag, body) = msgs.last().unwrap();
+    assert_eq!(*tag, b'Z');
+    body[0]
+}
+
+fn sqlstates(msgs: &[(u8, Vec<u8>)]) -> Vec<String> {
+    msgs.iter()
+        .filter(|(t, _)| *t == b'E')
+        .map(|(_, b)| {
+            let s = String::from_utf8_lossy(b);
+            s.split('\0').find_map(|f| f.strip_prefix('C')).unwrap_or_default().to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_inside_a_transaction_aborts_it_on_both_sides() {
+    let cluster = Cluster::start();
+    let proxy = Proxy::start(
+        &cluster,
+        Setup {
+            access: Access::Write,
+            tls: TlsMode::Disable,
+            mask: vec!["users.email".into()],
+            ..Setup::default()
+        },
+    )
+    .await;
+    cluster.sql("orders", "CREATE TABLE notes (id int, body text); ALTER TABLE notes OWNER TO agent_rw");
+    let refused = "SELECT upper(email) FROM users";
+    // Simple protocol, on the wire: the refusal's ReadyForQuery says `E`, as a server's own error would,
+    // and the COMMIT that follows rolls back.
+    let mut s = startup(proxy.addr).await;
+    s.write_all(&simple_query("BEGIN")).await.unwrap();
+    assert_eq!(status_of(&until_ready(&mut s).await), b'T');
+    s.write_all(&simple_query("INSERT INTO notes (id, body) VALUES (3, 'cy')")).await.unwrap();
+    let m = until_ready(&mut s).await;
+    assert_eq!(status_of(&m), b'T', "{m:?}");
+    s.write_all(&simple_query(refused)).await.unwrap();
+    let m = until_ready(&mut s).await;
+    assert_eq!(sqlstates(&m), ["42501"], "one error, Warden's: the upstream's own is swallowed");
+    assert_eq!(status_of(&m), b'E', "the client is told the transaction failed");
+    s.write_all(&simple_query("SELECT 1")).await.unwrap();
+    let m = until_ready(&mut s).await;
+    assert_eq!(sqlstates(&m), ["25P02"], "the upstream transaction really is aborted");
+    s.write_all(&simple_query("COMMIT")).await.unwrap();
+    let m = until_ready(&mut s).await;
+    assert!(m.iter().any(|(t, b)| *t == b'C' && b.starts_with(b"ROLLBACK")), "{m:?}");
+    assert_eq!(status_of(&m), b'I');
+    assert_eq!(cluster.sql("orders", "SELECT count(*) FROM notes"), "0", "the INSERT was not committed");
+    // Extended protocol, one pipeline up to Sync (an implicit transaction): the INSERT before the refused
+    // Parse is rolled back with it, the messages after it are skipped, and the session goes on.
+    let mut pipeline = extended("INSERT INTO notes (id, body) VALUES (4, 'dee')");
+    pipeline.extend(extended(refused));
+    pipeline.extend(extended("INSERT INTO notes (id, body) VALUES (5, 'eve')"));
+    pipeline.extend(fe(|b| {
+        postgres_protocol::message::frontend::sync(b);
+        Ok(())
+    }));
+    s.write_all(&pipeline).await.unwrap();
+    let m = until_ready(&mut s).await;
+    assert_eq!(sqlstates(&m), ["42501"], "{m:?}");
+    assert_eq!(status_of(&m), b'I');
+    assert_eq!(cluster.sql("orders", "SELECT count(*) FROM notes"), "0", "nothing of the pipeline committed");
+    s.write_all(&simple_query("SELECT 7")).await.unwrap();
+    assert!(sqlstates(&until_ready(&mut s).await).is_empty());
+    drop(s);
+
+    // tokio-postgres: an explicit transaction, a refused statement in it, then COMMIT.
+    let mut client = proxy.client().await;
+    let txn = client.transaction().await.unwrap();
+    txn.execute("INSERT INTO notes (id, body) VALUES (6, 'fay')", &[]).await.unwrap();
+    let e = txn.query(refused, &[]).await.unwrap_err();
+    assert_eq!(code(&e), "42501", "{e}");
+    let e = txn.query("SELECT 1::int4", &[]).await.unwrap_err();
+    assert_eq!(code(&e), "25P02", "the upstream transaction is aborted: {e}");
+    txn.commit().await.unwrap();
+    assert_eq!(client.query_one("SELECT count(*) FROM notes", &[]).await.unwrap().get::<_, i64>(0), 0);
+
+    // psql: the same, one command at a time; COMMIT answers ROLLBACK.
+    let out = Command::new("psql")
+        .arg(proxy.conninfo("orders", "disable"))
+        .args(["-XAtw", "-c", "BEGIN", "-c", "INSERT INTO notes (id, body) VALUES (7, 'gus')"])
+        .args(["-c", refused, "-c", "COMMIT"])
+        .env_remove("PGPASSWORD")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stderr.contains("warden"), "{stderr}");
+    assert_eq!(stdout.lines().last(), Some("ROLLBACK"), "{stdout}{stderr}");
+    assert_eq!(cluster.sql("orders", "SELECT count(*) FROM notes"), "0");
+}
+
+/// Builds `support/pqfn.c` (libpq's `PQfn`, a fastpath FunctionCall client) into `dir`.
+fn pqfn(dir: &std::path::Path) -> Option<PathBuf> {
+    let header = std::path::Path::new("/usr/include/postgresql/libpq-fe.h").exists();
+    let cc = Command::new("cc").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
+    let needs = [
+        ("cc (scripts/setup.sh installs gcc)", cc),
+        ("libpq-fe.h (scripts/setup.sh installs libpq-dev)", header),
+    ];
+    if !warden_test_support::require("pqfn", &needs) {
+        return None;
+    }
+    let bin = dir.join("pqfn");
+    let out = Command::new("cc")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/pqfn.c"))
+        .args(["-I/usr/include/postgresql", "-lpq", "-o"])
+        .arg(&bin)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cc pqfn.c: {}", String::from_utf8_lossy(&out.stderr));
+    Some(bin)
+}
+
+/// Runs `pqfn CONNINFO OID [ARG]`: (success, stdout, stderr).
+fn call_pqfn(bin: &std::path::Path, conninfo: &str, oid: &str, arg: Option<&str>) -> (bool, String, String) {
+    let out = Command::new(bin).arg(conninfo).arg(oid).args(arg).env_remove("PGPASSWORD").output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fastpath_function_calls_are_recorded_and_held_to_the_allow_list_under_read() {
+    let cluster = Cluster::start();
+    let proxy = Proxy::start(&cluster, Setup::default()).await;
+    let Some(bin) = pqfn(proxy.state.path()) else { return };
+    let conninfo = proxy.conninfo("orders", "require");
+    let oid = |f: &str| cluster.sql("orders", &format!("SELECT '{f}'::regprocedure::oid"));
+    // A built-in on the allow-list runs.
+    let (ok, out, err) = call_pqfn(&bin, &conninfo, &oid("pg_catalog.reverse(text)"), Some("hello"));
+    assert!(ok, "{err}");
+    assert_eq!(out, "olleh");
+    // A writer is refused with 25006, and psql says so.
+    let (ok, _, err) = call_pqfn(&bin, &conninfo, &oid("pg_catalog.nextval(regclass)"), Some("s"));
+    assert!(!ok && err.contains("warden") && err.contains("nextval"), "{err}");
+    // So is a user-defined function, and an OID that names nothing.
+    cluster.sql("orders", "CREATE FUNCTION public.bump(text) RETURNS text LANGUAGE sql AS 'SELECT $1'");
+    let (ok, _, err) = call_pqfn(&bin, &conninfo, &oid("public.bump(text)"), Some("x"));
+    assert!(!ok && err.contains("public.bump"), "{err}");
+    let (ok, _, err) = call_pqfn(&bin, &conninfo, "4000000000", None);
+    assert!(!ok && err.contains("warden"), "{err}");
+    // psql's large-object commands use fastpath (lo_creat, lo_open, lowrite): refused, and psql says so.
+    let file = proxy.state.path().join("blob");
+    std::fs::write(&file, b"payload").unwrap();
+    let (ok, _, err) = psql(&conninfo, &format!("\\lo_import {}", file.display()), &[]);
+    assert!(!ok && err.contains("warden"), "{err}");
+    assert_eq!(cluster.sql("orders", "SELECT count(*) FROM pg_largeobject_metadata"), "0");
+    // The trail: every call, by name, its arguments redacted.
+    let q = proxy.records("pg.query").await;
+    let calls: Vec<&Value> = q.iter().filter(|r| r["protocol"] == "function").collect();
+    let reverse =
+        calls.iter().find(|r| r["text"].as_str().unwrap().contains("pg_catalog.reverse(text)")).unwrap();
+    assert_eq!(reverse["parameters"], serde_json::json!({ "count": 1, "redacted": true }), "{reverse}");
+    assert!(reverse.get("decision").is_none(), "{reverse}");
+    for f in ["nextval(regclass)", "public.bump(text)", "oid 4000000000", "lo_"] {
+        let r = calls
+            .iter()
+            .find(|r| r["text"].as_str().unwrap().contains(f))
+            .unwrap_or_else(|| panic!("{f}: {calls:?}"));
+        assert_eq!(r["decision"], "refused", "{r}");
+        assert_eq!(r["sqlstate"], "25006", "{r}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fastpath_function_calls_run_under_write_and_masks_still_hold() {
+    let cluster = Cluster::start();
+    let proxy =
+        Proxy::start(&cluster, Setup { access: Access::Write, tls: TlsMode::Disable, ..Setup::default() })
+            .await;
+    let conninfo = proxy.conninfo("orders", "disable");
+    // psql's \lo_import and \lo_export: fastpath calls, recorded, and they work.
+    let file = proxy.state.path().join("blob");
+    std::fs::write(&file, b"payload").unwrap();
+    let (ok, _, err) = psql(&conninfo, &format!("\\lo_import {}", file.display()), &[]);
+    assert!(ok, "{err}");
+    let lo = cluster.sql("orders", "SELECT oid FROM pg_largeobject_metadata");
+    let back = proxy.state.path().join("back");
+    let (ok, _, err) = psql(&conninfo, &format!("\\lo_export {lo} {}", back.display()), &[]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(&back).unwrap(), b"payload");
+    let q = proxy.records("pg.query").await;
+    for f in ["lo_open(oid, integer)", "lowrite(integer, bytea)", "loread(integer, integer)"] {
+        assert!(
+            q.iter().any(|r| r["protocol"] == "function" && r["text"].as_str().unwrap().contains(f)),
+            "{f}: {q:?}"
+        );
+    }
+    // set_config by fastpath would bypass the SET rules (SET ROLE is refused even under write).
+    let Some(bin) = pqfn(proxy.state.path()) else { return };
+    let set_config =
+        cluster.sql("orders", "SELECT 'pg_catalog.set_config(text,text,boolean)'::regprocedure::oid");
+    let (ok, _, err) = call_pqfn(&bin, &conninfo, &set_config, None);
+    assert!(!ok && err.contains("set_config"), "{err}");
+    // Under masks, only the allow-list runs by fastpath.
+    let masked = Proxy::start(
+        &cluster,
+        Setup {
+            access: Access::Write,
+            tls: TlsMode::Disable,
+            mask: vec!["users.email".into()],
+            ..Setup::default()
+        },
+    )
+    .await;
+    let (ok, _, err) =
+        psql(&masked.conninfo("orders", "disable"), &format!("\\lo_export {lo} {}", back.display()), &[]);
+    assert!(!ok && err.contains("warden"), "{err}");
+    let refused: Vec<Value> =
+        masked.records("pg.query").await.into_iter().filter(|r| r["decision"] == "refused").collect();
+    assert!(refused.iter().any(|r| r["sqlstate"] == "42501" && r["protocol"] == "function"), "{refused:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_startup_parameters_are_relayed_unless_they_lift_the_grant() {
+    let cluster = Cluster::start();
+    let mut proxy = Proxy::start(&cluster, Setup::default()).await;
+    let show = "SELECT current_setting('application_name') || '|' || current_setting('DateStyle') || '|' || \
+                current_setting('TimeZone') || '|' || current_setting('extra_float_digits') || '|' || \
+                current_setting('search_path') || '|' || current_setting('statement_timeout')";
+    // psql: application_name, and the rest through PGOPTIONS / PGDATESTYLE / PGTZ.
+    let (ok, out, err) = psql(
+        &format!("{} application_name=reporting", proxy.conninfo("orders", "require")),
+        show,
+        &[
+            ("PGOPTIONS", "-c search_path=public -c statement_timeout=5s -c extra_float_digits=2"),
+            ("PGDATESTYLE", "German"),
+            ("PGTZ", "Europe/Paris"),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out, "reporting|German, DMY|Europe/Paris|2|public|5s");
+    // tokio-postgres: application_name and options.
+    let mut config: tokio_postgres::Config = proxy.conninfo("orders", "disable").parse().unwrap();
+    config.application_name("tokio-agent").options("-c TimeZone=UTC");
+    let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let row = client
+        .query_one("SELECT current_setting('application_name'), current_setting('TimeZone')", &[])
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, String>(0).as_str(), row.get::<_, String>(1).as_str()), ("tokio-agent", "UTC"));
+    drop(client);
+    for _ in 0..2 {
+        assert_eq!(proxy.next_end().await, End::ClientClosed);
+    }
+    // Parameters that would lift the grant: refused with FATAL, and the session ends with the reason.
+    for (env, value) in [
+        ("PGOPTIONS", "-c default_transaction_read_only=off"),
+        ("PGOPTIONS", "-c role=agent_rw"),
+        ("PGOPTIONS", "--session_authorization=agent_rw"),
+        ("PGOPTIONS", "-c standard_conforming_strings=off"),
+        ("PGOPTIONS", "-c search_path=pg_temp,public"),
+        ("PGCLIENTENCODING", "SJIS"),
+    ] {
+        let (ok, _, err) = psql(&proxy.conninfo("orders", "disable"), "SELECT 1", &[(env, value)]);
+        assert!(!ok && err.contains("FATAL") && err.contains("startup parameter"), "{value}: {err}");
+        match proxy.next_end().await {
+            End::PolicyChanged { reason } => assert!(reason.contains("agents read orders"), "{reason}"),
+            other => panic!("{value}: {other:?}"),
+        }
+    }
+}

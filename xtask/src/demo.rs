@@ -1,7 +1,10 @@
-//! `cargo xtask demo`: a real PostgreSQL on 127.0.0.5 and 127.0.0.6, a real OpenID provider shaped like
-//! Okta, and Warden with an embedded default config and policy. An agent run with `warden exec` reaches the
-//! orders database through Warden (allowed), is refused the other address (refused), and both show up
-//! in the verified audit record (recorded). Everything it starts is stopped and removed at the end.
+//! `cargo xtask demo`: a real PostgreSQL on 127.0.0.5 and 127.0.0.6 (SCRAM-SHA-256 only), a real OpenID
+//! provider shaped like Okta, and Warden with an embedded default config and policy naming 127.0.0.5 as a
+//! `postgres` target with `access: read`. An agent run with `warden exec` and no password reaches the orders
+//! database through Warden, which logs in upstream with SCRAM as the read-only role (allowed); its write is
+//! refused with SQLSTATE 25006 (refused); the other address is refused with EPERM (refused); every statement
+//! is a `pg.query` record in the verified audit trail (recorded). Everything it starts is stopped and
+//! removed at the end.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -13,20 +16,32 @@ use warden_test_support::{IdentityToml, WardenToml};
 
 use crate::{build_warden, nix_is_root, root, run as sh};
 
-/// The embedded default policy: research agents may reach the orders database for 15 minutes.
-const POLICY: &str = r"# Warden demo policy (embedded in `cargo xtask demo`)
+/// The role Warden logs in as upstream; the agent never sees its password.
+const ROLE: &str = "orders_ro";
+
+/// The embedded default policy: research agents may read the orders database for 15 minutes, logging in
+/// upstream as the read-only role whose password is in `password_file`.
+fn policy(password_file: &Path) -> String {
+    format!(
+        "# Warden demo policy (embedded in `cargo xtask demo`)
 targets:
   orders-db:
-    protocol: tcp
+    protocol: postgres
     address: 127.0.0.5:5432
+    databases: [orders]
+    tls: disable
+    credentials: {{ user: {ROLE}, password_file: {pw} }}
 rules:
-  - name: research agents reach orders-db
-    match: { groups: [agents-research] }
+  - name: research agents read orders
+    match: {{ groups: [agents-research] }}
     grant:
       - target: orders-db
-        access: connect
+        access: read
         ttl: 15m
-";
+",
+        pw = password_file.display()
+    )
+}
 
 fn config(dir: &Path, issuer: &str, key: &Path) -> String {
     let mut t = WardenToml::in_dir(
@@ -170,22 +185,34 @@ pub fn run() -> anyhow::Result<()> {
     let mut g =
         Guard { dir: dir.clone(), warden: warden.clone(), children: vec![], pg_data: None, pg_ctl: None };
 
-    step("PostgreSQL: a real server on 127.0.0.5:5432 and 127.0.0.6:5432");
+    step("PostgreSQL: a real server on 127.0.0.5:5432 and 127.0.0.6:5432, SCRAM-SHA-256 only");
     let (initdb, pg_ctl) = (pg_bin("initdb")?, pg_bin("pg_ctl")?);
     let data = dir.join("pg");
     std::fs::create_dir_all(&data)?;
+    // The superuser's password is never used (it administers over the Unix socket), but initdb wants one
+    // for a SCRAM default.
+    std::fs::write(dir.join("pg-admin-password"), format!("{}\n", secret()?))?;
     sh(Command::new("chown").arg("-R").arg("postgres:postgres").arg(&dir))?;
     sh(Command::new("chmod").arg("755").arg(&dir))?;
     sh(Command::new("runuser")
         .args(["-u", "postgres", "--"])
         .arg(&initdb)
-        .args(["-A", "trust", "-U", "postgres", "-D"])
+        .args(["--auth-local=trust", "--auth-host=scram-sha-256", "-U", "postgres", "--pwfile"])
+        .arg(dir.join("pg-admin-password"))
+        .arg("-D")
         .arg(&data)
         .stdout(Stdio::null()))?;
     g.pg_data = Some(data.clone());
     g.pg_ctl = Some(pg_ctl.clone());
+    // Over TCP only the role Warden injects may log in, and only with SCRAM (no md5, no trust).
+    std::fs::write(
+        data.join("pg_hba.conf"),
+        format!("local all postgres trust\nhost orders {ROLE} 127.0.0.0/8 scram-sha-256\n"),
+    )?;
+    sh(Command::new("chown").arg("postgres:postgres").arg(data.join("pg_hba.conf")))?;
     let opts = format!(
-        "-c listen_addresses=127.0.0.5,127.0.0.6 -c port=5432 -c unix_socket_directories={}",
+        "-c listen_addresses=127.0.0.5,127.0.0.6 -c port=5432 -c unix_socket_directories={} \
+         -c password_encryption=scram-sha-256",
         data.display()
     );
     sh(Command::new("runuser")
@@ -196,13 +223,34 @@ pub fn run() -> anyhow::Result<()> {
         .arg("-D")
         .arg(&data)
         .stdout(Stdio::null()))?;
-    let sql = "CREATE DATABASE orders;";
-    sh(Command::new("psql").args(["-h", "127.0.0.5", "-U", "postgres", "-qc", sql]).stdout(Stdio::null()))?;
-    sh(Command::new("psql")
-        .args(["-h", "127.0.0.5", "-U", "postgres", "-d", "orders", "-qc"])
-        .arg("CREATE TABLE orders (id int, item text); INSERT INTO orders VALUES (1, 'keyboard'), (2, 'monitor');")
-        .stdout(Stdio::null()))?;
+    let password = secret()?;
+    let admin = |db: &str, sql: &str| {
+        sh(Command::new("psql")
+            .arg("-h")
+            .arg(&data)
+            .args(["-p", "5432", "-U", "postgres", "-d", db, "-Xqc", sql])
+            .stdout(Stdio::null()))
+    };
+    admin("postgres", "CREATE DATABASE orders")?;
+    admin("postgres", &format!("CREATE ROLE {ROLE} LOGIN PASSWORD '{password}'"))?;
+    admin(
+        "orders",
+        &format!(
+            "CREATE TABLE orders (id int, item text); \
+             INSERT INTO orders VALUES (1, 'keyboard'), (2, 'monitor'); GRANT SELECT ON orders TO {ROLE}"
+        ),
+    )?;
+    // Warden's copy of the role's password: root-only, like /etc/warden/secrets.
+    let secrets = dir.join("secrets");
+    std::fs::create_dir_all(&secrets)?;
+    sh(Command::new("chmod").arg("700").arg(&secrets))?;
+    let password_file = secrets.join("orders-db");
+    std::fs::write(&password_file, format!("{password}\n"))?;
     sh(Command::new("chmod").arg("700").arg(&data))?;
+    println!(
+        "role {ROLE} (SELECT on orders), SCRAM-SHA-256 only; its password is in {}",
+        password_file.display()
+    );
 
     step("OpenID provider: npm oidc-provider shaped like an Okta custom authorization server");
     let keys = dir.join("idp-keys");
@@ -211,41 +259,44 @@ pub fn run() -> anyhow::Result<()> {
     println!("issuer {issuer}");
 
     step("Warden: embedded default config and policy");
-    std::fs::write(dir.join("policy.yaml"), POLICY)?;
+    let policy = policy(&password_file);
+    std::fs::write(dir.join("policy.yaml"), &policy)?;
     let config = dir.join("warden.toml");
     std::fs::write(&config, config_text(&dir, &issuer, &keys))?;
-    println!("{POLICY}");
+    println!("{policy}");
     sh(Command::new(&warden).args(["check", "--config"]).arg(&config))?;
     g.children.push(start_warden(&warden, &config, &dir.join("control.sock"), &dir.join("warden.log"))?);
     println!("warden is running (log: {})", dir.join("warden.log").display());
 
-    let exec = |host: &str| {
+    // The agent holds no password: none in the environment, no .pgpass, and psql never prompts (`-w`).
+    let exec = |host: &str, sql: &str| {
         let mut c = Command::new(&warden);
         c.args(["exec", "--identity", "research-bot", "--task", "demo", "--user", "nobody", "--config"])
             .arg(&config)
-            .args([
-                "--",
-                "psql",
-                "-h",
-                host,
-                "-U",
-                "postgres",
-                "-d",
-                "orders",
-                "-c",
-                "SELECT id, item FROM orders ORDER BY id",
-            ]);
+            .args(["--", "psql", "-w", "-X", "-h", host, "-U", "research-bot", "-d", "orders"])
+            .args(["-v", "VERBOSITY=verbose", "-c", sql])
+            .env_remove("PGPASSWORD")
+            .env("PGPASSFILE", dir.join("no-such-pgpass"));
         c
     };
-    step("Allowed: the agent (uid nobody, in a tagged cgroup) queries orders-db at 127.0.0.5 through Warden");
-    let (ok, out) = run_cmd_output(&mut exec("127.0.0.5"))?;
+    step("Allowed: the agent (uid nobody, in a tagged cgroup, no password) reads orders-db at 127.0.0.5");
+    println!("Warden logs in upstream as {ROLE} with SCRAM-SHA-256; the agent never sees the password");
+    let (ok, out) =
+        run_cmd_output(&mut exec("127.0.0.5", "SELECT current_user, id, item FROM orders ORDER BY id"))?;
     println!("{out}");
-    if !ok {
+    if !ok || !out.contains(ROLE) {
         bail!("the allowed query failed");
     }
 
-    step("Refused: the same agent tries the same server at 127.0.0.6, which no policy names");
-    let (ok, out) = run_cmd_output(&mut exec("127.0.0.6"))?;
+    step("Refused: a write under `access: read` (SQLSTATE 25006, before it reaches the database)");
+    let (ok, out) = run_cmd_output(&mut exec("127.0.0.5", "INSERT INTO orders VALUES (3, 'stolen')"))?;
+    println!("{out}");
+    if ok || !out.contains("warden") {
+        bail!("the write under read was not refused by Warden");
+    }
+
+    step("Refused: the same agent tries the same server at 127.0.0.6, which no policy names (EPERM)");
+    let (ok, out) = run_cmd_output(&mut exec("127.0.0.6", "SELECT 1"))?;
     println!("{out}");
     if ok {
         bail!("the refused connection went through");
@@ -256,15 +307,33 @@ pub fn run() -> anyhow::Result<()> {
     let audit_dir = dir.join("state/audit");
     let (_, tail) = run_cmd_output(
         Command::new(&warden)
-            .args(["audit", "tail", "-n", "12", "--dir"])
+            .args(["audit", "tail", "-n", "40", "--dir"])
             .arg(&audit_dir)
             .arg("--config")
             .arg(&config),
     )?;
-    println!("{tail}");
+    let queries: Vec<&str> = tail.lines().filter(|l| l.contains("\"event\":\"pg.query\"")).collect();
+    println!("The agent's statements, as pg.query records:");
+    for q in &queries {
+        println!("{q}");
+    }
+    let refused: Vec<&str> = tail.lines().filter(|l| l.contains("\"event\":\"connect.refused\"")).collect();
+    println!("\nThe refused connection to 127.0.0.6:");
+    for r in &refused {
+        println!("{r}");
+    }
+    if !queries.iter().any(|q| q.contains("current_user"))
+        || !queries.iter().any(|q| q.contains("\"refused\"") && q.contains("25006"))
+    {
+        bail!("the trail lacks the agent's statements:\n{tail}");
+    }
+    if refused.is_empty() {
+        bail!("the trail lacks the refused connection:\n{tail}");
+    }
     let session =
         tail.lines().filter(|l| l.contains("\"session.start\"")).find_map(serde_session).unwrap_or_default();
     if !session.is_empty() {
+        println!("\nOne session, whole (`warden audit show {session}`):");
         let (_, show) = run_cmd_output(
             Command::new(&warden)
                 .args(["audit", "show", &session, "--dir"])
@@ -284,6 +353,18 @@ pub fn run() -> anyhow::Result<()> {
     step("Done: stopping Warden, removing its kernel programs, PostgreSQL and the provider");
     drop(g);
     Ok(())
+}
+
+/// A random password (32 hex digits) from the kernel's generator.
+fn secret() -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().fold(String::with_capacity(32), |mut s, x| {
+        use std::fmt::Write as _;
+        let _ = write!(s, "{x:02x}");
+        s
+    }))
 }
 
 fn config_text(dir: &Path, issuer: &str, keys: &Path) -> String {

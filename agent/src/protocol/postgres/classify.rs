@@ -314,7 +314,9 @@ pub fn shadow_query() -> String {
 /// the settings the server lexes by must stay what Warden parses with, else the session must end.
 pub fn check_parameter_status(name: &str, value: &str) -> Result<(), Refused> {
     match name.to_lowercase().as_str() {
-        "client_encoding" if !value.eq_ignore_ascii_case("utf8") => {
+        "client_encoding"
+            if !value.eq_ignore_ascii_case("utf8") && !value.eq_ignore_ascii_case("sql_ascii") =>
+        {
             Err(Refused::control(format!("client_encoding {value} (Warden parses statements as UTF-8)")))
         }
         "standard_conforming_strings" if !value.eq_ignore_ascii_case("on") => Err(Refused::control(
@@ -514,6 +516,38 @@ pub fn check_startup(params: &[(&str, &str)], access: Access) -> Result<(), Refu
     Ok(())
 }
 
+/// Check a fastpath `FunctionCall` for a session granted `access` (`masked`: the grant has masks), by the
+/// function its OID resolved to in the upstream's catalog (`None`: it resolved to nothing). Its arguments
+/// are values, never SQL, so the function alone decides, on the same allow-list as a call in a statement:
+/// under `read` or masks only a `pg_catalog` function on the list; `set_config` never (in SQL it is judged
+/// by its constant arguments, which a fastpath call does not have).
+pub fn check_function_call(
+    function: Option<(&str, &str)>,
+    access: Access,
+    masked: bool,
+) -> Result<(), Refused> {
+    let read = access != Access::Write;
+    let shown = function.map_or_else(
+        || "a function Warden cannot find in the catalog".to_owned(),
+        |(s, n)| format!("function {s}.{n}() called by fastpath"),
+    );
+    match function {
+        Some(("pg_catalog", "set_config")) => Err(if read {
+            Refused::read(shown)
+        } else {
+            Refused::control("set_config() called by fastpath (its setting cannot be checked)")
+        }),
+        Some(("pg_catalog", name)) if lists::function_allowed(name) => Ok(()),
+        _ if read => Err(Refused::read(format!(
+            "{shown} (it is not on Warden's list of built-in functions known not to write)"
+        ))),
+        _ if masked => Err(Refused::masked(format!(
+            "{shown} is refused (it is not on Warden's list of built-in functions, and could read a masked column)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The `-c name=value` / `--name=value` pairs of a startup `options` string (space-separated, `\` escapes).
 fn split_options(options: &str) -> Result<Vec<(String, String)>, Refused> {
     let mut words = Vec::new();
@@ -556,7 +590,8 @@ fn setting_rule(name: &str, values: &[String], reset: bool, read: bool) -> Resul
     let truthy = matches!(value.trim_matches('\'').trim(), "on" | "true" | "yes" | "1" | "t" | "y");
     match name {
         "client_encoding"
-            if reset || matches!(value.replace(['-', '_', '\''], "").trim(), "utf8" | "unicode") =>
+            if reset
+                || matches!(value.replace(['-', '_', '\''], "").trim(), "utf8" | "unicode" | "sqlascii") =>
         {
             Ok(())
         }

@@ -41,11 +41,6 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Statements whose classification is cached.
 pub const CLASSIFIER_CACHE: usize = 4096;
 
-/// Client startup parameters passed upstream; every other one is dropped (and recorded), so a client
-/// cannot lift `default_transaction_read_only` or change `search_path`/`role` through its startup packet.
-const PASSED_PARAMS: &[&str] =
-    &["application_name", "client_encoding", "datestyle", "timezone", "intervalstyle", "extra_float_digits"];
-
 #[derive(Debug, thiserror::Error)]
 pub enum PostgresError {
     #[error(transparent)]
@@ -209,16 +204,15 @@ impl Postgres {
         };
         let minor = version & 0xffff;
         let mut hello = Hello::default();
+        // Every other parameter is relayed, once `connect` has checked it against the grant.
         let mut passed = Vec::new();
-        let mut dropped = Vec::new();
         let mut unknown = Vec::new();
         for (k, v) in params {
             match k.as_str() {
                 "user" => hello.user = Some(v),
                 "database" => hello.database = Some(v),
                 _ if k.starts_with("_pq_.") => unknown.push(k),
-                _ if PASSED_PARAMS.contains(&k.to_ascii_lowercase().as_str()) => passed.push((k, v)),
-                _ => dropped.push(k),
+                _ => passed.push((k, v)),
             }
         }
         if hello.user.is_none() {
@@ -229,10 +223,11 @@ impl Postgres {
         }
         hello.details.insert("tls".into(), tls.into());
         hello.details.insert("protocol".into(), format!("3.{minor}").into());
-        if !dropped.is_empty() {
-            hello.details.insert("dropped_parameters".into(), dropped.into());
-        }
         passed.sort();
+        if !passed.is_empty() {
+            let names: Vec<&str> = passed.iter().map(|(k, _)| k.as_str()).collect();
+            hello.details.insert("parameters".into(), names.into());
+        }
         Ok(Some(Greeting {
             shared: self.shared.clone(),
             client: Conn::new(io, Peer::Client),
@@ -314,7 +309,8 @@ pub struct Greeting {
     target: Arc<Target>,
     /// `Some(unknown options)` when the client asked for a newer minor version or `_pq_` options.
     negotiate: Option<Vec<String>>,
-    /// The client's startup parameters passed upstream (sorted; part of the pool key).
+    /// The client's startup parameters (sorted; part of the pool key), passed upstream once `connect`
+    /// checked them against the grant.
     client_params: Vec<(String, String)>,
     upstream: Option<Connected>,
 }
@@ -376,6 +372,19 @@ impl Greeting {
                 self.target.name
             );
             self.client.send(&wire::error_response("FATAL", "3D000", &msg));
+            let _ = self.client.flush().await;
+            return Err(End::PolicyChanged { reason: msg });
+        }
+        // A startup parameter that would lift the grant's limits (read-only, role, the settings Warden
+        // parses by), directly or in `options`, refuses the session, as the same `SET` would be refused.
+        let params: Vec<(&str, &str)> =
+            self.client_params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        if let Err(r) = classify::check_startup(&params, terms.access) {
+            let msg = format!(
+                "{} (a startup parameter; policy rule `{}` grants `{}` access to target `{}`)",
+                r.message, terms.rule, terms.access, self.target.name
+            );
+            self.client.send(&wire::error_response("FATAL", r.sqlstate, &msg));
             let _ = self.client.flush().await;
             return Err(End::PolicyChanged { reason: msg });
         }

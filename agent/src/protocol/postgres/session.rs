@@ -6,12 +6,17 @@
 //! the upstream finishes it. Responses are matched to requests through a queue of what the upstream owes
 //! (one entry per forwarded message), which lets Warden
 //! - put its own `ErrorResponse` at the right place in a pipeline: on a refusal it sends the upstream a
-//!   `Sync` of its own and writes the error when that `Sync`'s `ReadyForQuery` comes back, after
-//!   everything forwarded before; in the extended protocol it then drops the client's messages up to its
-//!   `Sync`, as a server does after an error;
+//!   `Parse` that fails and a `Sync` of its own, and writes the error when that `Sync`'s `ReadyForQuery`
+//!   comes back, after everything forwarded before; the upstream's failure aborts a transaction block as
+//!   the refusal does for the client, so both sides agree on the state (`E`); in the extended protocol
+//!   Warden then drops the client's messages up to its `Sync`, as a server does after an error;
 //! - know which `RowDescription` describes the `DataRow`s that follow: with masks in force, Warden sends a
 //!   `Describe` of the portal before every `Execute` (and swallows the answer), so the format codes the
 //!   client chose in `Bind` are known per column.
+//!
+//! A fastpath `FunctionCall` names its function by OID: Warden holds it (and reads nothing more from the
+//! client) until the upstream owes nothing, resolves the OID with a catalog query of its own on the
+//! session's connection, and checks the function against the classifier's allow-list.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -51,11 +56,21 @@ enum Expect {
         ours: bool,
     },
     Execute(Pending),
+    /// Warden's own failing `Parse` (see [`ABORT_TEXT`]): its `ErrorResponse` is swallowed.
+    Abort,
     /// `ReadyForQuery`; `refusal`: Warden's own `Sync` carrying an error to write in its place.
     Sync {
         refusal: Option<Refusal>,
     },
 }
+
+/// What Warden has the upstream parse on a refusal: a syntax error (or, if a client prepared a statement of
+/// that name, a duplicate-name error), never anything that runs. Failing upstream aborts the transaction
+/// block, or the extended protocol's implicit transaction, exactly as a server's own error would, so the
+/// `ReadyForQuery` status the client then gets (`E` in a block) is the upstream's real state and a later
+/// `COMMIT` commits nothing.
+const ABORT_STATEMENT: &str = "warden: refused";
+const ABORT_TEXT: &str = "warden refused a statement here";
 
 #[derive(Debug)]
 struct Refusal {
@@ -68,6 +83,18 @@ struct Statement {
     text: String,
     masks: Vec<String>,
 }
+
+/// A function a fastpath call's OID resolved to in the upstream's catalog.
+#[derive(Debug, Clone)]
+struct Function {
+    schema: String,
+    name: String,
+    /// `name(argument types)`.
+    signature: String,
+}
+
+/// Function OIDs resolved per session, at most.
+const MAX_FUNCTIONS: usize = 256;
 
 struct Portal {
     text: String,
@@ -101,6 +128,10 @@ struct Relay<'a> {
     masked: Vec<Option<(u32, i16)>>,
     status: u8,
     queries: u64,
+    /// A fastpath `FunctionCall` waiting for the upstream to owe nothing, so Warden can look its OID up;
+    /// the client's later messages wait behind it.
+    held: Option<Frame>,
+    functions: HashMap<u32, Option<Function>>,
 }
 
 fn client_fatal(client: &mut Conn, code: &str, message: &str) {
@@ -212,6 +243,8 @@ pub(super) async fn run(g: Greeting, session: Session) -> End {
         masked: Vec::new(),
         status: b'I',
         queries: 0,
+        held: None,
+        functions: HashMap::new(),
     };
     let stop = relay.relay().await;
     shared.keys.withdraw(key);
@@ -334,9 +367,23 @@ impl Relay<'_> {
             if !self.client.out.is_empty() && self.client.flush().await.is_err() {
                 return Stop::End(End::ClientError);
             }
+            if self.expect.is_empty()
+                && let Some(f) = self.held.take()
+            {
+                let session = self.session;
+                let r = tokio::select! {
+                    end = session.cut.cut_with() => Err(Stop::End(end)),
+                    r = self.function_call(&f) => r,
+                };
+                if let Err(stop) = r {
+                    let _ = self.client.flush().await;
+                    return stop;
+                }
+                continue;
+            }
             let stop = tokio::select! {
                 end = self.session.cut.cut_with() => Some(Stop::End(end)),
-                f = self.client.next() => self.on_client_batch(f),
+                f = self.client.next(), if self.held.is_none() => self.on_client_batch(f),
                 f = self.up.conn.next() => self.on_upstream_batch(f),
             };
             if let Some(stop) = stop {
@@ -359,6 +406,9 @@ impl Relay<'_> {
             self.session.counters.up.fetch_add(f.wire_len() as u64, Ordering::Relaxed);
             if let Err(stop) = self.on_client(&f) {
                 return Some(stop);
+            }
+            if self.held.is_some() {
+                return None;
             }
             next = match self.client.try_next() {
                 Ok(None) => return None,
@@ -475,14 +525,19 @@ impl Relay<'_> {
             .field("reason", message);
         self.append(r)?;
         let message = format!(
-            "warden: {message} (policy rule `{}` grants `{}` access to target `{}`)",
-            self.session.terms.rule, self.session.terms.access, self.session.target.name
+            "warden: {} (policy rule `{}` grants `{}` access to target `{}`)",
+            message.strip_prefix("warden: ").unwrap_or(message),
+            self.session.terms.rule,
+            self.session.terms.access,
+            self.session.target.name
         );
         let error = wire::error_response("ERROR", sqlstate, &message);
         self.up.conn.send_raw(&wire::encoded(|b| {
+            frontend::parse(ABORT_STATEMENT, ABORT_TEXT, std::iter::empty(), b)?;
             frontend::sync(b);
             Ok(())
         }));
+        self.expect.push_back(Expect::Abort);
         self.expect.push_back(Expect::Sync { refusal: Some(Refusal { error, simple }) });
         if !simple {
             self.skipping = true;
@@ -490,17 +545,17 @@ impl Relay<'_> {
         Ok(())
     }
 
-    fn params_value(&self, bind: &wire::Bind) -> serde_json::Value {
+    /// A `Bind`'s parameters or a `FunctionCall`'s arguments as recorded: redacted unless the target says.
+    fn params_value(&self, formats: &[i16], params: &[Option<Vec<u8>>]) -> serde_json::Value {
         if !self.pg.record_parameters {
-            return serde_json::json!({ "count": bind.params.len(), "redacted": true });
+            return serde_json::json!({ "count": params.len(), "redacted": true });
         }
-        let fmt = |i: usize| match bind.formats.len() {
+        let fmt = |i: usize| match formats.len() {
             0 => 0,
-            1 => bind.formats[0],
-            _ => bind.formats.get(i).copied().unwrap_or(0),
+            1 => formats[0],
+            _ => formats.get(i).copied().unwrap_or(0),
         };
-        let values: Vec<serde_json::Value> = bind
-            .params
+        let values: Vec<serde_json::Value> = params
             .iter()
             .enumerate()
             .map(|(i, p)| match p {
@@ -557,7 +612,7 @@ impl Relay<'_> {
                     // A statement prepared with SQL PREPARE (itself classified when it was prepared).
                     None => (format!("<prepared statement `{}`>", bind.statement), Vec::new()),
                 };
-                let params = self.params_value(&bind);
+                let params = self.params_value(&bind.formats, &bind.params);
                 self.portals.insert(bind.portal, Portal { text, masks: stmt_masks, params });
                 self.up.conn.send(f);
                 self.expect.push_back(Expect::Bind);
@@ -606,30 +661,10 @@ impl Relay<'_> {
                 self.up.conn.send(f);
                 self.expect.push_back(Expect::Sync { refusal: None });
             }
+            // Checked once its OID is resolved, when the upstream owes nothing (see `function_call`).
             b'F' => {
-                let oid = Reader::new(&f.body).u32().map_err(malformed)?;
-                let text = format!("<function call, oid {oid}>");
-                if access != Access::Write {
-                    self.refuse(
-                        "function",
-                        &text,
-                        "25006",
-                        "a fastpath function call cannot be proven read-only",
-                        true,
-                    )?;
-                } else if !masks.is_empty() {
-                    self.refuse(
-                        "function",
-                        &text,
-                        "42501",
-                        "a fastpath function call may read masked columns",
-                        true,
-                    )?;
-                } else {
-                    let p = self.record_query("function", &text, None, &[], None)?;
-                    self.up.conn.send(f);
-                    self.expect.push_back(Expect::Function(p));
-                }
+                wire::parse_function_call(&f.body).map_err(malformed)?;
+                self.held = Some(f.clone());
             }
             // Flush; COPY FROM STDIN data, which the upstream asks for only once the statement passed.
             b'H' | b'd' | b'c' | b'f' => self.up.conn.send(f),
@@ -641,6 +676,58 @@ impl Relay<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A fastpath call, once the upstream owes nothing: its OID resolved in the upstream's catalog, checked
+    /// against the same allow-list as a call in a statement, recorded, then forwarded or refused.
+    async fn function_call(&mut self, f: &Frame) -> Result<(), Stop> {
+        let malformed = |e: WireError| Stop::End(End::ProtocolError { detail: format!("client: {e}") });
+        let call = wire::parse_function_call(&f.body).map_err(malformed)?;
+        let function = self.resolve_function(call.oid).await?;
+        let text = match &function {
+            Some(fun) => format!("fastpath {}.{}, oid {}", fun.schema, fun.signature, call.oid),
+            None => format!("fastpath oid {} (not resolved in the catalog)", call.oid),
+        };
+        let named = function.as_ref().map(|f| (f.schema.as_str(), f.name.as_str()));
+        let terms = &self.session.terms;
+        if let Err(r) = classify::check_function_call(named, terms.access, !terms.mask.is_empty()) {
+            return self.refuse("function", &text, r.sqlstate, &r.message, true);
+        }
+        let params = self.params_value(&call.formats, &call.args);
+        let p = self.record_query("function", &text, None, &[], Some(params))?;
+        self.up.conn.send(f);
+        self.expect.push_back(Expect::Function(p));
+        Ok(())
+    }
+
+    /// The function an OID names, from the upstream's catalog (cached for the session). `None` when it
+    /// names none, or when the client's transaction is aborted (the upstream answers no query then, and
+    /// would fail the call anyway).
+    async fn resolve_function(&mut self, oid: u32) -> Result<Option<Function>, Stop> {
+        if let Some(f) = self.functions.get(&oid) {
+            return Ok(f.clone());
+        }
+        if self.status == b'E' {
+            return Ok(None);
+        }
+        let sql = format!(
+            "SELECT n.nspname::pg_catalog.text, p.proname::pg_catalog.text, \
+               pg_catalog.pg_get_function_identity_arguments(p.oid) \
+             FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+             WHERE p.oid = {oid}"
+        );
+        let rows = simple(&mut self.up, &sql).await.map_err(Stop::End)?;
+        let function = rows.into_iter().next().and_then(|r| match <[_; 3]>::try_from(r) {
+            Ok([Some(schema), Some(name), Some(args)]) => {
+                let signature = format!("{name}({args})");
+                Some(Function { schema, name, signature })
+            }
+            _ => None,
+        });
+        if self.functions.len() < MAX_FUNCTIONS {
+            self.functions.insert(oid, function.clone());
+        }
+        Ok(function)
     }
 
     fn finish(&self, p: &Pending) -> Result<(), Stop> {
@@ -678,6 +765,10 @@ impl Relay<'_> {
                 self.client.send(f);
             }
             b'E' => {
+                if matches!(self.expect.front(), Some(Expect::Abort)) {
+                    self.expect.pop_front();
+                    return Ok(());
+                }
                 let e = wire::parse_error(&f.body);
                 match self.expect.front_mut() {
                     Some(Expect::Simple(p) | Expect::Function(p)) => {

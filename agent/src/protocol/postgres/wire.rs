@@ -468,6 +468,29 @@ pub fn parse_bind(body: &[u8]) -> Result<Bind, WireError> {
     Ok(Bind { portal, statement, formats, params })
 }
 
+/// A fastpath `FunctionCall` message's fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionCall {
+    /// The function's OID in `pg_proc`.
+    pub oid: u32,
+    pub formats: Vec<i16>,
+    pub args: Vec<Option<Vec<u8>>>,
+}
+
+pub fn parse_function_call(body: &[u8]) -> Result<FunctionCall, WireError> {
+    let mut r = Reader::new(body);
+    let oid = r.u32()?;
+    let nf = r.i16()?;
+    let formats = (0..nf).map(|_| r.i16()).collect::<Result<Vec<_>, _>>()?;
+    let na = r.i16()?;
+    let args = (0..na).map(|_| r.value().map(|v| v.map(<[u8]>::to_vec))).collect::<Result<Vec<_>, _>>()?;
+    r.i16()?;
+    if !r.rest().is_empty() {
+        return Err(WireError::Malformed("FunctionCall with trailing bytes".into()));
+    }
+    Ok(FunctionCall { oid, formats, args })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
