@@ -15,10 +15,27 @@
 //! send queue in a worker (the psock backlog), which backs off a jiffy whenever the peer's send buffer is
 //! full. Streaming 512 MiB between two spliced loopback pairs in one process measured 2.3-2.7 Gbit/s (4 MiB
 //! send buffers: 2.6-3.0) against 5.5-6.9 direct and 2.6-2.8 for a plain user-space copy: on par with the
-//! relay, at about 0.45x direct, with the copying moved out of the daemon. Reaching 0.9x needs the bytes
-//! moved in the sender's own context instead: an `sk_msg` program on the agent's socket redirecting to the
-//! upstream socket's egress, and the reply redirected to the agent socket's ingress (skipping the proxy's
-//! accepted socket), which is the next step before the proxy uses it.
+//! relay, at about 0.45x direct, with the copying moved out of the daemon.
+//!
+//! **The `sk_msg` design was tried and is not usable as is (2026-12-07, Linux 6.18).** The idea: the
+//! bytes cross TCP once if the agent's own socket joins a sockhash (sock_ops, at establishment) with an
+//! `sk_msg` program that redirects each write to the egress of Warden's upstream socket, in the writer's
+//! context (`tcp_bpf_sendmsg` → `tcp_bpf_push` into the upstream socket, blocking on its send buffer).
+//! Built and run end to end (kept for reference on branch `splice-skmsg-wip`), it met two walls:
+//! - **A socket in a sockhash reads through `tcp_bpf_recvmsg`,** which waits once and returns `EAGAIN`
+//!   to a *blocking* `recv` woken without data (the socket's wait queue is shared with write-space
+//!   wakeups): a Python agent doing `shutdown(SHUT_WR)` then `recv` got `-1 EAGAIN` and crashed, with
+//!   nothing redirected yet. Every agent socket would carry that, spliced or not; only a kernel that loops
+//!   in `tcp_msg_wait_data` (or a way to join the sockhash without the read-side proto) fixes it.
+//! - **Ordering at the switch.** Bytes the agent wrote before the splice sit in its own send queue and in
+//!   the accepted socket, while a redirect is synchronous, so the program may redirect only once the
+//!   daemon has written upstream every byte passed the ordinary way (a per-socket count in a map, compared
+//!   with the daemon's). In the one end-to-end run, a bulk sender that starts before admission had all
+//!   256 MiB relayed by the daemon and none redirected; whether the gate can never open for such a sender
+//!   (the daemon always a write behind) or the program never matched was not settled in the time-box.
+//!   `bpf_msg_cork_bytes` could hold the writer while the daemon catches up, but a corked message that no
+//!   later write completes is never sent (an interactive agent would hang).
+//! - (sk_msg programs also cannot call `bpf_get_socket_cookie`; the local endpoint works as the key.)
 
 use std::os::fd::AsRawFd as _;
 use std::sync::atomic::Ordering;
