@@ -1060,6 +1060,7 @@ async fn client_startup_parameters_are_relayed_unless_they_lift_the_grant() {
     }
 }
 
+#[allow(dead_code, reason = "this test uses the fixture and the writes only")]
 mod battery {
     include!(concat!(env!("CARGO_MANIFEST_DIR"), "/src/protocol/postgres/classify/battery.rs"));
 }
