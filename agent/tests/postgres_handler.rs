@@ -432,6 +432,10 @@ async fn masked_columns_are_replaced_in_text_and_binary_results() {
     let (ok, out, err) = psql(&proxy.conninfo("orders", "require"), "SELECT email FROM users", &[]);
     assert!(ok, "{err}");
     assert!(!out.contains("example.com"), "{out}");
+    // An error that would quote an input value has its message withheld.
+    let e = client.simple_query("SELECT 'not-a-number'::int").await.unwrap_err();
+    assert_eq!(code(&e), "22P02");
+    assert!(!msg(&e).contains("not-a-number") && msg(&e).contains("withheld"), "{e}");
     let q = proxy.records("pg.query").await;
     assert!(q.iter().any(|r| r["masks"] == serde_json::json!(["users.email"])), "{q:?}");
 }
@@ -548,6 +552,16 @@ async fn garbage_and_truncated_messages_end_only_that_session() {
         assert!(String::from_utf8_lossy(&back).contains("08P01"), "the client is told");
         let end = proxy.next_end().await;
         assert!(matches!(end, End::ProtocolError { .. }), "{end:?}");
+    }
+    // A message cut off mid-way: the client closes after part of a Query.
+    let mut s = startup(proxy.addr).await;
+    s.write_all(&[b'Q', 0, 0, 0, 100, b'S', b'E', b'L']).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut back)).await.unwrap();
+    match proxy.next_end().await {
+        End::ProtocolError { detail } => assert!(detail.contains("mid-message"), "{detail}"),
+        other => panic!("{other:?}"),
     }
     // The handler still serves.
     let client = proxy.client().await;
@@ -1044,4 +1058,67 @@ async fn client_startup_parameters_are_relayed_unless_they_lift_the_grant() {
             other => panic!("{value}: {other:?}"),
         }
     }
+}
+
+#[allow(dead_code, reason = "this test uses the fixture and the writes only")]
+mod battery {
+    include!(concat!(env!("CARGO_MANIFEST_DIR"), "/src/protocol/postgres/classify/battery.rs"));
+}
+
+/// A digest of what a write could change: relations (kind, owner, privileges), functions (source),
+/// schemas, roles and their settings, per-database settings, sequences, every user table's rows and the
+/// large objects.
+fn fingerprint(cluster: &Cluster) -> String {
+    let tables = cluster.sql(
+        "orders",
+        "SELECT string_agg(CASE WHEN c.relkind = 'S' \
+             THEN format('SELECT %L || last_value || is_called FROM %s', c.oid::regclass::text, c.oid::regclass) \
+             ELSE format('SELECT %L || md5(coalesce(string_agg(t::text, %L ORDER BY t::text), %L)) FROM %s t', \
+                         c.oid::regclass::text, ',', '', c.oid::regclass) END, \
+           ' UNION ALL ' ORDER BY c.oid::regclass::text) \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind IN ('r', 'S', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')",
+    );
+    let catalog = "SELECT concat_ws(' ', 'rel', c.oid::regclass, c.relkind::text, c.relowner::regrole, c.relacl) \
+                     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') \
+                   UNION ALL SELECT concat_ws(' ', 'fn', p.oid::regprocedure, md5(p.prosrc), p.proacl) \
+                     FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+                     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                   UNION ALL SELECT concat_ws(' ', 'ns', nspname, nspacl) FROM pg_namespace \
+                   UNION ALL SELECT concat_ws(' ', 'role', rolname, rolsuper, rolcanlogin, rolconfig) \
+                     FROM pg_roles \
+                   UNION ALL SELECT concat_ws(' ', 'setting', setdatabase, setrole, setconfig) FROM pg_db_role_setting \
+                   UNION ALL SELECT concat_ws(' ', 'lo', count(*)) FROM pg_largeobject_metadata";
+    cluster.sql(
+        "orders",
+        &format!("SELECT md5(string_agg(x, '|' ORDER BY x)) FROM ({catalog} UNION ALL {tables}) f(x)"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_battery_through_the_handler_leaves_the_database_unchanged() {
+    let cluster = Cluster::start();
+    cluster.sql("orders", battery::FIXTURE);
+    // The read role may write as far as the database is concerned: only Warden stands in the way.
+    cluster.sql(
+        "orders",
+        "GRANT ALL ON ALL TABLES IN SCHEMA public TO agent_ro; \
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO agent_ro; GRANT CREATE ON SCHEMA public TO agent_ro",
+    );
+    let proxy = Proxy::start(&cluster, Setup::default()).await;
+    let before = fingerprint(&cluster);
+    let client = proxy.client().await;
+    for sql in battery::WRITES {
+        let e = client.simple_query(sql).await.expect_err(sql);
+        assert!(msg(&e).contains("warden"), "{sql}: refused by the upstream, not by Warden: {e}");
+        let e = client.prepare(sql).await.expect_err(sql);
+        assert!(msg(&e).contains("warden"), "{sql} (extended): {e}");
+        // Whatever state a refusal left, the next statement runs.
+        client.batch_execute("ROLLBACK").await.unwrap();
+    }
+    assert_eq!(fingerprint(&cluster), before, "a write got through");
+    // The fingerprint sees a write (so the comparison above could fail).
+    cluster.sql("orders", "SELECT nextval('s')");
+    assert_ne!(fingerprint(&cluster), before);
 }

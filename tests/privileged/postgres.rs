@@ -105,3 +105,41 @@ fn a_tagged_psql_gets_injected_credentials_read_only_and_masked() {
         .collect::<String>();
     assert!(!audit.contains(PASSWORD), "the password is never recorded");
 }
+
+#[test]
+fn a_grant_expiring_mid_query_ends_the_postgres_session() {
+    if !privileged("a_grant_expiring_mid_query_ends_the_postgres_session") {
+        return;
+    }
+    let cluster = Cluster::start_on("127.0.0.6".parse().unwrap());
+    let idp = Idp::start();
+    let secrets = tempfile::tempdir().unwrap();
+    let pw = secrets.path().join("orders-db");
+    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+    let w = Warden::builder("pgexp")
+        .policy(&policy(&cluster, &pw).replace("ttl: 5m", "ttl: 4s"))
+        .identity(IdentitySpec::pkjwt(&idp, "bot"), &idp.issuer)
+        .start();
+    let cg = w.cgroup("agent");
+    w.tag(&cg, "bot");
+    let conninfo =
+        format!("host={} port={} dbname=orders user=agent sslmode=require", cluster.ip, cluster.port);
+    let began = std::time::Instant::now();
+    let out = cg
+        .command("psql", &[&conninfo, "-XAtqw", "-c", "SELECT pg_sleep(60)"])
+        .env_remove("PGPASSWORD")
+        .output()
+        .unwrap();
+    let (_, err) = text(&out);
+    assert!(!out.status.success(), "the query outlived its grant");
+    assert!(began.elapsed() < std::time::Duration::from_secs(30), "cut at expiry, not after the query");
+    assert!(err.contains("grant expired"), "psql is told why: {err}");
+    let end = w.wait_record("session.end", |r| r["event"] == "session.end");
+    assert_eq!(end["reason"], "grant_expired", "{end}");
+    // The upstream query does not run on.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while cluster.admin("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'") != "0" {
+        assert!(std::time::Instant::now() < deadline, "the upstream query still runs");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

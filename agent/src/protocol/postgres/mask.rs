@@ -197,6 +197,43 @@ pub fn error_field(field: u8, sqlstate: &str) -> ErrorField {
     }
 }
 
+/// An `ErrorResponse` or `NoticeResponse` body with every field passed through [`error_field`]; `None` when
+/// nothing changes. A malformed body is withheld whole but for its SQLSTATE.
+pub fn filter_error_body(body: &[u8]) -> Option<Vec<u8>> {
+    let mut fields = Vec::new();
+    let mut rest = body;
+    while let Some((&code, tail)) = rest.split_first() {
+        if code == 0 {
+            break;
+        }
+        let Some(end) = tail.iter().position(|&b| b == 0) else { break };
+        fields.push((code, &tail[..end]));
+        rest = &tail[end + 1..];
+    }
+    let sqlstate =
+        fields.iter().find(|(c, _)| *c == b'C').map_or("", |(_, v)| std::str::from_utf8(v).unwrap_or(""));
+    let mut out = Vec::with_capacity(body.len());
+    let mut changed = false;
+    for &(code, value) in &fields {
+        let value = match error_field(code, sqlstate) {
+            ErrorField::Keep => value,
+            ErrorField::Drop => {
+                changed = true;
+                continue;
+            }
+            ErrorField::Replace(text) => {
+                changed = true;
+                text.as_bytes()
+            }
+        };
+        out.push(code);
+        out.extend_from_slice(value);
+        out.push(0);
+    }
+    out.push(0);
+    (changed || out.len() != body.len()).then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,6 +293,17 @@ mod tests {
         assert_eq!(r.set.names, vec!["phone".to_string()]);
         assert_eq!(r.tainted, vec!["customer_view".to_string()]);
         assert!(resolved(&mask, &[["c", "public", "t", "x", "1"]]).is_err());
+    }
+
+    #[test]
+    fn an_error_body_is_rebuilt_without_the_fields_that_quote_values() {
+        let body = b"SERROR\0C23505\0Mduplicate key value violates unique constraint\0DKey (email)=(ann@example.com) already exists.\0\0";
+        let out = filter_error_body(body).unwrap();
+        assert_eq!(out, b"SERROR\0C23505\0Mduplicate key value violates unique constraint\0\0");
+        let body = b"SERROR\0C22P02\0Minvalid input syntax for type integer: \"ann@example.com\"\0\0";
+        let out = String::from_utf8(filter_error_body(body).unwrap()).unwrap();
+        assert!(!out.contains("ann@") && out.contains("withheld"), "{out}");
+        assert_eq!(filter_error_body(b"SERROR\0C42P01\0Mrelation \"x\" does not exist\0\0"), None);
     }
 
     #[test]

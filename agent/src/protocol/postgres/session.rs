@@ -794,8 +794,10 @@ impl Relay<'_> {
                     }
                 }
                 self.masked.clear();
-                self.client.send(f);
+                self.send_error(f);
             }
+            // Notices too may quote values.
+            b'N' => self.send_error(f),
             b'1' | b'2' | b'3' => {
                 self.expect.pop_front();
                 self.client.send(f);
@@ -880,6 +882,15 @@ impl Relay<'_> {
             _ => self.client.send(f),
         }
         Ok(())
+    }
+
+    /// Relays an upstream `ErrorResponse` or `NoticeResponse`; under masks without the fields that may
+    /// quote row values (see [`mask::error_field`]).
+    fn send_error(&mut self, f: &Frame) {
+        match self.masking.then(|| mask::filter_error_body(&f.body)).flatten() {
+            Some(body) => self.client.send(&Frame { tag: f.tag, body: body.into() }),
+            None => self.client.send(f),
+        }
     }
 
     /// On a `RowDescription`/`NoData`: completes a pending `Describe`; true if it was Warden's own.

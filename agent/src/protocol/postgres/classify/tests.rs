@@ -421,3 +421,39 @@ fn newer_read_syntax_is_allowed() {
         assert!(check(sql, Access::Read, &[]).is_err(), "{sql}");
     }
 }
+
+#[test]
+fn fastpath_calls_are_held_to_the_function_allow_list() {
+    let read = Access::Read;
+    check_function_call(Some(("pg_catalog", "reverse")), read, false).unwrap();
+    check_function_call(Some(("pg_catalog", "reverse")), read, true).unwrap();
+    for f in [
+        ("pg_catalog", "nextval"),
+        ("pg_catalog", "lo_open"),
+        ("public", "reverse"),
+        ("pg_catalog", "set_config"),
+    ] {
+        assert_eq!(check_function_call(Some(f), read, false).unwrap_err().sqlstate, READ_ONLY, "{f:?}");
+    }
+    assert_eq!(check_function_call(None, read, false).unwrap_err().sqlstate, READ_ONLY);
+    // Under write: anything but set_config, unless masks apply.
+    let write = Access::Write;
+    check_function_call(Some(("pg_catalog", "lo_open")), write, false).unwrap();
+    check_function_call(Some(("public", "bump")), write, false).unwrap();
+    assert_eq!(
+        check_function_call(Some(("pg_catalog", "set_config")), write, false).unwrap_err().sqlstate,
+        PRIVILEGE
+    );
+    assert_eq!(
+        check_function_call(Some(("pg_catalog", "lo_open")), write, true).unwrap_err().sqlstate,
+        PRIVILEGE
+    );
+    check_function_call(Some(("pg_catalog", "reverse")), write, true).unwrap();
+}
+
+#[test]
+fn an_ascii_client_encoding_is_accepted_at_startup() {
+    // psql in the C locale sends SQL_ASCII; the server then checks the bytes as its own encoding.
+    check_startup(&[("client_encoding", "SQL_ASCII")], Access::Read).unwrap();
+    assert!(check_parameter_status("client_encoding", "SQL_ASCII").is_ok());
+}
