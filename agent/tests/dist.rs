@@ -98,7 +98,7 @@ fn the_vagrant_vm_validates() {
         .unwrap();
     assert!(out.status.success(), "vagrant validate:\n{}", text(&out));
     assert!(text(&out).contains("validated successfully"), "{}", text(&out));
-    for script in ["provision.sh", "demo.sh"] {
+    for script in ["provision.sh", "demo.sh", "build-box.sh"] {
         let path = repo().join("vagrant").join(script);
         let out = Command::new("bash").arg("-n").arg(&path).output().unwrap();
         assert!(out.status.success(), "bash -n {}: {}", path.display(), text(&out));

@@ -165,6 +165,12 @@ fn deb_installs_for_real_remove_keeps_enforcement_and_purge_lifts_it() {
     let out = run(Command::new("dpkg").arg("-i").arg(&deb).env("DEBIAN_FRONTEND", "noninteractive"));
     assert!(out.status.success(), "dpkg -i:\n{}", text(&out));
     assert_eq!(dpkg_status().as_deref(), Some("install ok installed"));
+    // Enabled on the first install, as dh_installsystemd does (here without systemd running, the
+    // symlink deb-systemd-helper makes is the whole of it).
+    let wants = Path::new("/etc/systemd/system/multi-user.target.wants/warden.service");
+    let link =
+        std::fs::read_link(wants).unwrap_or_else(|e| panic!("warden.service not enabled: {wants:?}: {e}"));
+    assert!(link.ends_with("systemd/system/warden.service") && wants.exists(), "{wants:?} -> {link:?}");
     let version = run(Command::new("/usr/bin/warden").arg("--version"));
     assert!(text(&version).starts_with("warden "), "{}", text(&version));
 
