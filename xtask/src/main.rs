@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_pg;
+mod bench_ssh;
 mod demo;
 mod dist;
 
@@ -18,6 +19,7 @@ fn main() -> anyhow::Result<()> {
         Some("test") => test(&args[1..]),
         Some("demo") => demo::run(),
         Some("bench") if args.get(1).map(String::as_str) == Some("postgres") => bench_pg::run(&args[2..]),
+        Some("bench") if args.get(1).map(String::as_str) == Some("ssh") => bench_ssh::run(&args[2..]),
         Some("bench") => bench::run(&args[1..]),
         Some("dist") => dist::run_task(&args[1..]),
         _ => {
