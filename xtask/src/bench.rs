@@ -209,7 +209,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         println!("written to BENCHMARKS.md (## Data path)");
     }
     ensure!(leftovers.is_empty(), "the bench left things behind: {leftovers:?}");
-    Ok(())
+    // The SSH section too, with the same binary (`cargo xtask bench ssh` runs it alone).
+    let mut ssh_args = vec!["--warden".to_owned(), warden.display().to_string()];
+    if !opts.write {
+        ssh_args.push("--no-write".into());
+    }
+    crate::bench_ssh::run(&ssh_args)
 }
 
 /// What the bench started, stopped and removed when it drops, even on error.

@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
         Some("dist") => dist::run_task(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\n  test    formatting, clippy, and every test (privileged ones need root)\n  demo    the end-to-end demo on a real PostgreSQL (root)\n  bench   latency and throughput: direct, through Warden, through haproxy (root)\n  dist    the Debian package (target/debian/*.deb), with completions and man pages"
+                "usage: cargo xtask <task>\n\n  test    formatting, clippy, and every test (privileged ones need root)\n  demo    the end-to-end demo on a real PostgreSQL (root)\n  bench   latency and throughput: direct, through Warden, through haproxy, then ssh (root); `bench ssh`, `bench postgres` alone\n  dist    the Debian package (target/debian/*.deb), with completions and man pages"
             );
             bail!("no task given")
         }
