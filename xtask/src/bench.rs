@@ -209,12 +209,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         println!("written to BENCHMARKS.md (## Data path)");
     }
     ensure!(leftovers.is_empty(), "the bench left things behind: {leftovers:?}");
-    // The SSH section too, with the same binary (`cargo xtask bench ssh` runs it alone).
-    let mut ssh_args = vec!["--warden".to_owned(), warden.display().to_string()];
-    if !opts.write {
-        ssh_args.push("--no-write".into());
-    }
-    crate::bench_ssh::run(&ssh_args)
+    Ok(())
 }
 
 /// What the bench started, stopped and removed when it drops, even on error.
