@@ -472,3 +472,83 @@ async fn a_newest_file_with_nothing_valid_is_removed_and_the_chain_resumes_befor
     let report = verify_dir(&opts.config.dir, Some(&pubkey(root.path()))).unwrap();
     assert!(report.intact(), "{:?}", report.problem);
 }
+
+/// Terminal recordings follow the trail: one is deleted only with the file whose `ssh.recording` record
+/// holds its hash, and `retention.deleted` names it; the recordings of kept files stay and still verify.
+#[tokio::test]
+async fn retention_deletes_recordings_with_the_file_that_holds_their_hash() {
+    let root = tempfile::tempdir().unwrap();
+    let mut opts = AuditOptions::in_dir(root.path());
+    opts.config.max_file_bytes = 2048;
+    opts.config.retain_days = 1;
+    opts.config.retain_until_exported = true;
+    let (secs, clock) = test_clock(OffsetDateTime::now_utc());
+    opts.clock = clock;
+    let dir = opts.config.dir.clone();
+    std::fs::create_dir_all(dir.join("recordings")).unwrap();
+    // Six recordings, one record each, with filler so they spread over several files.
+    let shutdown = CancellationToken::new();
+    let (audit, handle) = Audit::start_with(&opts, shutdown.clone()).unwrap();
+    for i in 0..6 {
+        let name = format!("recordings/s-{i}-0.cast");
+        std::fs::write(dir.join(&name), format!("cast {i}\n")).unwrap();
+        let (sha256, bytes) = warden::audit::files::hash_file(&dir.join(&name)).unwrap();
+        audit
+            .append_durable(
+                Record::new("ssh.recording")
+                    .field("file", &name)
+                    .field("sha256", sha256)
+                    .field("bytes", bytes),
+            )
+            .await
+            .unwrap();
+        for n in 0..8 {
+            audit
+                .append_durable(Record::new("session.start").field("n", n).field("pad", "x".repeat(40)))
+                .await
+                .unwrap();
+        }
+    }
+    // A name outside recordings/ is never deleted.
+    std::fs::write(dir.join("keep.txt"), "x").unwrap();
+    audit
+        .append_durable(Record::new("ssh.recording").field("file", "keep.txt").field("sha256", "0"))
+        .await
+        .unwrap();
+    shutdown.cancel();
+    handle.await.unwrap();
+    let files = lines(&dir);
+    assert!(files.len() >= 4, "{}", files.len());
+    let holder = |name: &str| files.iter().position(|(_, l)| l.iter().any(|l| l.contains(name))).unwrap();
+    secs.fetch_add(3 * 86_400, Ordering::SeqCst);
+
+    // Not exported: nothing goes, recordings included.
+    run_writer(opts.clone(), 1).await;
+    assert!((0..6).all(|i| dir.join(format!("recordings/s-{i}-0.cast")).exists()));
+
+    // Export the first two files: their recordings go, the others stay.
+    let second_last: Map<String, Value> = serde_json::from_str(files[1].1.last().unwrap()).unwrap();
+    warden::audit::mark_exported(&dir, second_last["seq"].as_u64().unwrap()).unwrap();
+    run_writer(opts.clone(), 1).await;
+    let mut gone = Vec::new();
+    for i in 0..6 {
+        let name = format!("recordings/s-{i}-0.cast");
+        let deleted = holder(&name) < 2;
+        assert_eq!(!dir.join(&name).exists(), deleted, "{name} held by file {}", holder(&name));
+        if deleted {
+            gone.push(name);
+        }
+    }
+    assert!(!gone.is_empty() && gone.len() < 6, "{gone:?}");
+    assert!(dir.join("keep.txt").exists());
+    let records = all_records(&dir);
+    let ret = records.iter().find(|r| r["event"] == "retention.deleted").expect("a retention record");
+    assert_eq!(ret["recordings"], json!(gone));
+    let report = verify_dir(&dir, Some(&pubkey(root.path()))).unwrap();
+    // Only the planted `keep.txt` record fails (its hash is made up); every kept recording checks.
+    assert!(
+        report.problem.as_ref().is_some_and(|p| p.to_string().contains("keep.txt")),
+        "{:?}",
+        report.problem
+    );
+}

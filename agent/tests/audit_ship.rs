@@ -909,3 +909,74 @@ async fn the_status_view_shows_the_last_segment_the_backlog_the_error_and_the_re
     assert!(back["segments_shipped"].as_u64().unwrap() >= 3, "{back}");
     let _root = host.stop().await;
 }
+
+/// Terminal recordings go to the bucket with the segment that names them (write-once, locked,
+/// checksummed), before it, and `verify --s3` checks each against the hash in the chain: a recording
+/// changed before it was shipped, or one missing from the bucket, fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recordings_are_shipped_with_their_segment_and_verified_against_the_chain() {
+    let root = tempfile::tempdir().unwrap();
+    let creds = credentials(root.path());
+    let store = bucket(&creds).await;
+    let mut host = Host::start(root, 0);
+    host.ship(&store, Duration::from_secs(3600));
+    let dir = host.dir();
+    std::fs::create_dir_all(dir.join("recordings")).unwrap();
+    let record = |name: &str, body: &str| {
+        std::fs::write(dir.join(name), body).unwrap();
+        let (sha256, bytes) = warden::audit::files::hash_file(&dir.join(name)).unwrap();
+        Record::new("ssh.recording").field("file", name).field("sha256", sha256).field("bytes", bytes)
+    };
+    for (i, body) in ["{\"version\": 2}\n[0.1, \"o\", \"hi\"]\n", "{\"version\": 2}\n"].iter().enumerate() {
+        let r = record(&format!("recordings/s-{i}-0.cast"), body);
+        host.audit.append_durable(r).await.unwrap();
+    }
+    host.sessions(0, 3).await;
+    host.seal_and_wait().await;
+    let shipped = records(&dir, "audit.shipped");
+    let keys: Vec<&str> = shipped
+        .iter()
+        .flat_map(|r| r["recordings"].as_array().unwrap())
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert_eq!(keys, [format!("{PREFIX}recordings/s-0-0.cast"), format!("{PREFIX}recordings/s-1-0.cast")]);
+    let (held, head) = store.get(keys[0], None).await.unwrap();
+    assert_eq!(held, std::fs::read(dir.join("recordings/s-0-0.cast")).unwrap());
+    assert!(head.retain_until.is_some(), "the recording is under Object Lock");
+    let (report, extra) = verify_bucket(&store, &loc(&store), None, None).await.unwrap();
+    assert_intact(&report);
+    assert_eq!(extra.recordings, 2, "{extra:?}");
+
+    // A recording edited after its record was written (before shipping) is caught from the bucket.
+    let r = record("recordings/s-2-0.cast", "{\"version\": 2}\n[0.1, \"o\", \"rm -rf /\"]\n");
+    host.audit.append_durable(r).await.unwrap();
+    std::fs::write(dir.join("recordings/s-2-0.cast"), "{\"version\": 2}\n[0.1, \"o\", \"ls\"]\n").unwrap();
+    host.sessions(3, 3).await;
+    host.seal_and_wait().await;
+    let (report, _) = verify_bucket(&store, &loc(&store), None, None).await.unwrap();
+    let problem = report.problem.expect("an edited recording must fail");
+    assert!(problem.what.contains("does not match its ssh.recording record"), "{problem}");
+    assert!(problem.file.to_string_lossy().ends_with("recordings/s-2-0.cast"), "{problem}");
+    drop(host.stop().await);
+}
+
+/// A recording that never reached the bucket fails `verify --s3`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_missing_from_the_bucket_fails_verify() {
+    let root = tempfile::tempdir().unwrap();
+    let creds = credentials(root.path());
+    let store = bucket(&creds).await;
+    let mut host = Host::start(root, 0);
+    host.ship(&store, Duration::from_secs(3600));
+    let r = Record::new("ssh.recording")
+        .field("file", "recordings/gone.cast")
+        .field("sha256", "00")
+        .field("bytes", 0);
+    host.audit.append_durable(r).await.unwrap();
+    host.sessions(0, 2).await;
+    host.seal_and_wait().await;
+    let (report, _) = verify_bucket(&store, &loc(&store), None, None).await.unwrap();
+    let problem = report.problem.expect("a missing recording must fail");
+    assert!(problem.what.contains("recording missing"), "{problem}");
+    drop(host.stop().await);
+}

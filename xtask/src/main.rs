@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_pg;
+mod bench_ssh;
 mod demo;
 mod dist;
 
@@ -18,11 +19,26 @@ fn main() -> anyhow::Result<()> {
         Some("test") => test(&args[1..]),
         Some("demo") => demo::run(),
         Some("bench") if args.get(1).map(String::as_str) == Some("postgres") => bench_pg::run(&args[2..]),
-        Some("bench") => bench::run(&args[1..]),
+        Some("bench") if args.get(1).map(String::as_str) == Some("ssh") => bench_ssh::run(&args[2..]),
+        Some("bench") if args.get(1).map(String::as_str) == Some("client") => bench::run(&args[1..]),
+        Some("bench") => {
+            bench::run(&args[1..])?;
+            // Then the SSH section, with the same binary and the same --no-write.
+            let mut ssh = Vec::new();
+            let mut it = args[1..].iter();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--warden" => ssh.extend([a.clone(), it.next().cloned().unwrap_or_default()]),
+                    "--no-write" => ssh.push(a.clone()),
+                    _ => {}
+                }
+            }
+            bench_ssh::run(&ssh)
+        }
         Some("dist") => dist::run_task(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\n  test    formatting, clippy, and every test (privileged ones need root)\n  demo    the end-to-end demo on a real PostgreSQL (root)\n  bench   latency and throughput: direct, through Warden, through haproxy (root)\n  dist    the Debian package (target/debian/*.deb), with completions and man pages"
+                "usage: cargo xtask <task>\n\n  test    formatting, clippy, and every test (privileged ones need root)\n  demo    the end-to-end demo on a real PostgreSQL (root)\n  bench   latency and throughput: direct, through Warden, through haproxy, then ssh (root); `bench ssh`, `bench postgres` alone\n  dist    the Debian package (target/debian/*.deb), with completions and man pages"
             );
             bail!("no task given")
         }

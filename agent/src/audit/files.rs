@@ -232,3 +232,35 @@ pub fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
     let n = std::io::copy(&mut f, &mut h)?;
     Ok((hex::encode(h.finalize()), n))
 }
+
+/// The terminal recordings (`file` of each `ssh.recording` record, relative to the audit directory) that a
+/// segment's chain holds the hash of: retention deletes them with the segment, never before. Names
+/// outside the audit directory's `recordings/` are skipped (never deleted).
+pub fn recordings_named(segment: &Path) -> Result<Vec<String>, AuditError> {
+    let file = File::open(segment).map_err(|source| AuditError::io("open", segment, source))?;
+    let mut out = Vec::new();
+    for line in BufReader::new(file).lines() {
+        let line = line.map_err(|source| AuditError::io("read", segment, source))?;
+        if !line.contains("\"ssh.recording\"") {
+            continue;
+        }
+        let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if m.get("event").and_then(|e| e.as_str()) != Some("ssh.recording") {
+            continue;
+        }
+        if let Some(name) = m.get("file").and_then(|f| f.as_str())
+            && recording_path_ok(name)
+        {
+            out.push(name.to_owned());
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a recording name stays inside `recordings/` of the audit directory.
+pub fn recording_path_ok(name: &str) -> bool {
+    let rel = Path::new(name);
+    rel.starts_with("recordings") && rel.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+}

@@ -50,8 +50,9 @@
 //!   of the SHA-256 of the public key, and `sig` is the hex Ed25519 signature of the bytes
 //!   `warden-audit-checkpoint-v1\n<host as a JSON string>\n<covers_seq>\n<covers_hash>\n<time>`.
 //!   A signature over `covers_hash` commits to every record before it through the chain.
-//! - `retention.deleted` (`files`, `through_seq`, `through_hash`, `retain_days`): old files removed by
-//!   retention; `through_hash` is the hash of the last deleted record, which the oldest kept file's first
+//! - `retention.deleted` (`files`, `through_seq`, `through_hash`, `retain_days`, `recordings`): old files
+//!   removed by retention, with the terminal recordings their `ssh.recording` records name (deleted
+//!   with the segment whose chain holds their hash, never before); `through_hash` is the hash of the last deleted record, which the oldest kept file's first
 //!   `prev` must equal. `verify` accepts a chain that starts after seq 0 only when such a record explains it.
 //!
 //! # Export mark

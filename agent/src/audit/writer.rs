@@ -445,6 +445,7 @@ impl Writer {
         };
         let cutoff = now - Duration::from_secs(u64::from(self.s.retain_days) * 86_400);
         let mut deleted = Vec::new();
+        let mut recordings = Vec::new();
         let mut through: Option<(u64, PathBuf)> = None;
         for pair in listed.windows(2) {
             let ((_, path), (next_first, next_path)) = (&pair[0], &pair[1]);
@@ -460,9 +461,28 @@ impl Writer {
             if !old_enough || !exported_ok {
                 break;
             }
+            // The recordings whose hashes this segment's chain holds go with it (after it: a crash in
+            // between leaves a recording no record names, never a record whose recording is gone).
+            let named = match files::recordings_named(path) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "audit retention cannot read a file");
+                    break;
+                }
+            };
             if let Err(e) = std::fs::remove_file(path) {
                 tracing::warn!(path = %path.display(), error = %e, "audit retention cannot delete a file");
                 break;
+            }
+            for name in named {
+                let rec = self.s.dir.join(&name);
+                match std::fs::remove_file(&rec) {
+                    Ok(()) => recordings.push(name),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(path = %rec.display(), error = %e, "audit retention cannot delete a recording");
+                    }
+                }
             }
             deleted.push(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
             through = Some((last_seq, next_path.clone()));
@@ -476,6 +496,9 @@ impl Writer {
         fields.insert("through_seq".into(), Value::from(through_seq));
         fields.insert("through_hash".into(), Value::from(through_hash));
         fields.insert("retain_days".into(), Value::from(self.s.retain_days));
+        if !recordings.is_empty() {
+            fields.insert("recordings".into(), Value::from(recordings));
+        }
         if self.encode(buf, now, "retention.deleted", &fields).is_ok() {
             self.unsigned += 1;
             self.content += 1;

@@ -101,12 +101,13 @@ pub fn verify(args: &S3Args, dir: Option<&Path>, pubkey: Option<&Path>, config: 
     }
     let hosts: Vec<&str> = report.hosts.iter().map(String::as_str).collect();
     println!(
-        "intact in {loc}: {} records (seq {}..={}) in {} segments ({} bytes), host {}",
+        "intact in {loc}: {} records (seq {}..={}) in {} segments ({} bytes), {} recordings, host {}",
         report.records,
         report.first_seq.unwrap_or(0),
         report.last_seq.unwrap_or(0),
         bucket.segments,
         bucket.bytes,
+        bucket.recordings,
         hosts.join(", ")
     );
     println!(

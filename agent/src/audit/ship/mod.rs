@@ -9,6 +9,10 @@
 //!   (`If-None-Match: *`) with a COMPLIANCE lock the shipper extends to `retention` from now at every start
 //!   and daily, so it outlives every segment. Verify trusts the *oldest* version of this key (or
 //!   `--pubkey`): whoever takes the host's root later cannot replace the key the bucket first held.
+//! - `P/recordings/<name>.cast`: the terminal recordings a segment's `ssh.recording` records name, byte
+//!   for byte, written once like segments (same lock, checksums, `sha256` metadata) and before the
+//!   segment, so a shipped segment's recordings are always in the bucket; `verify --s3` checks each
+//!   against the `sha256` its record holds.
 //! - `P/segments/audit-<first seq, 20 digits>.jsonl`: one sealed file of the writer, byte for byte. The
 //!   key is the segment's identity (its first seq; a sealed file never changes), so shipping it again
 //!   after a crash finds the same key. With shipping on, every sealed file ends in a signed checkpoint,
@@ -69,6 +73,12 @@ pub enum ShipError {
 /// The key of a segment under the host prefix.
 pub fn segment_key(prefix: &str, file_name: &str) -> String {
     format!("{prefix}segments/{file_name}")
+}
+
+/// The key of a terminal recording (`recordings/...`, as its `ssh.recording` record names it) under the
+/// host prefix.
+pub fn recording_key(prefix: &str, name: &str) -> String {
+    format!("{prefix}{name}")
 }
 
 /// The key of the host's public key under the host prefix.
@@ -309,6 +319,12 @@ impl Shipper {
     async fn ship_one(&mut self, path: &Path, first_seq: u64, last_seq: u64) -> Result<(), ShipError> {
         let bytes = std::fs::read(path).map_err(|source| AuditError::io("read", path, source))?;
         let last_line = check_segment(path, &bytes, first_seq, last_seq)?;
+        let mut recordings = Vec::new();
+        for rec in files::recordings_named(path)? {
+            if let Some(key) = self.ship_recording(&rec).await? {
+                recordings.push(key);
+            }
+        }
         let name = files::file_name(first_seq);
         let key = segment_key(&self.o.prefix, &name);
         let sums = s3::Checksums::of(&bytes);
@@ -354,7 +370,8 @@ impl Shipper {
                     .field("sha256", &sha256)
                     .field("version_id", version_id)
                     .field("bytes", len)
-                    .field("retain_until", crate::timestamp::format(retain_until)),
+                    .field("retain_until", crate::timestamp::format(retain_until))
+                    .field("recordings", recordings),
             )
             .await?;
         files::mark_shipped(&self.o.audit_dir, last_seq)?;
@@ -364,6 +381,36 @@ impl Shipper {
         self.o.stats.bytes.fetch_add(len, Ordering::Relaxed);
         tracing::debug!(%key, first_seq, last_seq, bytes = len, "audit segment shipped");
         Ok(())
+    }
+
+    /// Uploads one terminal recording (write-once, locked, checksummed); its key, or `None` when the
+    /// file is gone from disk (verify then reports it missing from the bucket).
+    async fn ship_recording(&mut self, name: &str) -> Result<Option<String>, ShipError> {
+        let path = self.o.audit_dir.join(name);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::warn!(path = %path.display(), "a recording named in the audit trail is missing; not shipped");
+                return Ok(None);
+            }
+            Err(source) => return Err(AuditError::io("read", &path, source).into()),
+        };
+        let key = recording_key(&self.o.prefix, name);
+        let sums = s3::Checksums::of(&bytes);
+        let until = OffsetDateTime::now_utc() + self.o.retention;
+        let len = bytes.len() as u64;
+        self.count(1);
+        if let s3::Put::Exists = self.o.store.put_locked(&key, bytes, &sums, until, &[]).await? {
+            self.count(1);
+            let head = self.o.store.head(&key, None).await?.ok_or_else(|| ShipError::Request {
+                op: "head",
+                key: key.clone(),
+                reason: "the storage refused the write as existing but has no such key".into(),
+            })?;
+            self.already_there(&key, &head, &sums)?;
+        }
+        self.o.stats.bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(Some(key))
     }
 
     /// The key already holds an object: fine when it is these very bytes (shipped before a crash).

@@ -66,6 +66,8 @@ pub struct BucketReport {
     /// Local files equal to the bucket's copy, and local files not (yet) in the bucket (compare mode).
     pub local_same: usize,
     pub local_unshipped: usize,
+    /// Terminal recordings checked against the hash their `ssh.recording` record holds.
+    pub recordings: usize,
 }
 
 fn problem(loc: &Location, key: &str, seq: Option<u64>, what: String) -> Problem {
@@ -175,6 +177,8 @@ pub async fn verify_bucket(
         ));
     }
     let mut sha_by_segment: HashMap<String, String> = HashMap::new();
+    // (file, sha256, seq) of every ssh.recording record in the bucket's chain.
+    let mut recordings: Vec<(String, String, u64)> = Vec::new();
     let mut shipped_records: Vec<(String, String, u64)> = Vec::new();
     for (first_seq, key) in &segments {
         if chain.report().problem.is_some() {
@@ -256,6 +260,16 @@ pub async fn verify_bucket(
                 shipped_records.push((seg.to_owned(), sha.to_owned(), parsed.seq));
             }
         }
+        for line in bytes.split(|b| *b == b'\n').filter(|l| {
+            const EVENT: &[u8] = b"\"event\":\"ssh.recording\"";
+            l.windows(EVENT.len()).any(|w| w == EVENT)
+        }) {
+            if let Ok(parsed) = format::check_line(line)
+                && let (Some(file), Some(sha)) = (parsed.str_field("file"), parsed.str_field("sha256"))
+            {
+                recordings.push((file.to_owned(), sha.to_owned(), parsed.seq));
+            }
+        }
         sha_by_segment.insert(name.clone(), sums.sha256_hex());
         if let Some(dir) = local {
             compare_local(&mut chain, &mut extra, dir, &name, &bytes);
@@ -290,6 +304,21 @@ pub async fn verify_bucket(
             }
         }
     }
+    if chain.report().problem.is_none() {
+        for (file, want, seq) in &recordings {
+            let key = super::recording_key(&loc.prefix, file);
+            let what = match check_recording(store, &versions, &key, file, want, now).await? {
+                Ok(t) => {
+                    extra.recordings += 1;
+                    extra.earliest_retain_until = Some(extra.earliest_retain_until.map_or(t, |e| e.min(t)));
+                    continue;
+                }
+                Err(what) => what,
+            };
+            chain.fail(problem(loc, &key, Some(*seq), what));
+            break;
+        }
+    }
     if let Some(dir) = local
         && chain.report().problem.is_none()
         && let Ok(listed) = files::list_writer_files(dir)
@@ -300,6 +329,38 @@ pub async fn verify_bucket(
         extra.local_unshipped = unshipped.count();
     }
     Ok((chain.finish(), extra))
+}
+
+/// A recording in the bucket: its oldest version must exist, be locked and hash to what its record says.
+/// `Ok(Err(what))` is a problem with it; `Err` a failed request.
+async fn check_recording(
+    store: &Store,
+    versions: &[Version],
+    key: &str,
+    file: &str,
+    want: &str,
+    now: OffsetDateTime,
+) -> Result<Result<OffsetDateTime, String>, ShipError> {
+    if !files::recording_path_ok(file) {
+        return Ok(Err(format!("an ssh.recording record names {file:?}, outside recordings/")));
+    }
+    let Some(version) = oldest(versions, key) else {
+        return Ok(Err(format!(
+            "recording missing: the ssh.recording record names {file} but the bucket has no such object"
+        )));
+    };
+    let (bytes, head) = store.get(key, version.version_id.as_deref()).await?;
+    let locked = match check_lock(&head, now) {
+        Ok(t) => t,
+        Err(what) => return Ok(Err(what)),
+    };
+    let got = Checksums::of(&bytes).sha256_hex();
+    if got != want {
+        return Ok(Err(format!(
+            "the recording does not match its ssh.recording record (sha256 {got}, the record says {want}): it was altered"
+        )));
+    }
+    Ok(Ok(locked))
 }
 
 /// Compare mode: a local file of the same name must hold the bucket's bytes.

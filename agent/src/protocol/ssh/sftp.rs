@@ -21,8 +21,12 @@ use std::time::Instant;
 pub const PREFIX_CAP: usize = 9 * 1024;
 /// The longest packet the parser frames (OpenSSH's limit is 256 KiB; some servers go higher).
 pub const MAX_PACKET: u32 = 1 << 20;
-/// At most this many requests awaiting an answer, and this many open handles, are tracked.
-const MAX_TRACKED: usize = 1024;
+/// At most this many requests awaiting an answer, and this many open handles, are tracked (OpenSSH's
+/// client keeps up to 64 requests in flight); with [`PREFIX_CAP`] and [`MAX_HANDLE`] this bounds a
+/// channel's parser to a few MiB whatever the client or server sends, and a few KiB in practice.
+const MAX_TRACKED: usize = 128;
+/// The longest handle the protocol allows (draft-02: "MUST NOT be longer than 256 bytes").
+const MAX_HANDLE: usize = 256;
 
 mod fxp {
     pub const OPEN: u8 = 3;
@@ -270,7 +274,8 @@ struct State<'a> {
 
 impl State<'_> {
     fn track(&mut self, id: u32, p: Pending) -> Option<()> {
-        (self.pending.len() < MAX_TRACKED).then(|| {
+        // A repeated id replaces its entry; a new one needs room.
+        (self.pending.len() < MAX_TRACKED || self.pending.contains_key(&id)).then(|| {
             self.pending.insert(id, p);
         })
     }
@@ -374,7 +379,7 @@ impl State<'_> {
         match (kind, pending) {
             (fxp::HANDLE, Pending::Open { path, mode, at }) => {
                 let handle = r.bytes()?.to_vec();
-                if self.files.len() >= MAX_TRACKED {
+                if self.files.len() >= MAX_TRACKED || handle.len() > MAX_HANDLE {
                     return None;
                 }
                 self.files.insert(handle, File { path, mode, opened: at, read: 0, written: 0 });
@@ -531,6 +536,27 @@ mod tests {
             (out[0].op, out[0].status.as_str(), out[0].mode.as_deref()),
             ("file", "open", Some("read"))
         );
+    }
+
+    #[test]
+    fn tracking_is_bounded() {
+        let mut s = Sftp::default();
+        let mut out = Vec::new();
+        for id in 0..1000u32 {
+            s.feed(Dir::Up, &packet(fxp::REMOVE, id, |b| string(b, &[b'a'; 4000])), &mut out);
+        }
+        assert_eq!(s.pending.len(), MAX_TRACKED);
+        assert_eq!(s.unparsed, 1000 - MAX_TRACKED as u64);
+        // An over-long handle is not kept.
+        let open = packet(fxp::OPEN, 5000, |b| {
+            string(b, b"/x");
+            b.extend_from_slice(&1u32.to_be_bytes());
+            b.extend_from_slice(&0u32.to_be_bytes());
+        });
+        s.pending.clear();
+        s.feed(Dir::Up, &open, &mut out);
+        s.feed(Dir::Down, &packet(fxp::HANDLE, 5000, |b| string(b, &[1; 300])), &mut out);
+        assert!(s.files.is_empty());
     }
 
     #[test]
