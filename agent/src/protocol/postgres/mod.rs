@@ -193,7 +193,7 @@ impl Postgres {
                     io.flush().await?;
                     let began = timing.start.elapsed();
                     io = Box::new(self.accept_tls(io, target).await?);
-                    timing.tls = Some(timing.start.elapsed() - began);
+                    timing.tls = Some(timing.start.elapsed().saturating_sub(began));
                     tls = true;
                 }
                 Ok(Initial::GssEnc) if !tls => {
@@ -440,7 +440,7 @@ impl Greeting {
         if let Some(up) = self.shared.pool.take(&self.pool_key(dst, terms)).await {
             self.upstream = Some(Connected::Pooled(up));
             self.timing.pooled = true;
-            self.timing.checkout = self.timing.start.elapsed() - self.timing.connect_start;
+            self.timing.checkout = self.timing.start.elapsed().saturating_sub(self.timing.connect_start);
             return Ok(());
         }
         let tcp = match tokio::time::timeout(CONNECT_DEADLINE, TcpStream::connect(dst)).await {
@@ -450,7 +450,7 @@ impl Greeting {
         };
         let _ = tcp.set_nodelay(true);
         self.upstream = Some(Connected::Fresh(tcp, dst));
-        self.timing.checkout = self.timing.start.elapsed() - self.timing.connect_start;
+        self.timing.checkout = self.timing.start.elapsed().saturating_sub(self.timing.connect_start);
         Ok(())
     }
 

@@ -138,11 +138,9 @@ pub async fn reset(up: &mut Upstream, access: Access) -> Result<(), String> {
     while pending > 0 {
         let f = up.conn.next().await.map_err(|e| format!("upstream: {e}"))?.ok_or("upstream closed")?;
         match f.tag {
-            b'E' => {
-                if error.is_none() {
-                    let e = wire::parse_error(&f.body);
-                    error = Some(format!("{}: {}", e.code, e.message));
-                }
+            b'E' if error.is_none() => {
+                let e = wire::parse_error(&f.body);
+                error = Some(format!("{}: {}", e.code, e.message));
             }
             b'S' => {
                 let mut r = Reader::new(&f.body);
