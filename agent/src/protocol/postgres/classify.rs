@@ -97,8 +97,7 @@
 //! *shape*: the text with every constant token (string, bit string, integer, numeric, as PostgreSQL's own
 //! lexer finds them) taken out, keeping each one's token kind. A string's shape verdict is stored only if
 //! (a) it was let through, (b) every constant token became a plain constant node of the tree (an
-//! `AConst` at that token's offset: not an option value, a file name, a `FETCH` count or a typed literal
-//! like `DATE '...'`) and (c) no rule read any constant's value while classifying it (the rules that do,
+//! `AConst` at that token's offset: not an option value, a file name or a `FETCH` count) and (c) no rule read any constant's value while classifying it (the rules that do,
 //! `SET` values, `set_config` arguments, `EXPLAIN`/transaction options, count each read). So
 //! `... WHERE aid = 17` and `... WHERE aid = 42` share a verdict, while `SET ... = 'on'` and `= 'off'`
 //! never do. Two strings with one shape have the same tokens in the same places but for constants of the
