@@ -612,6 +612,56 @@ async fn upstream_connections_are_pooled_and_reset_between_sessions() {
     );
 }
 
+/// The first value of a simple query's first row.
+async fn simple_value(client: &tokio_postgres::Client, sql: &str) -> String {
+    let rows = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {}", msg(&e)));
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql}: no row"))
+}
+
+/// What a session leaves on its upstream connection (settings, temporary tables, prepared statements,
+/// advisory locks, cursors) is gone when the next session gets it; and a session that starts right after
+/// another ended takes the connection the pool is still resetting (waiting for the reset) rather than
+/// logging in anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_connection_keeps_nothing_of_the_previous_session() {
+    let cluster = Cluster::start();
+    let mut proxy = Proxy::start(&cluster, Setup { access: Access::Write, ..Setup::default() }).await;
+    let client = proxy.client().await;
+    let pid = simple_value(&client, "SELECT pg_backend_pid()").await;
+    client
+        .batch_execute(
+            "SET statement_timeout = '4321s'; SET application_name = 'leaky'; \
+             CREATE TEMP TABLE leak (x int); PREPARE leaky AS SELECT 1; SELECT pg_advisory_lock(42); \
+             BEGIN; DECLARE c CURSOR WITH HOLD FOR SELECT 1; COMMIT",
+        )
+        .await
+        .unwrap();
+    drop(client);
+    assert_eq!(proxy.next_end().await, End::ClientClosed);
+    // No wait for the reset: the next session's checkout waits for it.
+    let client = proxy.client().await;
+    assert_eq!(simple_value(&client, "SELECT pg_backend_pid()").await, pid, "the connection was reused");
+    assert_eq!(simple_value(&client, "SHOW statement_timeout").await, "0");
+    assert_ne!(simple_value(&client, "SHOW application_name").await, "leaky");
+    assert_eq!(simple_value(&client, "SELECT to_regclass('pg_temp.leak') IS NULL").await, "t");
+    assert_eq!(simple_value(&client, "SELECT count(*) FROM pg_prepared_statements").await, "0");
+    assert_eq!(simple_value(&client, "SELECT count(*) FROM pg_cursors").await, "0");
+    assert_eq!(simple_value(&client, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").await, "0");
+    // The name is free again: preparing it does not fail.
+    client.batch_execute("PREPARE leaky AS SELECT 2; DEALLOCATE leaky").await.unwrap();
+    let logins = simple_value(
+        &client,
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = 'agent_rw' AND backend_type = 'client backend'",
+    )
+    .await;
+    assert_eq!(logins, "1", "one upstream connection for both sessions");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_work_under_write_with_copy_both_ways() {
     let cluster = Cluster::start();

@@ -4,6 +4,13 @@
 //! `-S -C` (a new connection per transaction) and the default TPC-B-like mix under `access: write`.
 //! Client legs to Warden and pgbouncer are plain; the direct client uses TLS (its only leg).
 //!
+//! Besides transactions per second, each run reports the CPU time the middle process (Warden's daemon,
+//! pgbouncer) spent per transaction (utime + stime from `/proc/PID/stat`, the measure that decides the
+//! ratios on a small machine where pgbench, PostgreSQL and the middle share the cores) and the upstream
+//! logins it made (`pg_stat_database.sessions`). The connection set-up breakdown comes from the daemon's
+//! `pg_setup` debug lines (one per session: agent TLS, startup, gate, pool checkout, durable
+//! `session.start` wait, upstream login, greeting) and pgbench's average connection time.
+//!
 //! `cargo xtask bench postgres [--seconds N] [--warden PATH] [--no-write]`.
 
 use std::fmt::Write as _;
@@ -13,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context as _, bail, ensure};
 
-use crate::demo::{run_cmd_output, start_idp, start_warden, stop_child};
+use crate::demo::{run_cmd_output, start_idp, start_warden_with, stop_child};
 use crate::{build_warden, nix_is_root, root};
 
 const PG_IP: &str = "127.0.0.6";
@@ -176,9 +183,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     std::fs::write(
         dir.join("pgbouncer.ini"),
         format!(
-            "[databases]\nbench = host={PG_IP} port={pg_port} dbname=bench user=bench password={PASSWORD}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {bouncer_port}\nunix_socket_dir =\nauth_type = trust\nauth_file = {}\npool_mode = session\nmax_client_conn = 500\ndefault_pool_size = 40\nserver_tls_sslmode = require\nlogfile = {}\n",
+            "[databases]\nbench = host={PG_IP} port={pg_port} dbname=bench user=bench password={PASSWORD}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {bouncer_port}\nunix_socket_dir =\nauth_type = trust\nauth_file = {}\npool_mode = session\nmax_client_conn = 500\ndefault_pool_size = 40\nserver_tls_sslmode = require\nlogfile = {}\npidfile = {}\n",
             dir.join("users.txt").display(),
-            dir.join("pgbouncer.log").display()
+            dir.join("pgbouncer.log").display(),
+            dir.join("pgbouncer.pid").display()
         ),
     )?;
     sh(Command::new("chown").arg("-R").arg("postgres:postgres").arg(&dir))?;
@@ -215,8 +223,16 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             key = keys.join("agent-pkjwt-rs.pem").display()
         ),
     )?;
-    let daemon = start_warden(&warden, &config, &dir.join("control.sock"), &dir.join("warden.log"))?;
+    let daemon = start_warden_with(
+        &warden,
+        &config,
+        &dir.join("control.sock"),
+        &dir.join("warden.log"),
+        &[("WARDEN_LOG", "info,pg_setup=debug"), ("WARDEN_LOG_FORMAT", "plain"), ("NO_COLOR", "1")],
+    )?;
+    let daemon_pid = daemon.id();
     g.children.push(daemon);
+    let bouncer_pid = read_pid(&dir.join("pgbouncer.pid"))?;
     g.warden = Some((warden.clone(), config.clone()));
     let cg = crate::bench::cgroup_root()?.join(&tag).join("agent");
     std::fs::create_dir_all(&cg)?;
@@ -250,11 +266,22 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         ("-S -C, 8 clients (a connection per transaction)", &["-S", "-C", "-c", "8", "-j", "2"]),
         ("TPC-B-like, 8 clients", &["-c", "8", "-j", "2"]),
     ];
+    let sessions = || -> anyhow::Result<u64> {
+        let out = admin("SELECT sessions FROM pg_stat_database WHERE datname = 'bench'")?;
+        out.trim().parse().with_context(|| format!("pg_stat_database.sessions: {out:?}"))
+    };
+    let middle = [None, Some(daemon_pid), Some(bouncer_pid)];
+    let load_before = loadavg();
     let mut table = String::new();
-    table.push_str("| case | direct tps | Warden tps | pgbouncer tps | Warden / direct | Warden / pgbouncer |\n|---|---|---|---|---|---|\n");
+    table.push_str("| case | direct tps | Warden tps | pgbouncer tps | Warden / direct | Warden / pgbouncer | CPU µs per transaction, Warden / pgbouncer | upstream logins, Warden / pgbouncer |\n|---|---|---|---|---|---|---|---|\n");
+    let mut connection_ms = Vec::new();
     for (name, flags) in cases {
         let mut tps = Vec::new();
-        for (peer, conninfo, tagged) in &peers {
+        let mut cpu = Vec::new();
+        let mut logins = Vec::new();
+        for ((peer, conninfo, tagged), pid) in peers.iter().zip(middle) {
+            let cpu_before = pid.map(cpu_ticks).transpose()?;
+            let sessions_before = sessions()?;
             let mut cmd = match tagged {
                 Some(cg) => {
                     let mut c = Command::new("sh");
@@ -282,18 +309,75 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                         tail.join("\n")
                     )
                 })?;
-            println!("{name} via {peer}: {t:.0} tps");
+            let opened = sessions()?.saturating_sub(sessions_before);
+            let transactions = out
+                .lines()
+                .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+                .and_then(|v| v.split('/').next())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            let per_tx = match (pid, cpu_before) {
+                (Some(pid), Some(before)) if transactions > 0 => {
+                    let ticks = cpu_ticks(pid)?.saturating_sub(before);
+                    Some(ratio(ticks, transactions) * 1e6 / clock_ticks())
+                }
+                _ => None,
+            };
+            if let Some(ms) = out
+                .lines()
+                .find_map(|l| l.strip_prefix("average connection time = "))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+            {
+                connection_ms.push((format!("{name} via {peer}"), ms));
+            }
+            let cpu_text = per_tx.map_or(String::new(), |c| format!(", {c:.0} µs CPU per transaction"));
+            println!("{name} via {peer}: {t:.0} tps{cpu_text}, {opened} upstream logins");
             tps.push(t);
+            cpu.push(per_tx);
+            logins.push(opened);
         }
+        let us = |c: Option<f64>| c.map_or("-".to_owned(), |c| format!("{c:.0}"));
         let _ = writeln!(
             table,
-            "| {name} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {} / {} | {} / {} |",
             tps[0],
             tps[1],
             tps[2],
             tps[1] / tps[0],
-            tps[1] / tps[2]
+            tps[1] / tps[2],
+            us(cpu[1]),
+            us(cpu[2]),
+            logins[1],
+            logins[2]
         );
+    }
+    // The agent leg with TLS, for the set-up breakdown: one client, a connection per transaction.
+    {
+        let (_, conninfo, tagged) = &peers[1];
+        let conninfo = conninfo.replace("sslmode=disable", "sslmode=require");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("echo $$ > \"$0\"/cgroup.procs && exec \"$@\"")
+            .arg((*tagged).context("the Warden peer is tagged")?)
+            .arg(pg_bin("pgbench"))
+            .args(["-S", "-C", "-c", "1", "-j", "1", "-n", "-T", &seconds.to_string(), &conninfo])
+            .env_remove("PGPASSWORD");
+        let (_, out) = run_cmd_output(&mut cmd).context("pgbench -C with TLS via warden")?;
+        if let Some(ms) = out
+            .lines()
+            .find_map(|l| l.strip_prefix("average connection time = "))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            connection_ms.push(("-S -C, 1 client, TLS to Warden, via warden".into(), ms));
+        }
+    }
+    let load_after = loadavg();
+    let breakdown = setup_breakdown(&std::fs::read_to_string(dir.join("warden.log")).unwrap_or_default());
+    let mut connections = String::from("| run | average connection time (pgbench) |\n|---|---|\n");
+    for (run, ms) in &connection_ms {
+        let _ = writeln!(connections, "| {run} | {ms:.3} ms |");
     }
     let queries = std::fs::read_dir(state.join("audit")).map_or(0, |d| {
         d.filter_map(Result::ok)
@@ -304,7 +388,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let pg_version = sh(Command::new(pg_bin("postgres")).arg("--version")).unwrap_or_default();
     let bouncer_version = sh(Command::new(pgbouncer).arg("--version")).unwrap_or_default();
     let section = format!(
-        "## PostgreSQL\n\n`cargo xtask bench postgres` ({seconds} s per run; {cpus} CPUs; {pg}; {bouncer}; upstream TLS and SCRAM for Warden and pgbouncer; Warden recorded {queries} `pg.query` records; target {pg_addr}).\n\n{table}",
+        "## PostgreSQL\n\n`cargo xtask bench postgres` ({seconds} s per run; {cpus} CPUs; load average {load_before} before, {load_after} after; {pg}; {bouncer}; upstream TLS and SCRAM for Warden and pgbouncer; Warden recorded {queries} `pg.query` records; target {pg_addr}).\n\n{table}\n### Connection set-up\n\npgbench's average connection time (client side: connect to first ReadyForQuery):\n\n{connections}\nInside the daemon, per session (median and 90th percentile in µs, from the `pg_setup` debug lines; `start` is when the handler got the connection, after the proxy's accept and origin lookup):\n\n{breakdown}",
         cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         pg = pg_version.trim(),
         bouncer = bouncer_version.lines().next().unwrap_or("pgbouncer").trim(),
@@ -315,4 +399,104 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         crate::bench::write_named_section(&root().join("BENCHMARKS.md"), "## PostgreSQL", &section)?;
     }
     Ok(())
+}
+
+fn read_pid(file: &Path) -> anyhow::Result<u32> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Ok(t) = std::fs::read_to_string(file)
+            && let Ok(pid) = t.trim().parse()
+        {
+            return Ok(pid);
+        }
+        ensure!(std::time::Instant::now() < deadline, "no pid in {}", file.display());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// utime + stime of a process (all its threads), in clock ticks.
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces: fields are counted after its closing parenthesis.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("/proc/PID/stat without a command")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| -> anyhow::Result<u64> { Ok(f.get(i).context("short /proc/PID/stat")?.parse()?) };
+    // Fields 14 and 15 of stat(5); `rest` starts at field 3.
+    Ok(field(11)? + field(12)?)
+}
+
+/// `a / b` as a float (counts far below 2^52, so exact enough).
+#[allow(clippy::cast_precision_loss)]
+fn ratio(a: u64, b: u64) -> f64 {
+    a as f64 / b as f64
+}
+
+fn clock_ticks() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output().ok();
+    out.and_then(|o| String::from_utf8(o.stdout).ok()).and_then(|s| s.trim().parse().ok()).unwrap_or(100.0)
+}
+
+fn loadavg() -> String {
+    let l = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+/// The `pg_setup` lines of the daemon's log as a table: per kind of session (pooled or a fresh upstream
+/// login; agent leg plain or TLS), the median and 90th percentile of each phase.
+fn setup_breakdown(log: &str) -> String {
+    const PHASES: [&str; 8] = [
+        "tls_us",
+        "hello_us",
+        "gate_us",
+        "checkout_us",
+        "durable_wait_us",
+        "login_us",
+        "greeting_us",
+        "total_us",
+    ];
+    let mut groups: std::collections::BTreeMap<String, Vec<std::collections::HashMap<String, u64>>> =
+        std::collections::BTreeMap::new();
+    for line in log.lines().filter(|l| l.contains("postgres connection set-up")) {
+        let mut fields = std::collections::HashMap::new();
+        let mut pooled = false;
+        for token in line.split_whitespace() {
+            let Some((k, v)) = token.split_once('=') else { continue };
+            if k == "pooled" {
+                pooled = v == "true";
+            } else if k.ends_with("_us")
+                && let Ok(v) = v.parse::<u64>()
+            {
+                fields.insert(k.to_owned(), v);
+            }
+        }
+        let kind = format!(
+            "{}, agent leg {}",
+            if pooled { "pool checkout" } else { "fresh upstream login (TCP, TLS, SCRAM)" },
+            if fields.contains_key("tls_us") { "TLS" } else { "plain" }
+        );
+        groups.entry(kind).or_default().push(fields);
+    }
+    let mut t = String::from("| sessions |");
+    for p in &PHASES {
+        let _ = write!(t, " {} |", p.trim_end_matches("_us"));
+    }
+    t.push_str("\n|---|");
+    t.push_str(&"---|".repeat(PHASES.len()));
+    t.push('\n');
+    for (kind, rows) in &groups {
+        let _ = write!(t, "| {kind} ({} sessions) |", rows.len());
+        for p in &PHASES {
+            let mut v: Vec<u64> = rows.iter().filter_map(|r| r.get(*p).copied()).collect();
+            v.sort_unstable();
+            if v.is_empty() {
+                t.push_str(" - |");
+            } else {
+                // The median and the 90th percentile, by rank.
+                let (median, p90) = (v[(v.len() - 1) / 2], v[(v.len() - 1) * 9 / 10]);
+                let _ = write!(t, " {median} / {p90} |");
+            }
+        }
+        t.push('\n');
+    }
+    t
 }

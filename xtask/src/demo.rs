@@ -133,10 +133,22 @@ pub fn start_idp(keys: &Path) -> anyhow::Result<(Child, String)> {
 
 /// Starts `warden run --config CONFIG` (output to `log`) and waits up to 30 s for its control socket.
 pub fn start_warden(warden: &Path, config: &Path, socket: &Path, log: &Path) -> anyhow::Result<Child> {
+    start_warden_with(warden, config, socket, log, &[])
+}
+
+/// [`start_warden`] with extra environment variables (e.g. `WARDEN_LOG`).
+pub fn start_warden_with(
+    warden: &Path,
+    config: &Path,
+    socket: &Path,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Child> {
     let file = std::fs::File::create(log)?;
     let mut daemon = Command::new(warden)
         .args(["run", "--config"])
         .arg(config)
+        .envs(env.iter().copied())
         .stdout(file.try_clone()?)
         .stderr(file)
         .spawn()?;

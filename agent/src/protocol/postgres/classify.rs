@@ -91,13 +91,29 @@
 //! - With masks: [`super::mask::masked_fields`] on each RowDescription (format codes from Bind),
 //!   [`super::mask::replacement`] in DataRows, [`super::mask::error_field`] on errors and notices.
 //!
+//! # The cache
+//! Verdicts are cached by a digest of the exact text (with the access, masks and the session's tainted and
+//! shadowed names), and, for the strings whose constants the verdict provably did not depend on, by their
+//! *shape*: the text with every constant token (string, bit string, integer, numeric, as PostgreSQL's own
+//! lexer finds them) taken out, keeping each one's token kind. A string's shape verdict is stored only if
+//! (a) it was let through, (b) every constant token became a plain constant node of the tree (an
+//! `AConst` at that token's offset: not an option value, a file name or a `FETCH` count) and (c) no rule read any constant's value while classifying it (the rules that do,
+//! `SET` values, `set_config` arguments, `EXPLAIN`/transaction options, count each read). So
+//! `... WHERE aid = 17` and `... WHERE aid = 42` share a verdict, while `SET ... = 'on'` and `= 'off'`
+//! never do. Two strings with one shape have the same tokens in the same places but for constants of the
+//! same kinds, so the parser builds the same tree for both but for those constants' values.
+//!
 //! Known limit: statements nesting deeper than about 50 expression levels (`1 + 1 + ...` with 50 terms)
 //! exceed the protobuf decoder's recursion limit and are refused as unparsable (`42601`).
 
 mod lists;
 
+use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use pg_query::protobuf::Token;
 
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -336,6 +352,8 @@ pub const PINNED_SETTINGS: &[(&str, &str)] =
 /// generations (an entry used in the older one moves to the newer), so it is bounded and keeps what is hot.
 pub struct Classifier {
     cache: Mutex<Cache>,
+    /// Strings parsed (verdicts not found in the cache), for tests and benchmarks.
+    parsed: AtomicU64,
 }
 
 struct Cache {
@@ -352,6 +370,7 @@ impl Classifier {
                 current: HashMap::new(),
                 previous: HashMap::new(),
             }),
+            parsed: AtomicU64::new(0),
         }
     }
 
@@ -376,17 +395,28 @@ impl Classifier {
         state: &mut SessionState,
     ) -> Result<Checked, Refused> {
         let key = cache_key(sql, access, mask, &state.digest);
-        let cached = {
-            let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            cache.get(&key)
-        };
+        let cached = self.lock().get(&key);
         let outcome = if let Some(o) = cached {
             o
         } else {
-            let o = classify(sql, access, mask, &state.tainted, &state.shadowed);
-            let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            cache.put(key, o.clone());
-            o
+            let constants = constant_tokens(sql);
+            let shape =
+                (!constants.is_empty()).then(|| shape_key(sql, &constants, access, mask, &state.digest));
+            let by_shape = shape.and_then(|k| self.lock().get(&k));
+            if let Some(o) = by_shape {
+                o
+            } else {
+                self.parsed.fetch_add(1, Ordering::Relaxed);
+                let (o, blind) = classify_blind(sql, access, mask, &state.tainted, &state.shadowed);
+                let mut cache = self.lock();
+                cache.put(key, o.clone());
+                if let (Some(shape), Some(blind)) = (shape, blind)
+                    && constants.iter().all(|&(start, _, _)| blind.contains(&i64::from(start)))
+                {
+                    cache.put(shape, o.clone());
+                }
+                o
+            }
         };
         let checked = outcome?;
         state.admit(&checked, access != Access::Write || mask.iter().any(|m| !m.trim().is_empty()))?;
@@ -395,8 +425,17 @@ impl Classifier {
 
     /// How many verdicts are cached (both generations).
     pub fn cached(&self) -> usize {
-        let cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let cache = self.lock();
         cache.current.len() + cache.previous.len()
+    }
+
+    /// How many strings were parsed because no cached verdict (by text or by shape) applied.
+    pub fn parsed(&self) -> u64 {
+        self.parsed.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -432,6 +471,76 @@ fn cache_key(sql: &str, access: Access, mask: &[String], tainted: &[u8; 32]) -> 
     h.finalize().into()
 }
 
+/// The constant tokens of `sql` (string, bit string, integer and numeric literals) as (start, end) byte
+/// offsets and token kind, found by PostgreSQL's lexer; empty if it has none, or does not lex.
+fn constant_tokens(sql: &str) -> Vec<(i32, i32, i32)> {
+    const CONSTANTS: [Token; 6] =
+        [Token::Sconst, Token::Usconst, Token::Bconst, Token::Xconst, Token::Iconst, Token::Fconst];
+    if sql.contains('\0') {
+        return Vec::new();
+    }
+    let Ok(tokens) = pg_query::scan_tokens(sql) else { return Vec::new() };
+    tokens
+        .into_iter()
+        .filter(|t| CONSTANTS.iter().any(|&c| c as i32 == t.token))
+        .map(|t| (t.start, t.end, t.token))
+        .collect()
+}
+
+/// The digest of a string's shape (see the module docs): the text between its constants, each length-
+/// prefixed so the encoding is unambiguous, and each constant's token kind, under the same scope as
+/// [`cache_key`] (and apart from it).
+fn shape_key(
+    sql: &str,
+    constants: &[(i32, i32, i32)],
+    access: Access,
+    mask: &[String],
+    tainted: &[u8; 32],
+) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"shape\0");
+    h.update(cache_key("", access, mask, tainted));
+    let bytes = sql.as_bytes();
+    let mut at = 0usize;
+    let piece = |h: &mut Sha256, from: usize, to: usize| {
+        let seg = bytes.get(from..to).unwrap_or_default();
+        h.update((seg.len() as u64).to_le_bytes());
+        h.update(seg);
+    };
+    for &(start, end, kind) in constants {
+        let (start, end) = (usize::try_from(start).unwrap_or(0), usize::try_from(end).unwrap_or(0));
+        piece(&mut h, at, start);
+        h.update(kind.to_le_bytes());
+        at = end.max(start);
+    }
+    piece(&mut h, at, bytes.len());
+    h.finalize().into()
+}
+
+thread_local! {
+    /// How many times a rule read a constant's value on this thread ([`const_text`]): [`classify_blind`]
+    /// compares it before and after a string's walk to know whether its verdict depends on a constant.
+    static CONSTANTS_READ: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The byte offsets of every `AConst` node in a parse tree.
+fn const_locations(v: &Value, out: &mut HashSet<i64>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                if k == "AConst"
+                    && let Some(at) = x.get("location").and_then(Value::as_i64)
+                {
+                    out.insert(at);
+                }
+                const_locations(x, out);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|x| const_locations(x, out)),
+        _ => {}
+    }
+}
+
 /// Classify without the cache or session state (what [`Classifier`] caches).
 pub fn classify(
     sql: &str,
@@ -439,6 +548,35 @@ pub fn classify(
     mask: &[String],
     tainted: &[String],
     shadowed: &[String],
+) -> Outcome {
+    classify_blind(sql, access, mask, tainted, shadowed).0
+}
+
+/// [`classify`], and for a string let through whose verdict read no constant's value, the offsets of its
+/// plain constants (`AConst` nodes): the verdict holds for any values of those.
+fn classify_blind(
+    sql: &str,
+    access: Access,
+    mask: &[String],
+    tainted: &[String],
+    shadowed: &[String],
+) -> (Outcome, Option<HashSet<i64>>) {
+    let reads = CONSTANTS_READ.with(Cell::get);
+    let mut blind = None;
+    let outcome = walk(sql, access, mask, tainted, shadowed, &mut blind);
+    if outcome.is_err() || CONSTANTS_READ.with(Cell::get) != reads {
+        blind = None;
+    }
+    (outcome, blind)
+}
+
+fn walk(
+    sql: &str,
+    access: Access,
+    mask: &[String],
+    tainted: &[String],
+    shadowed: &[String],
+    constants: &mut Option<HashSet<i64>>,
 ) -> Outcome {
     if sql.contains('\0') {
         return Err(Refused {
@@ -455,6 +593,9 @@ pub fn classify(
         sqlstate: SYNTAX,
         message: format!("warden could not read the statement's parse tree: {e}"),
     })?;
+    let mut locations = HashSet::new();
+    const_locations(&tree, &mut locations);
+    *constants = Some(locations);
     let masks = Masks::new(mask);
     let tainted: HashSet<&str> = tainted.iter().map(String::as_str).collect();
     let shadowed: HashSet<&str> = shadowed.iter().map(String::as_str).collect();
@@ -879,6 +1020,7 @@ fn exact_names(items: &[Value]) -> Option<Vec<String>> {
 /// A constant's value as text: an `AConst`, or the bare `String`/`Integer`/`Boolean`/`Float` nodes that
 /// option lists (`EXPLAIN (ANALYZE off)`) carry; `None` for anything else.
 fn const_text(v: &Value) -> Option<String> {
+    CONSTANTS_READ.with(|n| n.set(n.get() + 1));
     let (kind, body) = tagged(v)?;
     match kind {
         "String" => return Some(str_field(body, "sval").to_string()),

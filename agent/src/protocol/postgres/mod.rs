@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
@@ -162,6 +162,7 @@ impl Postgres {
             return Err(HelloError::NotPostgres(target.name.clone()));
         };
         let _ = client.set_nodelay(true);
+        let mut timing = Setup::new();
         let mut first = [0u8; 1];
         if client.peek(&mut first).await? == 0 {
             return Err(HelloError::Closed);
@@ -175,6 +176,7 @@ impl Postgres {
                 return Err(HelloError::Tls("direct TLS without ALPN `postgresql`".into()));
             }
             tls = true;
+            timing.tls = Some(timing.start.elapsed());
             Box::new(s)
         } else {
             Box::new(client)
@@ -184,7 +186,9 @@ impl Postgres {
                 Ok(Initial::Ssl) if !tls => {
                     io.write_all(b"S").await?;
                     io.flush().await?;
+                    let began = timing.start.elapsed();
                     io = Box::new(self.accept_tls(io, target).await?);
+                    timing.tls = Some(timing.start.elapsed().saturating_sub(began));
                     tls = true;
                 }
                 Ok(Initial::GssEnc) if !tls => {
@@ -228,6 +232,7 @@ impl Postgres {
             let names: Vec<&str> = passed.iter().map(|(k, _)| k.as_str()).collect();
             hello.details.insert("parameters".into(), names.into());
         }
+        timing.hello = timing.start.elapsed();
         Ok(Some(Greeting {
             shared: self.shared.clone(),
             client: Conn::new(io, Peer::Client),
@@ -236,6 +241,7 @@ impl Postgres {
             negotiate: (minor > 0 || !unknown.is_empty()).then_some(unknown),
             client_params: passed,
             upstream: None,
+            timing,
         }))
     }
 
@@ -313,6 +319,57 @@ pub struct Greeting {
     /// checked them against the grant.
     client_params: Vec<(String, String)>,
     upstream: Option<Connected>,
+    timing: Setup,
+}
+
+/// Where a session's set-up time went, logged at `debug` under the target `pg_setup` once the client has
+/// its first `ReadyForQuery` (what `cargo xtask bench postgres` breaks the connection cost down with).
+#[derive(Debug, Clone, Copy)]
+struct Setup {
+    /// When the handler got the connection (after the proxy's accept and origin lookup).
+    start: Instant,
+    /// The agent-side TLS handshake, if the client asked for TLS.
+    tls: Option<Duration>,
+    /// From `start` to a complete startup message (including `tls`).
+    hello: Duration,
+    /// From `start` to [`Greeting::connect`]: the proxy's identity, policy and grant decision in between.
+    connect_start: Duration,
+    /// The pool checkout or the upstream TCP connect.
+    checkout: Duration,
+    pooled: bool,
+}
+
+impl Setup {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            tls: None,
+            hello: Duration::ZERO,
+            connect_start: Duration::ZERO,
+            checkout: Duration::ZERO,
+            pooled: false,
+        }
+    }
+
+    /// `run_start`: the handler's `run` began (the proxy waited for the durable `session.start` in
+    /// between); `login_done`: the upstream session was ready and the client's greeting was queued.
+    fn log(&self, run_start: Duration, login_done: Duration) {
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let after_connect = self.connect_start + self.checkout;
+        tracing::debug!(
+            target: "pg_setup",
+            pooled = self.pooled,
+            tls_us = self.tls.map(us),
+            hello_us = us(self.hello),
+            gate_us = us(self.connect_start.saturating_sub(self.hello)),
+            checkout_us = us(self.checkout),
+            durable_wait_us = us(run_start.saturating_sub(after_connect)),
+            login_us = us(login_done.saturating_sub(run_start)),
+            greeting_us = us(self.start.elapsed().saturating_sub(login_done)),
+            total_us = us(self.start.elapsed()),
+            "postgres connection set-up"
+        );
+    }
 }
 
 impl std::fmt::Debug for Greeting {
@@ -388,8 +445,11 @@ impl Greeting {
             let _ = self.client.flush().await;
             return Err(End::PolicyChanged { reason: msg });
         }
+        self.timing.connect_start = self.timing.start.elapsed();
         if let Some(up) = self.shared.pool.take(&self.pool_key(dst, terms)).await {
             self.upstream = Some(Connected::Pooled(up));
+            self.timing.pooled = true;
+            self.timing.checkout = self.timing.start.elapsed().saturating_sub(self.timing.connect_start);
             return Ok(());
         }
         let tcp = match tokio::time::timeout(CONNECT_DEADLINE, TcpStream::connect(dst)).await {
@@ -399,6 +459,7 @@ impl Greeting {
         };
         let _ = tcp.set_nodelay(true);
         self.upstream = Some(Connected::Fresh(tcp, dst));
+        self.timing.checkout = self.timing.start.elapsed().saturating_sub(self.timing.connect_start);
         Ok(())
     }
 

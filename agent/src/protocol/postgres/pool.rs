@@ -1,19 +1,28 @@
 //! Idle upstream connections kept for the next session with the same key (target, upstream address,
-//! login, database, access, and the client parameters passed upstream). A connection is pooled only after a
-//! clean session end and a successful reset (`DISCARD ALL`, read-only re-asserted under `read`); at most
-//! [`Pool::max_idle`] per target; each idle connection waits in its own task, which closes it after the
-//! idle timeout or as soon as the upstream says anything (a backend terminated by an administrator).
+//! login, database, access, and the client parameters passed upstream). A connection is offered only after
+//! a clean session end, and lent out only after a successful reset (`DISCARD ALL`, and under `read` the
+//! read-only default re-asserted, both in one round trip); at most [`Pool::max_idle`] per target. Each
+//! pooled connection waits in its own task, which first resets it (off the ending session's path), then
+//! closes it after the idle timeout or as soon as the upstream says anything (a backend terminated by an
+//! administrator). A checkout prefers a connection already reset; one still resetting is waited for
+//! (a round trip) rather than a new login (TCP, TLS and SCRAM) opened, which keeps a client that
+//! reconnects at once (`pgbench -C`) on one upstream connection.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use postgres_protocol::message::frontend;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::oneshot;
 
 use super::upstream::Upstream;
+use super::wire::{self, Reader};
 use crate::policy::Access;
 
 /// What makes two upstream connections interchangeable.
@@ -28,7 +37,13 @@ pub struct Key {
     pub client_params: Vec<(String, String)>,
 }
 
-type Parked = oneshot::Sender<oneshot::Sender<Upstream>>;
+/// A pooled connection's task, as the pool sees it: where to ask for the connection, and whether it was
+/// reset already.
+#[derive(Debug)]
+struct Parked {
+    ask: oneshot::Sender<oneshot::Sender<Upstream>>,
+    ready: Arc<AtomicBool>,
+}
 
 #[derive(Debug)]
 pub struct Pool {
@@ -46,20 +61,22 @@ impl Pool {
         self.max_idle
     }
 
-    /// An idle connection for `key`, newest first.
+    /// A reset connection for `key`: the newest one already reset, else the newest one still resetting
+    /// (waiting for its reset); `None` if none is pooled or every reset failed.
     pub async fn take(&self, key: &Key) -> Option<Upstream> {
         loop {
             let parked = {
                 let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let list = idle.get_mut(key)?;
-                let p = list.pop();
+                let at = list.iter().rposition(|p| p.ready.load(Ordering::Acquire)).unwrap_or(list.len() - 1);
+                let p = list.remove(at);
                 if list.is_empty() {
                     idle.remove(key);
                 }
-                p?
+                p
             };
             let (tx, rx) = oneshot::channel();
-            if parked.send(tx).is_ok()
+            if parked.ask.send(tx).is_ok()
                 && let Ok(up) = rx.await
             {
                 return Some(up);
@@ -67,11 +84,12 @@ impl Pool {
         }
     }
 
-    /// Keeps `up` (already reset) for the next session with `key`, unless the target has enough idle.
+    /// Offers `up` (idle after a clean session end, not yet reset) to the next session with `key`, unless
+    /// the target has enough pooled: its task resets it, and closes it if the reset fails.
     pub fn put(&self, key: Key, up: Upstream) {
         let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for list in idle.values_mut() {
-            list.retain(|p| !p.is_closed());
+            list.retain(|p| !p.ask.is_closed());
         }
         idle.retain(|_, l| !l.is_empty());
         let same_target: usize =
@@ -82,18 +100,80 @@ impl Pool {
             return;
         }
         let (tx, rx) = oneshot::channel();
-        idle.entry(key).or_default().push(tx);
-        tokio::spawn(park(up, rx, self.idle_timeout));
+        let ready = Arc::new(AtomicBool::new(false));
+        let access = key.access;
+        idle.entry(key).or_default().push(Parked { ask: tx, ready: ready.clone() });
+        tokio::spawn(park(up, access, ready, rx, self.idle_timeout));
     }
 
-    /// Idle connections kept now (for tests and status).
+    /// Pooled connections now, reset or resetting (for tests and status).
     pub fn idle_count(&self) -> usize {
         let idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        idle.values().flatten().filter(|p| !p.is_closed()).count()
+        idle.values().flatten().filter(|p| !p.ask.is_closed()).count()
     }
 }
 
-async fn park(mut up: Upstream, rx: oneshot::Receiver<oneshot::Sender<Upstream>>, timeout: Duration) {
+/// How long a reset may take (a checkout waiting for it waits at most this long, then logs in anew).
+const RESET_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The reset every pooled connection gets, and what `read` connections get after it.
+const RESET: &str = "DISCARD ALL";
+const READ_ONLY: &str = "SET SESSION default_transaction_read_only = on";
+
+/// Resets an idle connection for the next session: `DISCARD ALL` (prepared statements, portals, temporary
+/// tables, settings, advisory locks, listeners), then under `read` the read-only default re-asserted (the
+/// login already set it as a startup parameter, which `RESET ALL` falls back to). Both queries go in one
+/// write and are answered in one round trip; any error fails the reset.
+pub async fn reset(up: &mut Upstream, access: Access) -> Result<(), String> {
+    let mut queries = vec![RESET];
+    if access == Access::Read {
+        queries.push(READ_ONLY);
+    }
+    for q in &queries {
+        up.conn.send_raw(&wire::encoded(|b| frontend::query(q, b)));
+    }
+    up.conn.flush().await.map_err(|e| format!("upstream: {e}"))?;
+    let mut pending = queries.len();
+    let mut error = None;
+    while pending > 0 {
+        let f = up.conn.next().await.map_err(|e| format!("upstream: {e}"))?.ok_or("upstream closed")?;
+        match f.tag {
+            b'E' if error.is_none() => {
+                let e = wire::parse_error(&f.body);
+                error = Some(format!("{}: {}", e.code, e.message));
+            }
+            b'S' => {
+                let mut r = Reader::new(&f.body);
+                if let (Ok(k), Ok(v)) = (r.cstr(), r.cstr()) {
+                    let (k, v) = (k.to_owned(), v.to_owned());
+                    up.set_param(&k, &v);
+                }
+            }
+            b'Z' => {
+                pending -= 1;
+                if f.body.first() != Some(&b'I') && error.is_none() {
+                    error = Some("the reset left a transaction open".into());
+                }
+            }
+            _ => {}
+        }
+    }
+    error.map_or(Ok(()), Err)
+}
+
+async fn park(
+    mut up: Upstream,
+    access: Access,
+    ready: Arc<AtomicBool>,
+    rx: oneshot::Receiver<oneshot::Sender<Upstream>>,
+    timeout: Duration,
+) {
+    let outcome = tokio::time::timeout(RESET_DEADLINE, reset(&mut up, access)).await;
+    if let Err(e) = outcome.unwrap_or_else(|_| Err("no answer in time".into())) {
+        tracing::debug!(error = %e, "a pooled upstream connection failed its reset; closed");
+        return close(up).await;
+    }
+    ready.store(true, Ordering::Release);
     let taken = {
         let mut byte = [0u8; 1];
         let spoke = up.conn.io.read(&mut byte);

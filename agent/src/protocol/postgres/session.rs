@@ -132,6 +132,8 @@ struct Relay<'a> {
     /// the client's later messages wait behind it.
     held: Option<Frame>,
     functions: HashMap<u32, Option<Function>>,
+    /// The fields every record of this session starts with ([`Session::record`]), made once.
+    base: crate::audit::Record,
 }
 
 fn client_fatal(client: &mut Conn, code: &str, message: &str) {
@@ -139,7 +141,8 @@ fn client_fatal(client: &mut Conn, code: &str, message: &str) {
 }
 
 pub(super) async fn run(g: Greeting, session: Session) -> End {
-    let Greeting { shared, mut client, hello, target, negotiate, client_params, upstream } = g;
+    let Greeting { shared, mut client, hello, target, negotiate, client_params, upstream, timing } = g;
+    let run_start = timing.start.elapsed();
     let crate::policy::TargetKind::Postgres(pg) = &target.kind else {
         return End::ProtocolError { detail: "not a postgres target".into() };
     };
@@ -217,6 +220,13 @@ pub(super) async fn run(g: Greeting, session: Session) -> End {
     });
     client.send(&wire::backend_key_data(key.0, key.1));
     client.send(&wire::ready_for_query(b'I'));
+    let login_done = timing.start.elapsed();
+    if client.flush().await.is_err() {
+        shared.keys.withdraw(key);
+        tokio::spawn(abandon(up));
+        return End::ClientError;
+    }
+    timing.log(run_start, login_done);
     let pool_key = pool::Key {
         target: target.name.clone(),
         dst: up.dst,
@@ -245,6 +255,7 @@ pub(super) async fn run(g: Greeting, session: Session) -> End {
         queries: 0,
         held: None,
         functions: HashMap::new(),
+        base: session.record("pg.query"),
     };
     let stop = relay.relay().await;
     shared.keys.withdraw(key);
@@ -252,12 +263,8 @@ pub(super) async fn run(g: Greeting, session: Session) -> End {
     match stop {
         Stop::Clean => {
             if expect.is_empty() && status == b'I' {
-                let pool = shared.clone();
-                tokio::spawn(async move {
-                    if let Some(up) = reset(up, access).await {
-                        pool.pool.put(pool_key, up);
-                    }
-                });
+                // Reset by the pool's task, off this session's path.
+                shared.pool.put(pool_key, up);
             } else {
                 tokio::spawn(abandon(up));
             }
@@ -340,15 +347,6 @@ async fn resolve_masks(up: &mut Upstream, mask: &[String]) -> Result<mask::Resol
         .map_err(|e| End::UpstreamRefused { detail: format!("cannot resolve the grant's masks: {e}") })?;
     up.masks = Some((mask.to_vec(), resolved.clone()));
     Ok(resolved)
-}
-
-/// Resets a connection for the next session: `DISCARD ALL`, and the read-only default re-asserted.
-async fn reset(mut up: Upstream, access: Access) -> Option<Upstream> {
-    simple(&mut up, "DISCARD ALL").await.ok()?;
-    if access == Access::Read {
-        simple(&mut up, "SET SESSION default_transaction_read_only = on").await.ok()?;
-    }
-    Some(up)
 }
 
 fn tag_of(f: &Frame) -> String {
@@ -442,6 +440,13 @@ impl Relay<'_> {
         }
     }
 
+    /// A record of this session's with its common fields.
+    fn record(&self, event: &str) -> crate::audit::Record {
+        let mut r = self.base.clone();
+        event.clone_into(&mut r.event);
+        r
+    }
+
     fn append(&self, record: crate::audit::Record) -> Result<(), Stop> {
         self.session.audit.append(record).map_err(|e| {
             tracing::warn!(error = %e, session = %self.session.id, "pg record could not be queued; ending the session");
@@ -460,7 +465,6 @@ impl Relay<'_> {
     ) -> Result<Pending, Stop> {
         self.queries += 1;
         let mut r = self
-            .session
             .record("pg.query")
             .field("n", self.queries)
             .field("protocol", protocol)
@@ -488,7 +492,6 @@ impl Relay<'_> {
 
     fn record_result(&self, p: &Pending, skipped: bool) -> Result<(), Stop> {
         let mut r = self
-            .session
             .record("pg.result")
             .field("n", p.n)
             .field("rows", p.rows)
@@ -514,7 +517,6 @@ impl Relay<'_> {
     ) -> Result<(), Stop> {
         self.queries += 1;
         let r = self
-            .session
             .record("pg.query")
             .field("n", self.queries)
             .field("protocol", protocol)
@@ -803,18 +805,18 @@ impl Relay<'_> {
                 self.client.send(f);
             }
             b'T' => {
-                let fields = wire::parse_row_description(&f.body).map_err(malformed)?;
-                self.masked = if self.masking {
+                // Without masks nothing needs the columns: the description is relayed unread.
+                self.masked.clear();
+                if self.masking {
+                    let fields = wire::parse_row_description(&f.body).map_err(malformed)?;
                     let view: Vec<(u32, i16, &str, u32)> =
                         fields.iter().map(|c| (c.table, c.column, c.name.as_str(), c.type_oid)).collect();
-                    mask::masked_fields(&view, &self.masks)
+                    self.masked = mask::masked_fields(&view, &self.masks)
                         .into_iter()
                         .zip(&fields)
                         .map(|(m, c)| m.then_some((c.type_oid, c.format)))
-                        .collect()
-                } else {
-                    Vec::new()
-                };
+                        .collect();
+                }
                 if self.describe_done() {
                     return Ok(());
                 }

@@ -217,8 +217,9 @@ fn execute_needs_a_prepare_seen_in_this_session() {
 #[test]
 fn the_cache_is_bounded_and_keyed_by_access_and_masks() {
     let c = Classifier::new(4);
+    // Column names, not constants: twenty strings of twenty shapes.
     for i in 0..20 {
-        c.check(&format!("SELECT {i}"), Access::Read, &[]).unwrap();
+        c.check(&format!("SELECT c{i} FROM t"), Access::Read, &[]).unwrap();
     }
     assert!(c.cached() <= 8, "{} cached", c.cached());
     assert!(c.check("DELETE FROM orders", Access::Read, &[]).is_err());
@@ -228,7 +229,7 @@ fn the_cache_is_bounded_and_keyed_by_access_and_masks() {
     // A hot entry survives generations.
     for i in 0..20 {
         c.check("SELECT 'hot'", Access::Read, &[]).unwrap();
-        c.check(&format!("SELECT {i}, 1"), Access::Read, &[]).unwrap();
+        c.check(&format!("SELECT d{i}, 1"), Access::Read, &[]).unwrap();
     }
     let before = c.cached();
     c.check("SELECT 'hot'", Access::Read, &[]).unwrap();
@@ -456,4 +457,112 @@ fn an_ascii_client_encoding_is_accepted_at_startup() {
     // psql in the C locale sends SQL_ASCII; the server then checks the bytes as its own encoding.
     check_startup(&[("client_encoding", "SQL_ASCII")], Access::Read).unwrap();
     assert!(check_parameter_status("client_encoding", "SQL_ASCII").is_ok());
+}
+
+#[test]
+fn strings_differing_only_in_plain_constants_share_a_verdict() {
+    let c = Classifier::new(64);
+    let mut state = SessionState::default();
+    let mut run = |sql: &str| c.check_session(sql, Access::Read, &[], &mut state).map(|k| k.tags);
+    assert_eq!(run("SELECT abalance FROM pgbench_accounts WHERE aid = 17;").unwrap(), ["SELECT"]);
+    assert_eq!(c.parsed(), 1);
+    run("SELECT abalance FROM pgbench_accounts WHERE aid = 982451;").unwrap();
+    run("SELECT abalance FROM pgbench_accounts WHERE aid = 0;").unwrap();
+    assert_eq!(c.parsed(), 1, "same shape, one parse");
+    // Another token kind (numeric, string), other text or whitespace: another shape.
+    run("SELECT abalance FROM pgbench_accounts WHERE aid = 1.5;").unwrap();
+    run("SELECT abalance FROM pgbench_accounts WHERE aid = '17';").unwrap();
+    run("SELECT abalance FROM pgbench_accounts WHERE aid  = 17;").unwrap();
+    run("SELECT bbalance FROM pgbench_accounts WHERE aid = 17;").unwrap();
+    assert_eq!(c.parsed(), 5);
+    // Constants a rule reads, or that are not plain constant nodes, keep strings apart.
+    run("SELECT set_config('statement_timeout', '5', false)").unwrap();
+    run("SELECT set_config('statement_timeout', '6', false)").unwrap();
+    run("EXPLAIN (ANALYZE 0) SELECT 1").unwrap();
+    run("EXPLAIN (ANALYZE 00) SELECT 1").unwrap();
+    assert_eq!(c.parsed(), 9);
+    // Refusals are never shared by shape.
+    assert!(run("SELECT nextval('s1')").is_err());
+    assert!(run("SELECT nextval('s2')").is_err());
+    assert_eq!(c.parsed(), 11);
+}
+
+/// A verdict shared by shape must never let through what classifying the string itself refuses: for
+/// strings where only a constant makes the difference, the allowed one first, then the refused one, on
+/// one classifier.
+#[test]
+fn a_constant_that_decides_is_never_shared_by_shape() {
+    let pairs: &[(&str, &str)] = &[
+        ("SET default_transaction_read_only = 'on'", "SET default_transaction_read_only = 'off'"),
+        ("SET default_transaction_read_only = 1", "SET default_transaction_read_only = 0"),
+        ("SET transaction_read_only = 'on'", "SET transaction_read_only = 'off'"),
+        ("SET search_path = 'public'", "SET search_path = 'pg_temp'"),
+        ("SELECT set_config('search_path', 'public', false)", "SELECT set_config('role', 'postgres', false)"),
+        (
+            "SELECT set_config('statement_timeout', '0', false)",
+            "SELECT set_config('default_transaction_read_only', 'off', false)",
+        ),
+        ("EXPLAIN (ANALYZE 0) SELECT 1", "EXPLAIN (ANALYZE 1) SELECT 1"),
+        ("EXPLAIN (ANALYZE 'off') SELECT 1", "EXPLAIN (ANALYZE 'on') SELECT 1"),
+        ("START TRANSACTION READ ONLY", "START TRANSACTION READ WRITE"),
+        (
+            "SELECT set_config(name, '0', false) FROM pg_settings WHERE name = 'statement_timeout'",
+            "SELECT set_config(name, '0', false) FROM pg_settings WHERE name = 'default_transaction_read_only'",
+        ),
+    ];
+    for access in [Access::Read, Access::Write] {
+        for (allowed, refused) in pairs {
+            let alone = Classifier::new(64).check(refused, access, &[]);
+            let c = Classifier::new(64);
+            let first = c.check(allowed, access, &[]);
+            let second = c.check(refused, access, &[]);
+            assert_eq!(
+                alone.is_ok(),
+                second.is_ok(),
+                "{access:?}: `{refused}` after `{allowed}` ({first:?})"
+            );
+            if access == Access::Read {
+                assert!(first.is_ok(), "{allowed}: {first:?}");
+                assert!(second.is_err(), "{refused}");
+            }
+        }
+    }
+}
+
+/// The same over the whole battery: every write and masked statement, with its constants rewritten to
+/// other values first (warming the shape cache where those are allowed), is still refused.
+#[test]
+fn the_battery_is_refused_after_its_siblings() {
+    let variants: &[(&str, &str)] =
+        &[("'on'", "1"), ("'off'", "0"), ("'public'", "2"), ("'x'", "5"), ("'search_path'", "100")];
+    let cases = battery::WRITES
+        .iter()
+        .map(|s| (*s, Vec::new()))
+        .chain(battery::MASK_REFUSED.iter().map(|s| (*s, mask())))
+        .collect::<Vec<_>>();
+    let mut shared = 0;
+    for (sql, m) in &cases {
+        let constants = constant_tokens(sql);
+        if constants.is_empty() {
+            continue;
+        }
+        let c = Classifier::new(64);
+        for (string, int) in variants {
+            let mut sibling = String::new();
+            let mut at = 0;
+            for &(start, end, kind) in &constants {
+                let (start, end) = (usize::try_from(start).unwrap(), usize::try_from(end).unwrap());
+                sibling.push_str(&sql[at..start]);
+                let int_kind = kind == Token::Iconst as i32 || kind == Token::Fconst as i32;
+                sibling.push_str(if int_kind { int } else { string });
+                at = end;
+            }
+            sibling.push_str(&sql[at..]);
+            if c.check(&sibling, Access::Read, m).is_ok() {
+                shared += 1;
+            }
+        }
+        assert!(c.check(sql, Access::Read, m).is_err(), "`{sql}` passed after its siblings");
+    }
+    assert!(shared > 0, "no sibling was allowed: the test shows nothing");
 }
