@@ -27,7 +27,7 @@ use postgres_protocol::message::frontend;
 use super::upstream::{self, Upstream};
 use super::wire::{self, Conn, Frame, Reader, WireError};
 use super::{Connected, Greeting, Shared, classify, mask, pool};
-use crate::policy::{Access, PostgresTarget};
+use crate::policy::PostgresTarget;
 use crate::protocol::{End, Session};
 
 /// An execution recorded as `pg.query`, waiting for its outcome.
