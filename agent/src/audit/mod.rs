@@ -84,7 +84,7 @@ mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -159,6 +159,8 @@ impl Record {
 struct Msg {
     record: Record,
     ack: Option<oneshot::Sender<Result<u64, AuditError>>>,
+    /// When a durable append was queued (for the set-up breakdown).
+    queued: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -366,7 +368,7 @@ impl Audit {
     /// `QueueFull` when the queue is full, and with `Stopped` once the writer has failed or shut down.
     pub async fn append_durable(&self, record: Record) -> Result<u64, AuditError> {
         let (ack, done) = oneshot::channel();
-        self.send(Msg { record, ack: Some(ack) })?;
+        self.send(Msg { record, ack: Some(ack), queued: Some(Instant::now()) })?;
         done.await.unwrap_or_else(|_| {
             Err(AuditError::Stopped {
                 reason: self.stopped_reason().unwrap_or_else(|| "the audit writer has shut down".into()),
@@ -376,7 +378,7 @@ impl Audit {
 
     /// Queues a record without waiting for the disk; fails at once when the queue is full.
     pub fn append(&self, record: Record) -> Result<(), AuditError> {
-        self.send(Msg { record, ack: None })
+        self.send(Msg { record, ack: None, queued: None })
     }
 
     /// Seals the current file now (after the records queued before this call) when it holds anything
@@ -435,10 +437,13 @@ async fn commit(
     shared: &Shared,
     seal: bool,
 ) -> (Option<writer::Writer>, Option<String>) {
+    let queued: Vec<Instant> = batch.iter().filter_map(|m| m.queued).collect();
     let (records, acks): (Vec<Record>, Vec<_>) = batch.into_iter().map(|m| (m.record, m.ack)).unzip();
-    let joined = tokio::task::spawn_blocking(move || {
+    let joined = off_runtime(move || {
         let mut w = w;
+        let started = Instant::now();
         let mut outcome = w.write_batch(records, force_checkpoint, sync);
+        w.timed(&queued, started);
         let mut sealed = Ok(false);
         if seal && outcome.fatal.is_none() {
             sealed = w.seal();
@@ -482,6 +487,21 @@ async fn commit(
         }
     }
     (w, outcome.fatal)
+}
+
+/// Runs the writer's blocking work (write, fdatasync) where it costs the fewest thread hand-offs. On the
+/// multi-threaded runtime the writer task's own worker does it (`block_in_place`: the worker's other tasks
+/// move to another thread meanwhile), so no thread has to be woken to start the batch, and the sessions
+/// waiting on it are answered by the thread that made it durable. Elsewhere (the tests' current-thread
+/// runtimes) on the blocking pool, as before. A panic in `f` is returned as an error either way.
+async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
+        tokio::task::block_in_place(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)))
+            .map_err(|_| "the batch panicked".to_owned())
+    } else {
+        tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())
+    }
 }
 
 async fn run(
@@ -561,7 +581,7 @@ async fn run(
     while let Ok(m) = rx.try_recv() {
         rest.push(m);
     }
-    rest.push(Msg { record: Record::new("audit.stopped"), ack: None });
+    rest.push(Msg { record: Record::new("audit.stopped"), ack: None, queued: None });
     if let Some(writer) = w.take() {
         let (_, fatal) = commit(writer, rest, true, true, &shared, false).await;
         if let Some(reason) = fatal {
