@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_pg;
+mod bench_setup;
 mod demo;
 mod dist;
 
