@@ -41,20 +41,62 @@ pub trait Origins: Send + Sync + 'static {
 pub struct KernelOrigins {
     pub kernel: Arc<Kernel>,
     pub cgroup_root: PathBuf,
+    /// The cgroup paths seen so far, by cgroup id.
+    pub paths: CgroupPaths,
+}
+
+impl KernelOrigins {
+    pub fn new(kernel: Arc<Kernel>, cgroup_root: PathBuf) -> Self {
+        Self { kernel, cgroup_root, paths: CgroupPaths::default() }
+    }
 }
 
 impl Origins for KernelOrigins {
     fn lookup(&self, peer: SocketAddr) -> Option<ConnOrigin> {
-        lookup(&self.kernel, peer, &self.cgroup_root)
+        let o = self.kernel.origin(peer)?;
+        let cgroup = self.paths.path(&self.cgroup_root, o.cgroup, o.tgid);
+        Some(origin(&o, cgroup))
     }
 }
 
-/// Looks up the origin of an accepted connection by its peer address.
-pub fn lookup(kernel: &Kernel, peer: SocketAddr, cgroup_root: &Path) -> Option<ConnOrigin> {
-    let o = kernel.origin(peer)?;
-    let cgroup = crate::cgroup::process_cgroup(cgroup_root, o.tgid)
-        .map_or_else(|| format!("id:{}", o.cgroup), |p| crate::cgroup::relative(cgroup_root, &p));
-    Some(ConnOrigin {
+/// How many cgroup paths [`CgroupPaths`] keeps before it starts afresh.
+const PATHS_KEPT: usize = 1024;
+
+/// Cgroup id → path, so a connection from a cgroup seen before costs one `statx` (the path still names
+/// that cgroup: its directory's inode is the id) rather than reading `/proc/PID/cgroup`. A renamed or
+/// removed cgroup fails the check and is looked up afresh. Bounded: past [`PATHS_KEPT`] it is cleared.
+#[derive(Default)]
+pub struct CgroupPaths {
+    known: std::sync::Mutex<std::collections::HashMap<u64, String>>,
+}
+
+impl CgroupPaths {
+    /// The path (relative to the root, `/a/b`) of cgroup `id`, which process `tgid` was in at connect();
+    /// `id:N` when it cannot be found (the process has exited).
+    pub fn path(&self, root: &Path, id: u64, tgid: u32) -> String {
+        let known = self.known.lock().ok().and_then(|k| k.get(&id).cloned());
+        if let Some(rel) = known
+            && crate::cgroup::id(&root.join(rel.trim_start_matches('/'))).is_ok_and(|i| i == id)
+        {
+            return rel;
+        }
+        let Some(full) = crate::cgroup::process_cgroup(root, tgid) else { return format!("id:{id}") };
+        let rel = crate::cgroup::relative(root, &full);
+        // Only a path that names this very cgroup is kept (the process may have moved since connect()).
+        if crate::cgroup::id(&full).is_ok_and(|i| i == id)
+            && let Ok(mut k) = self.known.lock()
+        {
+            if k.len() >= PATHS_KEPT {
+                k.clear();
+            }
+            k.insert(id, rel.clone());
+        }
+        rel
+    }
+}
+
+fn origin(o: &warden_common::Origin, cgroup: String) -> ConnOrigin {
+    ConnOrigin {
         pid: o.tgid,
         tid: o.pid,
         uid: o.uid,
@@ -66,7 +108,7 @@ pub fn lookup(kernel: &Kernel, peer: SocketAddr, cgroup_root: &Path) -> Option<C
         target: o.target,
         dst: socket_addr(&o.dst),
         at: monotonic_to_wall(o.ktime_ns),
-    })
+    }
 }
 
 /// Converts a CLOCK_MONOTONIC timestamp (bpf_ktime_get_ns) to wall-clock time.
@@ -76,4 +118,29 @@ pub fn monotonic_to_wall(ktime_ns: u64) -> SystemTime {
         .unwrap_or_default();
     let ago = now_mono.saturating_sub(Duration::from_nanos(ktime_ns));
     SystemTime::now() - ago
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::*;
+
+    #[test]
+    fn a_cached_cgroup_path_is_used_only_while_it_still_names_that_cgroup() {
+        let root = tempfile::tempdir().unwrap();
+        let a = root.path().join("a");
+        std::fs::create_dir(&a).unwrap();
+        let id = std::fs::metadata(&a).unwrap().ino();
+        let paths = CgroupPaths::default();
+        paths.known.lock().unwrap().insert(id, "/a".into());
+        // A pid that cannot exist: only the cache can answer.
+        let gone = u32::MAX;
+        assert_eq!(paths.path(root.path(), id, gone), "/a");
+        // Renamed: the cached path names nothing (or another cgroup) now, so it is not trusted.
+        std::fs::rename(&a, root.path().join("b")).unwrap();
+        assert_eq!(paths.path(root.path(), id, gone), format!("id:{id}"));
+        std::fs::create_dir(&a).unwrap();
+        assert_eq!(paths.path(root.path(), id, gone), format!("id:{id}"));
+    }
 }

@@ -5,6 +5,7 @@
 mod bench;
 mod bench_pg;
 mod bench_ssh;
+mod bench_setup;
 mod demo;
 mod dist;
 

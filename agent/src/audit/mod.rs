@@ -85,7 +85,7 @@ mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -164,6 +164,8 @@ struct Msg {
     ack: Option<oneshot::Sender<Result<u64, AuditError>>>,
     /// While the writer cannot write, hold it rather than refuse it ([`Audit::append_or_hold`]).
     hold: bool,
+    /// When a durable append was queued (for the set-up breakdown).
+    queued: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -391,7 +393,7 @@ impl Audit {
     /// and with `Stopped` once the writer has failed for good or shut down.
     pub async fn append_durable(&self, record: Record) -> Result<u64, AuditError> {
         let (ack, done) = oneshot::channel();
-        self.send(Msg { record, ack: Some(ack), hold: false })?;
+        self.send(Msg { record, ack: Some(ack), hold: false, queued: Some(Instant::now()) })?;
         done.await.unwrap_or_else(|_| {
             Err(AuditError::Stopped {
                 reason: self.stopped_reason().unwrap_or_else(|| "the audit writer has shut down".into()),
@@ -403,14 +405,14 @@ impl Audit {
     /// `Unavailable` while the writer cannot write (a protocol handler that records before it forwards
     /// then ends its session).
     pub fn append(&self, record: Record) -> Result<(), AuditError> {
-        self.send(Msg { record, ack: None, hold: false })
+        self.send(Msg { record, ack: None, hold: false, queued: None })
     }
 
     /// Like [`Audit::append`] for a record of something already done (a session's end, a refusal already
     /// enforced): while the writer cannot write, it is held in memory (at most `audit.queue` records; past
     /// that counted in `audit.resumed` as `dropped`) and written when the writer resumes.
     pub fn append_or_hold(&self, record: Record) -> Result<(), AuditError> {
-        self.send(Msg { record, ack: None, hold: true })
+        self.send(Msg { record, ack: None, hold: true, queued: None })
     }
 
     /// Seals the current file now (after the records queued before this call) when it holds anything
@@ -478,10 +480,13 @@ async fn commit(
     shared: &Shared,
     seal: bool,
 ) -> (Option<writer::Writer>, Option<String>, Vec<Record>) {
+    let queued: Vec<Instant> = batch.iter().filter_map(|m| m.queued).collect();
     let (records, acks): (Vec<Record>, Vec<_>) = batch.into_iter().map(|m| (m.record, m.ack)).unzip();
-    let joined = tokio::task::spawn_blocking(move || {
+    let joined = off_runtime(move || {
         let mut w = w;
+        let started = Instant::now();
         let mut outcome = w.write_batch(records, force_checkpoint, sync);
+        w.timed(&queued, started);
         let mut sealed = Ok(false);
         if seal && outcome.fatal.is_none() {
             sealed = w.seal();
@@ -727,6 +732,21 @@ async fn ride_out(
     }
 }
 
+/// Runs the writer's blocking work (write, fdatasync) where it costs the fewest thread hand-offs. On the
+/// multi-threaded runtime the writer task's own worker does it (`block_in_place`: the worker's other tasks
+/// move to another thread meanwhile), so no thread has to be woken to start the batch, and the sessions
+/// waiting on it are answered by the thread that made it durable. Elsewhere (the tests' current-thread
+/// runtimes) on the blocking pool, as before. A panic in `f` is returned as an error either way.
+async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
+        tokio::task::block_in_place(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)))
+            .map_err(|_| "the batch panicked".to_owned())
+    } else {
+        tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())
+    }
+}
+
 async fn run(
     w: writer::Writer,
     mut rx: mpsc::Receiver<Msg>,
@@ -822,7 +842,7 @@ async fn run(
     while let Ok(m) = rx.try_recv() {
         rest.push(m);
     }
-    rest.push(Msg { record: Record::new("audit.stopped"), ack: None, hold: false });
+    rest.push(Msg { record: Record::new("audit.stopped"), ack: None, hold: false, queued: None });
     if let Some(writer) = w.take() {
         let (_, fatal, _) = commit(writer, rest, true, true, &shared, false).await;
         if let Some(reason) = fatal {

@@ -16,6 +16,7 @@ use time::{Date, OffsetDateTime};
 use super::files::{self, file_name};
 use super::format::{self, GENESIS_PREV, RESERVED};
 use super::{AuditError, Clock, Record, sign};
+use crate::metrics::SetupStep;
 use crate::timestamp::format as format_ts;
 
 /// What `Writer::open` found and repaired, reported in a `recovered` record.
@@ -278,6 +279,9 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.s.metrics.audit_written(records, buf.len() as u64);
+                if sync {
+                    self.s.metrics.audit_batch(records);
+                }
                 self.file_len += buf.len() as u64;
                 self.dirty = !sync;
                 buf.clear();
@@ -312,6 +316,16 @@ impl Writer {
     /// The writer's clock, now.
     pub fn now(&self) -> OffsetDateTime {
         (self.s.clock)()
+    }
+
+    /// Counts, for the set-up breakdown, how long each durable record of a batch that started at `started`
+    /// waited in the queue, and how long the batch took.
+    pub fn timed(&self, queued: &[std::time::Instant], started: std::time::Instant) {
+        let batch = started.elapsed();
+        for q in queued {
+            self.s.metrics.setup_step(SetupStep::Queue, started.saturating_duration_since(*q));
+            self.s.metrics.setup_step(SetupStep::Batch, batch);
+        }
     }
 
     /// Where the chain stands now.

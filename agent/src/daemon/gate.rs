@@ -4,9 +4,11 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::State;
 use crate::grants::{GrantEnd, GrantKey};
+use crate::metrics::SetupStep;
 use crate::origin::ConnOrigin;
 use crate::policy::{Decision, Subject, Target, TargetKind};
 use crate::protocol::{Ask, Authorize, End, Hello, IdentityView, Refusal, RefusalCode, Session};
@@ -66,10 +68,13 @@ impl Gate for DaemonGate {
                 )
             })?;
             let policy = s.policy.current();
+            let started = Instant::now();
             let verified =
                 s.identities.verified(&binding.identity).await.map_err(|e| {
                     refusal(RefusalCode::Identity, format!("{e} ({})", e.reason()), name, None)
                 })?;
+            let verified_at = Instant::now();
+            s.metrics.setup_step(SetupStep::Identity, verified_at - started);
             let view = IdentityView {
                 name: verified.name.clone(),
                 sub: verified.sub.clone(),
@@ -87,6 +92,8 @@ impl Gate for DaemonGate {
             };
             database_allowed(target, hello)
                 .map_err(|reason| refusal(RefusalCode::Database, reason, name, Some(&shared)))?;
+            let decided = Instant::now();
+            s.metrics.setup_step(SetupStep::Policy, decided - verified_at);
             let key = GrantKey {
                 identity: binding.identity.clone(),
                 client_id: verified.client_id.clone(),
@@ -99,6 +106,7 @@ impl Gate for DaemonGate {
                 .acquire(key, &terms)
                 .await
                 .map_err(|e| refusal(RefusalCode::Grant, e.to_string(), name, Some(&shared)))?;
+            s.metrics.setup_step(SetupStep::Grant, decided.elapsed());
             Ok(Admission {
                 terms,
                 identity: Some(view),

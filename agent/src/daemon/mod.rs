@@ -166,7 +166,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let protocols = crate::protocol::Handlers::new(&state.config.agent.state_dir, &audit)?;
     let proxy = Arc::new(Proxy {
-        origins: Arc::new(crate::origin::KernelOrigins { kernel: kernel.clone(), cgroup_root }),
+        origins: Arc::new(crate::origin::KernelOrigins::new(kernel.clone(), cgroup_root)),
         protocols,
         audit: audit.clone(),
         sessions: state.sessions.clone(),

@@ -83,6 +83,77 @@ pub struct CauseLabels {
     pub cause: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    pub step: &'static str,
+}
+
+/// One step of an admitted connection's set-up, in the order they happen (`warden_setup_step_seconds`).
+/// `Durable` and `Connect` overlap (the upstream connect runs while `session.start` is made durable);
+/// `Queue` and `Batch` are parts of `Durable` (the rest is the wake-ups handing the acknowledgement back).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetupStep {
+    /// The kernel's `connect()` (the origin's time) to the proxy's connection task running: the redirect,
+    /// the handshake with the listener, `accept` and the task's first poll.
+    Accept,
+    /// The origin lookup: the kernel map read and the cgroup path.
+    Origin,
+    /// The target and the hello (what the target's handler reads before the decision).
+    Hello,
+    /// The binding and its verified identity (cached token, or a token request).
+    Identity,
+    /// The policy decision (and a PostgreSQL target's database check).
+    Policy,
+    /// The grant (a live one, a new one, or a wait for approval).
+    Grant,
+    /// Building the `session.start` record.
+    Record,
+    /// `session.start` queued until the writer takes its batch.
+    Queue,
+    /// The writer's batch: serialisation, hash chain, write and fdatasync.
+    Batch,
+    /// `session.start` appended until durable (queue + batch + the hand-off back).
+    Durable,
+    /// The handler's upstream connect.
+    Connect,
+    /// The kernel's `connect()` to the handler starting its session.
+    Total,
+}
+
+impl SetupStep {
+    pub const ALL: [SetupStep; 12] = [
+        Self::Accept,
+        Self::Origin,
+        Self::Hello,
+        Self::Identity,
+        Self::Policy,
+        Self::Grant,
+        Self::Record,
+        Self::Queue,
+        Self::Batch,
+        Self::Durable,
+        Self::Connect,
+        Self::Total,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Accept => "accept",
+            Self::Origin => "origin",
+            Self::Hello => "hello",
+            Self::Identity => "identity",
+            Self::Policy => "policy",
+            Self::Grant => "grant",
+            Self::Record => "record",
+            Self::Queue => "queue",
+            Self::Batch => "batch",
+            Self::Durable => "durable",
+            Self::Connect => "connect",
+            Self::Total => "total",
+        }
+    }
+}
+
 /// Who refused a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefusalKind {
@@ -140,6 +211,12 @@ pub struct Metrics {
     pub audit_records: Counter,
     pub audit_bytes: Counter,
     pub audit_fsync_duration: Histogram,
+    /// Records per fdatasync'd batch (group commit).
+    pub audit_batch_records: Histogram,
+
+    pub setup_steps: Family<StepLabels, Histogram, Buckets>,
+    /// `setup_steps`' histograms, resolved once, indexed by `SetupStep as usize` (no lookup per connection).
+    setup_step: Vec<Histogram>,
 
     pub bpf_map_entries: Family<MapLabels, Gauge>,
     pub events_lost: Family<CauseLabels, Counter>,
@@ -165,7 +242,9 @@ impl Metrics {
         // Sessions last from milliseconds to hours; token requests and fsyncs from sub-millisecond up.
         let session = Buckets(exponential_buckets(0.01, 4.0, 12).collect());
         let request = Buckets(exponential_buckets(0.001, 2.5, 12).collect());
-        let m = Self {
+        // Set-up steps take from a microsecond to (a token request, an approval) seconds.
+        let step = Buckets(exponential_buckets(0.000_001, 2.0, 24).collect());
+        let mut m = Self {
             registry: Registry::with_prefix("warden"),
             sampler: Mutex::new(None),
             sessions: Family::default(),
@@ -186,11 +265,18 @@ impl Metrics {
             audit_records: Counter::default(),
             audit_bytes: Counter::default(),
             audit_fsync_duration: Histogram::new(exponential_buckets(0.0001, 2.5, 12)),
+            audit_batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            setup_steps: Family::new_with_constructor(step),
+            setup_step: Vec::new(),
             bpf_map_entries: Family::default(),
             events_lost: Family::default(),
             build_info: Family::default(),
         };
         m.build_info.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
+        m.setup_step = SetupStep::ALL
+            .iter()
+            .map(|s| m.setup_steps.get_or_create(&StepLabels { step: s.as_str() }).clone())
+            .collect();
         m.register()
     }
 
@@ -278,6 +364,18 @@ impl Metrics {
             "Time one fdatasync of the audit file took",
             Unit::Seconds,
             self.audit_fsync_duration.clone(),
+        );
+        r.register(
+            "audit_batch_records",
+            "Records written per fdatasync of the audit file (group commit)",
+            self.audit_batch_records.clone(),
+        );
+        r.register_with_unit(
+            "setup_step",
+            "Time each step of an admitted connection's set-up took (accept, origin, hello, identity, policy, \
+             grant, record, queue, batch, durable, connect, total)",
+            Unit::Seconds,
+            self.setup_steps.clone(),
         );
         r.register(
             "bpf_map_entries",
@@ -398,6 +496,12 @@ impl Metrics {
         self.audit_fsync_duration.observe(took.as_secs_f64());
     }
 
+    /// One fdatasync made `records` records durable (the records written since the previous one).
+    pub fn audit_batch(&self, records: u64) {
+        #[expect(clippy::cast_precision_loss, reason = "a batch holds far fewer than 2^52 records")]
+        self.audit_batch_records.observe(records as f64);
+    }
+
     // ---- kernel ----
 
     /// Kernel events that were not recorded one by one.
@@ -420,6 +524,15 @@ impl Metrics {
         self.bpf_map_entries
             .get_or_create(&MapLabels { map })
             .set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
+}
+
+impl Metrics {
+    /// One set-up step of one connection took `took`.
+    pub fn setup_step(&self, step: SetupStep, took: Duration) {
+        if let Some(h) = self.setup_step.get(step as usize) {
+            h.observe(took.as_secs_f64());
+        }
     }
 }
 
@@ -447,6 +560,8 @@ mod tests {
         m.grant_issued("db");
         m.audit_written(3, 300);
         m.audit_synced(Duration::from_micros(400));
+        m.audit_batch(3);
+        m.setup_step(SetupStep::Durable, Duration::from_micros(150));
         m.events_lost_total("ring_full", 7);
         m.events_lost_total("ring_full", 5);
         m.bpf_map("tags", 2);
@@ -464,6 +579,9 @@ mod tests {
             "warden_audit_records_total 3",
             "warden_audit_written_bytes_total 300",
             "warden_audit_fsync_duration_seconds_count 1",
+            "warden_audit_batch_records_sum 3.0",
+            "warden_setup_step_seconds_count{step=\"durable\"} 1",
+            "warden_setup_step_seconds_count{step=\"accept\"} 0",
             "warden_events_lost_total{cause=\"ring_full\"} 7",
             "warden_bpf_map_entries{map=\"tags\"} 2",
             concat!("warden_build_info{version=\"", env!("CARGO_PKG_VERSION"), "\"} 1"),

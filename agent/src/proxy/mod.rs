@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::audit::{Audit, Record};
-use crate::metrics::{Metrics, RefusalKind};
+use crate::metrics::{Metrics, RefusalKind, SetupStep};
 use crate::origin::{ConnOrigin, Origins};
 use crate::policy::{Target, Terms};
 use crate::protocol::{
@@ -131,6 +131,7 @@ impl Proxy {
     }
 
     async fn connection(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+        let running = Instant::now();
         let Some(origin) = self.origins.lookup(peer) else {
             self.metrics.refused(RefusalKind::Gate, "no_origin");
             // Reset first: the refusal stands whether or not it is recorded in full.
@@ -168,9 +169,16 @@ impl Proxy {
             crate::protocol::tcp::reset(client);
             return;
         };
+        let looked_up = Instant::now();
+        // The kernel stamped the connect(); its wall time is as old as it was when the lookup read it.
+        let since_connect = SystemTime::now().duration_since(origin.at).unwrap_or_default();
+        let clock =
+            Stamps { accept: since_connect.saturating_sub(looked_up - running), running, last: looked_up };
+        self.metrics.setup_step(SetupStep::Accept, clock.accept);
+        self.metrics.setup_step(SetupStep::Origin, looked_up - running);
         let id = new_session_id();
         let span = tracing::info_span!("session", session = %id, pid = origin.pid, cgroup = %origin.cgroup, dst = %origin.dst, identity = tracing::field::Empty, target = tracing::field::Empty);
-        self.clone().session(id, origin, client).instrument(span).await;
+        self.clone().session(id, origin, client, clock).instrument(span).await;
         drop(slot);
         drop(permit);
     }
@@ -205,7 +213,7 @@ impl Proxy {
         }
     }
 
-    async fn session(self: Arc<Self>, id: String, origin: ConnOrigin, client: TcpStream) {
+    async fn session(self: Arc<Self>, id: String, origin: ConnOrigin, client: TcpStream, mut clock: Stamps) {
         // 2. The target.
         let target = match self.gate.target(&origin) {
             Ok(t) => t,
@@ -237,6 +245,7 @@ impl Proxy {
                 return self.record_refusal(&origin, &refused(why), None);
             }
         };
+        clock.step(&self.metrics, SetupStep::Hello);
         // 4. The decision.
         let admission = tokio::select! {
             () = self.shutdown.cancelled() => {
@@ -252,6 +261,8 @@ impl Proxy {
                 return self.record_refusal(&origin, &refusal, Some(&hello));
             }
         };
+        // The gate times its own steps (identity, policy, grant).
+        clock.last = Instant::now();
         if let Some(i) = &admission.identity {
             tracing::Span::current().record("identity", i.name.as_str());
         }
@@ -272,8 +283,22 @@ impl Proxy {
         if *greeting.hello() != Hello::default() {
             start = start.field("hello", greeting.hello());
         }
-        let (recorded, connected) =
-            tokio::join!(self.audit.append_durable(start), greeting.connect(origin.dst, &admission.terms));
+        clock.step(&self.metrics, SetupStep::Record);
+        let timed = |step, since: Instant| self.metrics.setup_step(step, since.elapsed());
+        let (recorded, connected) = tokio::join!(
+            async {
+                let since = Instant::now();
+                let r = self.audit.append_durable(start).await;
+                timed(SetupStep::Durable, since);
+                r
+            },
+            async {
+                let since = Instant::now();
+                let r = greeting.connect(origin.dst, &admission.terms).await;
+                timed(SetupStep::Connect, since);
+                r
+            }
+        );
         if let Err(e) = recorded {
             tracing::error!(error = %e, "session.start could not be recorded; refusing");
             self.metrics.refused(RefusalKind::Gate, RefusalCode::Unavailable.as_str());
@@ -299,6 +324,7 @@ impl Proxy {
             cut: cut.clone(),
         });
         self.metrics.session_started(&target.name, target.protocol().as_str());
+        self.metrics.setup_step(SetupStep::Total, clock.accept + clock.running.elapsed());
         let end = if let Err(end) = connected {
             end
         } else {
@@ -373,6 +399,25 @@ impl Proxy {
         }
         tracing::warn!("the protocol handler did not end its cut session in time; dropped");
         cut.cause().cloned().unwrap_or(End::KilledByOperator)
+    }
+}
+
+/// Where a connection's set-up stands, for `warden_setup_step_seconds`: cheap monotonic stamps, no log lines.
+struct Stamps {
+    /// The kernel's connect() to the connection task running.
+    accept: Duration,
+    /// When the connection task started.
+    running: Instant,
+    /// The end of the last step timed.
+    last: Instant,
+}
+
+impl Stamps {
+    /// The step that ends now began where the last one ended.
+    fn step(&mut self, metrics: &Metrics, step: SetupStep) {
+        let now = Instant::now();
+        metrics.setup_step(step, now - self.last);
+        self.last = now;
     }
 }
 
