@@ -4,8 +4,8 @@
 
 mod bench;
 mod bench_pg;
-mod bench_ssh;
 mod bench_setup;
+mod bench_ssh;
 mod demo;
 mod dist;
 
