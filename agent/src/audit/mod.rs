@@ -306,18 +306,7 @@ impl Audit {
                     .field("last_good_seq", cut.last_good_seq);
             }
             if recovery.cuts.len() > 1 {
-                let more: Vec<Value> = recovery.cuts[1..]
-                    .iter()
-                    .map(|c| {
-                        serde_json::json!({
-                            "file": c.file.display().to_string(),
-                            "cut_bytes": c.bytes,
-                            "saved_to": c.saved_to.display().to_string(),
-                            "reason": c.reason,
-                            "last_good_seq": c.last_good_seq,
-                        })
-                    })
-                    .collect();
+                let more: Vec<Value> = recovery.cuts[1..].iter().map(writer::Cut::to_json).collect();
                 r = r.field("also_cut", more);
             }
             first.push(r);
@@ -609,18 +598,7 @@ impl Fault {
             r = r.field("last_error", &self.last);
         }
         if !cuts.is_empty() {
-            let cut: Vec<Value> = cuts
-                .iter()
-                .map(|c| {
-                    serde_json::json!({
-                        "file": c.file.display().to_string(),
-                        "cut_bytes": c.bytes,
-                        "saved_to": c.saved_to.display().to_string(),
-                        "reason": c.reason,
-                        "last_good_seq": c.last_good_seq,
-                    })
-                })
-                .collect();
+            let cut: Vec<Value> = cuts.iter().map(writer::Cut::to_json).collect();
             r = r.field("cut", cut);
         }
         r

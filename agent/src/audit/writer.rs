@@ -38,6 +38,19 @@ pub struct Cut {
     pub last_good_seq: Option<u64>,
 }
 
+impl Cut {
+    /// How a cut is written into `recovered` (`also_cut`) and `audit.resumed` (`cut`).
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "file": self.file.display().to_string(),
+            "cut_bytes": self.bytes,
+            "saved_to": self.saved_to.display().to_string(),
+            "reason": self.reason,
+            "last_good_seq": self.last_good_seq,
+        })
+    }
+}
+
 pub struct Settings {
     pub dir: PathBuf,
     pub host: String,
