@@ -860,6 +860,11 @@ async fn the_status_view_shows_the_last_segment_the_backlog_the_error_and_the_re
 
     host.sessions(0, 20).await;
     let through = host.seal_and_wait().await;
+    // The shipper raises `audit.dir/shipped` first, then its progress: wait for the view to follow.
+    wait_until("the status view to show the upload", Duration::from_secs(30), || {
+        json()["last_shipped"]["last_seq"] == through
+    })
+    .await;
     let s = json();
     assert_eq!(s["shipped_through"], through, "{s}");
     assert_eq!(s["last_shipped"]["last_seq"], through, "{s}");
