@@ -187,9 +187,11 @@ fn the_audit_writer_rides_out_a_full_disk() {
     live.release();
 
     fs.free();
-    let resumed = w.wait_record("audit.resumed", |r| r["event"] == "audit.resumed");
+    // Filling the disk may already have faulted and resumed once (a write that failed before the test's
+    // sessions): the resumption that ends this fault is the one that counts the refused sessions.
+    let resumed =
+        w.wait_record("audit.resumed", |r| r["event"] == "audit.resumed" && r["refused"].as_u64() >= Some(1));
     assert!(resumed["reason"].as_str().is_some_and(|r| r.contains("No space left")), "{resumed}");
-    assert!(resumed["refused"].as_u64() >= Some(1), "{resumed}");
     assert!(resumed["since"].is_string() && resumed["attempts"].as_u64() >= Some(1), "{resumed}");
     assert_reached(&connect(), "db");
     // Nothing acknowledged is lost: every session that reached the server has its start on disk.
