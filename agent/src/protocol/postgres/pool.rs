@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::oneshot;
 
 use super::upstream::Upstream;
-use super::wire::{self, Reader};
+use super::wire;
 use crate::policy::Access;
 
 /// What makes two upstream connections interchangeable.
@@ -143,11 +143,7 @@ pub async fn reset(up: &mut Upstream, access: Access) -> Result<(), String> {
                 error = Some(format!("{}: {}", e.code, e.message));
             }
             b'S' => {
-                let mut r = Reader::new(&f.body);
-                if let (Ok(k), Ok(v)) = (r.cstr(), r.cstr()) {
-                    let (k, v) = (k.to_owned(), v.to_owned());
-                    up.set_param(&k, &v);
-                }
+                up.note_parameter_status(&f.body);
             }
             b'Z' => {
                 pending -= 1;

@@ -313,11 +313,7 @@ async fn simple(up: &mut Upstream, sql: &str) -> Result<Vec<Vec<Option<String>>>
             }
             b'E' => error = Some(wire::parse_error(&f.body)),
             b'S' => {
-                let mut r = Reader::new(&f.body);
-                if let (Ok(k), Ok(v)) = (r.cstr(), r.cstr()) {
-                    let (k, v) = (k.to_owned(), v.to_owned());
-                    up.set_param(&k, &v);
-                }
+                up.note_parameter_status(&f.body);
             }
             b'Z' => {
                 return match error {

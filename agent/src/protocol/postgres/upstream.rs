@@ -50,6 +50,15 @@ impl Upstream {
             self.params.push((name.to_owned(), value.to_owned()));
         }
     }
+
+    /// Keeps what a `ParameterStatus` ('S') message body reports (a malformed one is ignored).
+    pub fn note_parameter_status(&mut self, body: &[u8]) {
+        let mut r = super::wire::Reader::new(body);
+        if let (Ok(k), Ok(v)) = (r.cstr(), r.cstr()) {
+            let (k, v) = (k.to_owned(), v.to_owned());
+            self.set_param(&k, &v);
+        }
+    }
 }
 
 fn refused(detail: impl Into<String>) -> End {
