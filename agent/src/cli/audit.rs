@@ -51,20 +51,6 @@ fn audit_dir(dir: Option<PathBuf>, config: &Path) -> Result<PathBuf, u8> {
     }
 }
 
-/// Prints a verification's notes and, if it found one, the first problem; returns the exit code then
-/// (for `verify` of a directory and of a bucket alike).
-pub(super) fn print_notes_and_problem(report: &verify::Report) -> Option<u8> {
-    for note in &report.notes {
-        println!("note: {note}");
-    }
-    let problem = report.problem.as_ref()?;
-    println!("TAMPERED: {problem}");
-    if let Some(last) = report.last_seq {
-        println!("records up to seq {last} verified before it");
-    }
-    Some(EXIT_FAILED)
-}
-
 fn verify_cli(dir: Option<PathBuf>, pubkey: Option<&Path>, config: &Path) -> u8 {
     let loaded = Config::load(config).ok();
     let dir = match (dir, &loaded) {
@@ -83,7 +69,7 @@ fn verify_cli(dir: Option<PathBuf>, pubkey: Option<&Path>, config: &Path) -> u8 
         Ok(r) => r,
         Err(e) => return fail(EXIT_INTERNAL, &e),
     };
-    if let Some(code) = print_notes_and_problem(&report) {
+    if let Some(code) = super::print_notes_and_problem(&report) {
         return code;
     }
     let hosts: Vec<&str> = report.hosts.iter().map(String::as_str).collect();

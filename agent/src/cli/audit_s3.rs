@@ -96,7 +96,7 @@ pub fn verify(args: &S3Args, dir: Option<&Path>, pubkey: Option<&Path>, config: 
         Ok(r) => r,
         Err(e) => return fail(EXIT_INTERNAL, &e),
     };
-    if let Some(code) = super::audit::print_notes_and_problem(&report) {
+    if let Some(code) = super::print_notes_and_problem(&report) {
         return code;
     }
     let hosts: Vec<&str> = report.hosts.iter().map(String::as_str).collect();

@@ -292,6 +292,20 @@ fn init_tracing() {
     crate::logging::init(crate::config::LogFormat::Plain);
 }
 
+/// Prints a verification's notes and, if it found one, the first problem; returns the exit code then
+/// (for `verify` of a directory and of a bucket alike).
+fn print_notes_and_problem(report: &crate::audit::verify::Report) -> Option<u8> {
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    let problem = report.problem.as_ref()?;
+    println!("TAMPERED: {problem}");
+    if let Some(last) = report.last_seq {
+        println!("records up to seq {last} verified before it");
+    }
+    Some(EXIT_FAILED)
+}
+
 /// Prints an error for the operator and returns the exit code.
 pub fn fail(code: u8, err: &dyn std::fmt::Display) -> u8 {
     eprintln!("warden: {err}");
