@@ -139,11 +139,37 @@ pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
         return Ok(());
     }
     if let Some(rest) = endpoint.strip_prefix("http://")
-        && (rest.starts_with("127.") || rest.starts_with("[::1]") || rest.starts_with("localhost"))
+        && loopback_authority(rest)
     {
         return Ok(());
     }
     Err(format!("`{endpoint}` must be an https:// URL (plain http only to a loopback address)"))
+}
+
+/// True when the authority at the start of `rest` (what follows `http://`) names a loopback host: an IPv4
+/// address in 127.0.0.0/8, `[::1]`, or `localhost`, exactly, with an optional port. A name that merely
+/// starts like one (`127.0.0.1.example.com`, `localhost.example.com`) is not.
+fn loopback_authority(rest: &str) -> bool {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((ip, "")) => (ip, None),
+            Some((ip, port)) => match port.strip_prefix(':') {
+                Some(port) => (ip, Some(port)),
+                None => return false,
+            },
+            None => return false,
+        },
+        None => match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    if port.is_some_and(|p| p.parse::<u16>().is_err()) {
+        return false;
+    }
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -158,6 +184,35 @@ mod tests {
         let c = Config::parse(Path::new("w.toml"), "").unwrap();
         assert!(!c.audit.ship.enabled());
         assert_eq!(c.audit.ship.host_prefix("web-1"), "hosts/web-1/");
+    }
+
+    #[test]
+    fn plain_http_only_to_a_loopback_host() {
+        for ok in [
+            "http://127.0.0.1:9000",
+            "http://127.9.8.7",
+            "http://localhost:9000/",
+            "http://[::1]:9000",
+            "http://[::1]",
+            "https://s3.example.com",
+        ] {
+            assert!(check_endpoint(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://127.evil.com",
+            "http://127.0.0.1.evil.com:9000",
+            "http://localhost.evil.com",
+            "http://localhostevil.com",
+            "http://[::1].evil.com",
+            "http://[::1]x:9000",
+            "http://127.0.0.1@evil.com",
+            "http://user@127.0.0.1",
+            "http://127.0.0.1:90x0",
+            "http://[::2]:9000",
+            "http://s3.example.com",
+        ] {
+            assert!(check_endpoint(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
