@@ -597,6 +597,25 @@ async fn a_missing_segment_or_lock_fails_verify() {
     assert!(report.problem.unwrap().what.contains("--pubkey"));
 }
 
+/// `warden audit ARGS` against moto with the test's credentials: exit code, stdout, stderr.
+fn audit_cli(root: &Path, creds: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let endpoint = format!("http://127.0.0.1:{}", moto());
+    let out = Command::new(env!("CARGO_BIN_EXE_warden"))
+        .args(["audit"])
+        .args(args)
+        .args(["--endpoint", &endpoint, "--path-style", "--credentials"])
+        .arg(creds)
+        .env("WARDEN_CONFIG", root.join("no-such.toml"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warden_audit_verify_and_export_read_the_bucket() {
     let root = tempfile::tempdir().unwrap();
@@ -609,23 +628,7 @@ async fn warden_audit_verify_and_export_read_the_bucket() {
     let dir = host.dir();
     let root = host.stop().await;
     let url = format!("s3://{}/{}", store.bucket(), PREFIX.trim_end_matches('/'));
-    let endpoint = format!("http://127.0.0.1:{}", moto());
-    let warden = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_warden"))
-            .args(["audit"])
-            .args(args)
-            .args(["--endpoint", &endpoint, "--path-style", "--credentials"])
-            .arg(&creds)
-            .env("WARDEN_CONFIG", root.path().join("no-such.toml"))
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let warden = |args: &[&str]| audit_cli(root.path(), &creds, args);
     let (code, out, err) = warden(&["verify", "--s3", &url]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("intact in s3://"), "{out}");
@@ -963,6 +966,40 @@ async fn recordings_are_shipped_with_their_segment_and_verified_against_the_chai
     assert!(problem.what.contains("does not match its ssh.recording record"), "{problem}");
     assert!(problem.file.to_string_lossy().ends_with("recordings/s-2-0.cast"), "{problem}");
     drop(host.stop().await);
+}
+
+/// `export --s3 --recordings DIR` fetches the recordings the exported records name from the bucket, at
+/// their recorded paths; `--mark` (this host's own files) is refused with `--s3`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_from_the_bucket_fetches_recordings_and_refuses_mark() {
+    let root = tempfile::tempdir().unwrap();
+    let creds = credentials(root.path());
+    let store = bucket(&creds).await;
+    let mut host = Host::start(root, 0);
+    host.ship(&store, Duration::from_secs(3600));
+    let dir = host.dir();
+    std::fs::create_dir_all(dir.join("recordings")).unwrap();
+    let body = "{\"version\": 2}\n[0.1, \"o\", \"uptime\"]\n";
+    std::fs::write(dir.join("recordings/s-9-0.cast"), body).unwrap();
+    let (sha256, bytes) = warden::audit::files::hash_file(&dir.join("recordings/s-9-0.cast")).unwrap();
+    let rec = Record::new("ssh.recording")
+        .field("file", "recordings/s-9-0.cast")
+        .field("sha256", sha256)
+        .field("bytes", bytes);
+    host.audit.append_durable(rec).await.unwrap();
+    host.sessions(0, 2).await;
+    host.seal_and_wait().await;
+    let root = host.stop().await;
+    let url = format!("s3://{}/{}", store.bucket(), PREFIX.trim_end_matches('/'));
+    let to = root.path().join("fetched");
+    let (code, out, err) =
+        audit_cli(root.path(), &creds, &["export", "--s3", &url, "--recordings", to.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\"event\":\"ssh.recording\""), "{out}");
+    assert_eq!(std::fs::read_to_string(to.join("recordings/s-9-0.cast")).unwrap(), body);
+    let (code, _, err) = audit_cli(root.path(), &creds, &["export", "--s3", &url, "--mark"]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("--mark") && err.contains("--s3"), "{err}");
 }
 
 /// A recording that never reached the bucket fails `verify --s3`.

@@ -259,6 +259,27 @@ pub fn recordings_named(segment: &Path) -> Result<Vec<String>, AuditError> {
     Ok(out)
 }
 
+/// Writes `bytes` to `path` readable by its owner only (0600), creating missing parent directories (0700).
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    if let Some(parent) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
 /// Whether a recording name stays inside `recordings/` of the audit directory.
 pub fn recording_path_ok(name: &str) -> bool {
     let rel = Path::new(name);

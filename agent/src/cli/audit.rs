@@ -16,8 +16,15 @@ pub fn run(action: AuditAction) -> u8 {
             super::audit_s3::verify(&s3, dir.as_deref(), pubkey.as_deref(), &config.config)
         }
         AuditAction::Verify { dir, pubkey, config, .. } => verify_cli(dir, pubkey.as_deref(), &config.config),
-        AuditAction::Export { since, until, format, s3, config, .. } if s3.s3.is_some() => {
-            super::audit_s3::export(&s3, since.as_deref(), until.as_deref(), &format, &config.config)
+        AuditAction::Export { since, until, format, s3, config, mark, recordings, .. } if s3.s3.is_some() => {
+            super::audit_s3::export(
+                &s3,
+                (since.as_deref(), until.as_deref()),
+                &format,
+                mark,
+                recordings.as_deref(),
+                &config.config,
+            )
         }
         AuditAction::Export { since, until, format, mark, recordings, dir, config, .. } => export_cli(
             since.as_deref(),

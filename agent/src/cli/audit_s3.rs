@@ -132,9 +132,25 @@ pub fn verify(args: &S3Args, dir: Option<&Path>, pubkey: Option<&Path>, config: 
     0
 }
 
-pub fn export(args: &S3Args, since: Option<&str>, until: Option<&str>, format: &str, config: &Path) -> u8 {
+/// `warden audit export --s3`: the records from the bucket, and with `recordings` the terminal recordings
+/// they name, fetched from the bucket. `mark` is refused: it marks this host's own files as exported.
+pub fn export(
+    args: &S3Args,
+    range: (Option<&str>, Option<&str>),
+    format: &str,
+    mark: bool,
+    recordings: Option<&Path>,
+    config: &Path,
+) -> u8 {
+    let (since, until) = range;
     if format != "jsonl" {
         return fail(EXIT_INVALID, &format!("unknown format {format:?}; the only format is jsonl"));
+    }
+    if mark {
+        return fail(
+            EXIT_INVALID,
+            &"--mark records that this host's own audit files were exported; it cannot be used with --s3",
+        );
     }
     let parse = |s: Option<&str>| s.map(str::parse::<Bound>).transpose();
     let (since, until) = match (parse(since), parse(until)) {
@@ -151,13 +167,23 @@ pub fn export(args: &S3Args, since: Option<&str>, until: Option<&str>, format: &
     };
     let stdout = std::io::stdout();
     let mut out = BufWriter::with_capacity(256 * 1024, stdout.lock());
+    let mut casts = Vec::new();
     let result = rt.block_on(remote::export_bucket(&store, &loc, since.as_ref(), until.as_ref(), |line| {
+        if recordings.is_some() {
+            casts.extend(crate::protocol::ssh::record::named_in(line));
+        }
         out.write_all(line)
     }));
     let flushed = out.flush();
     match (result, flushed) {
-        (Err(e), _) => fail(EXIT_INTERNAL, &e),
-        (_, Err(e)) => fail(EXIT_INTERNAL, &format!("cannot write the export: {e}")),
-        (Ok(_), Ok(())) => 0,
+        (Err(e), _) => return fail(EXIT_INTERNAL, &e),
+        (_, Err(e)) => return fail(EXIT_INTERNAL, &format!("cannot write the export: {e}")),
+        (Ok(_), Ok(())) => {}
+    }
+    let Some(to) = recordings else { return 0 };
+    match rt.block_on(remote::fetch_recordings(&store, &loc, &casts, to)) {
+        Ok(Ok(_)) => 0,
+        Ok(Err(e)) => fail(EXIT_INTERNAL, &e),
+        Err(e) => fail(EXIT_INTERNAL, &e),
     }
 }

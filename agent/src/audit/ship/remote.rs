@@ -417,6 +417,35 @@ pub async fn export_bucket(
     Ok(last)
 }
 
+/// Downloads the recordings `files` names (as their `ssh.recording` records do, `recordings/...`) from the
+/// bucket, each the first version written, to the same relative paths under `to` (0600). A name outside
+/// `recordings/` or one the bucket does not hold is an error naming it.
+pub async fn fetch_recordings(
+    store: &Store,
+    loc: &Location,
+    files: &[String],
+    to: &Path,
+) -> Result<Result<usize, String>, ShipError> {
+    if files.is_empty() {
+        return Ok(Ok(0));
+    }
+    let versions = store.versions(&format!("{}recordings/", loc.prefix)).await?;
+    for file in files {
+        if !files::recording_path_ok(file) {
+            return Ok(Err(format!("an ssh.recording record names {file:?}, outside recordings/")));
+        }
+        let key = super::recording_key(&loc.prefix, file);
+        let Some(version) = oldest(&versions, &key) else {
+            return Ok(Err(format!("recording missing: s3://{}/{key} is not in the bucket", loc.bucket)));
+        };
+        let (bytes, _) = store.get(&key, version.version_id.as_deref()).await?;
+        if let Err(e) = files::write_private(&to.join(file), &bytes) {
+            return Ok(Err(e));
+        }
+    }
+    Ok(Ok(files.len()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
