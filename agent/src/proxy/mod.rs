@@ -101,6 +101,7 @@ impl Proxy {
     /// Accepts on one listener until shutdown.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut accept_errors = AcceptErrors::default();
         loop {
             let (stream, peer) = tokio::select! {
                 () = self.shutdown.cancelled() => return self.refusals.flush(&self.audit),
@@ -112,7 +113,7 @@ impl Proxy {
                     Ok(x) => x,
                     Err(e) => {
                         // EMFILE and friends: back off briefly instead of spinning.
-                        tracing::warn!(error = %e, "proxy accept failed");
+                        accept_errors.warn(&e);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -399,6 +400,28 @@ impl Proxy {
         }
         tracing::warn!("the protocol handler did not end its cut session in time; dropped");
         cut.cause().cloned().unwrap_or(End::KilledByOperator)
+    }
+}
+
+/// Failed accepts (EMFILE and friends, retried every 50 ms) logged at most once per `EVERY`, with how many
+/// failed since the last line, so running out of descriptors does not also flood the log.
+#[derive(Default)]
+struct AcceptErrors {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl AcceptErrors {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn warn(&mut self, e: &std::io::Error) {
+        self.since += 1;
+        if self.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+            return;
+        }
+        tracing::warn!(error = %e, failures = self.since, "proxy accept failed (logged at most every 10 s)");
+        self.last = Some(Instant::now());
+        self.since = 0;
     }
 }
 
