@@ -46,11 +46,13 @@ struct Sshd {
     host_pub: String,
     warden_key: PathBuf,
     user: String,
+    /// Its log lines after start-up (at `LogLevel DEBUG1` with `debug`).
+    log: Arc<std::sync::Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
 }
 
 impl Sshd {
-    async fn start() -> Self {
+    async fn start(debug: bool) -> Self {
         assert!(nix::unistd::geteuid().is_root(), "this test runs sshd and must run as root");
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
@@ -63,8 +65,9 @@ impl Sshd {
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
              AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
              PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\n\
-             AllowTcpForwarding yes\nX11Forwarding no\nSubsystem sftp /usr/lib/openssh/sftp-server\nLogLevel INFO\n",
-            d = d.display()
+             AllowTcpForwarding yes\nX11Forwarding no\nSubsystem sftp /usr/lib/openssh/sftp-server\nLogLevel {level}\n",
+            d = d.display(),
+            level = if debug { "DEBUG1" } else { "INFO" }
         );
         std::fs::write(d.join("sshd_config"), config).unwrap();
         let mut child = tokio::process::Command::new("/usr/sbin/sshd")
@@ -89,7 +92,15 @@ impl Sshd {
         .await;
         assert!(matches!(ready, Ok(true)), "sshd did not start");
         // Keep draining its log so it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if debug {
+                    kept.lock().unwrap().push(line);
+                }
+            }
+        });
         let user = nix::unistd::User::from_uid(nix::unistd::geteuid()).unwrap().unwrap().name;
         Self {
             child,
@@ -97,6 +108,7 @@ impl Sshd {
             host_pub,
             warden_key: d.join("warden_key"),
             user,
+            log,
             _dir: dir,
         }
     }
@@ -123,6 +135,8 @@ struct Opts {
     sftp: bool,
     host_key: Option<String>,
     refuse: Option<String>,
+    /// sshd at `LogLevel DEBUG1`, its lines kept (`Sshd::log`).
+    sshd_debug: bool,
 }
 
 impl Opts {
@@ -134,6 +148,7 @@ impl Opts {
             sftp: false,
             host_key: None,
             refuse: None,
+            sshd_debug: false,
         }
     }
     fn shell() -> Self {
@@ -164,7 +179,7 @@ impl Fixture {
             .with_env_filter(tracing_subscriber::EnvFilter::from_env("WARDEN_LOG"))
             .with_test_writer()
             .try_init();
-        let sshd = Sshd::start().await;
+        let sshd = Sshd::start(opts.sshd_debug).await;
         let root = tempfile::tempdir().unwrap();
         let shutdown = CancellationToken::new();
         let (audit, audit_task) =
@@ -853,4 +868,76 @@ async fn a_command_killed_by_a_signal_is_recorded_with_it() {
     f.next_end().await;
     let execs = f.events("ssh.exec").await;
     assert_eq!(execs[0]["exit_signal"], "TERM", "{execs:?}");
+}
+
+/// The line OpenSSH logs at debug level 1 for the cipher negotiated in one direction
+/// (`kex: client->server cipher: aes128-gcm@openssh.com MAC: <implicit> compression: none`).
+fn negotiated(log: &str, direction: &str) -> Option<String> {
+    let line = log.lines().find(|l| l.contains(&format!("kex: {direction} cipher: ")))?;
+    line.split("cipher: ").nth(1)?.split_whitespace().next().map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_legs_negotiate_aes_gcm_where_the_cpu_has_it_and_other_clients_fall_back() {
+    let mut f = Fixture::start(Opts { sshd_debug: true, ..Opts::exec(&["echo *"]) }).await;
+    let aes = warden::protocol::ssh::algorithms::aes_in_hardware();
+    let want = if aes { "aes128-gcm@openssh.com" } else { "chacha20-poly1305@openssh.com" };
+    // The agent leg: OpenSSH's default order, as the client prints it.
+    let (code, out, err) = f.exec(&["-v"], "echo agent leg").await;
+    assert_eq!((code, out.as_str()), (0, "agent leg\n"), "{err}");
+    assert_eq!(negotiated(&err, "client->server").as_deref(), Some(want), "{err}");
+    assert_eq!(negotiated(&err, "server->client").as_deref(), Some(want), "{err}");
+    f.next_end().await;
+    // The upstream leg: Warden is the client, sshd logs what it chose.
+    let log = f.sshd.log.lock().unwrap().join("\n");
+    assert_eq!(negotiated(&log, "client->server").as_deref(), Some(want), "{log}");
+    assert_eq!(negotiated(&log, "server->client").as_deref(), Some(want), "{log}");
+    // OpenSSH is offered AES-GCM alone (it would pick chacha20-poly1305 or CTR out of more), so one
+    // restricted to CTR is refused before anything is decided.
+    if aes {
+        let (code, _, err) = f.exec(&["-c", "aes256-ctr"], "echo ctr").await;
+        assert_ne!(code, 0, "{err}");
+        assert!(err.contains("no matching cipher"), "{err}");
+    }
+    // A weak cipher is refused.
+    let (code, _, err) = f.exec(&["-c", "aes128-cbc"], "echo cbc").await;
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("no matching cipher"), "{err}");
+    // Another client (by its version line) is offered the whole allow-list: chacha20-poly1305 and CTR too.
+    let other = server_ciphers(f.addr, "SSH-2.0-paramiko_3.4.0").await;
+    for c in ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes128-ctr"] {
+        assert!(other.contains(&c.to_owned()), "{other:?}");
+    }
+    assert!(!other.iter().any(|c| c.contains("cbc") || c == "none"), "{other:?}");
+    let openssh = server_ciphers(f.addr, "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10").await;
+    if aes {
+        assert_eq!(openssh, ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]);
+    } else {
+        assert_eq!(openssh, other);
+    }
+}
+
+/// The client-to-server ciphers Warden's server offers a client with this version line: its version
+/// line and KEXINIT (sent in the clear) read off a raw connection.
+async fn server_ciphers(addr: SocketAddr, version: &str) -> Vec<String> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("{version}\r\n").as_bytes()).await.unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    tokio::time::timeout(DEADLINE, r.read_line(&mut line)).await.unwrap().unwrap();
+    assert!(line.starts_with("SSH-2.0-warden"), "{line}");
+    let len = tokio::time::timeout(DEADLINE, r.read_u32()).await.unwrap().unwrap() as usize;
+    let mut packet = vec![0; len];
+    r.read_exact(&mut packet).await.unwrap();
+    // padding length, SSH_MSG_KEXINIT, 16 bytes of cookie, then name-lists: kex, host key, ciphers.
+    assert_eq!(packet[1], 20);
+    let mut at = 18;
+    let mut list = || {
+        let n = u32::from_be_bytes(packet[at..at + 4].try_into().unwrap()) as usize;
+        let names = String::from_utf8(packet[at + 4..at + 4 + n].to_vec()).unwrap();
+        at += 4 + n;
+        names
+    };
+    let (_kex, _host_keys, ciphers) = (list(), list(), list());
+    ciphers.split(',').map(str::to_owned).collect()
 }

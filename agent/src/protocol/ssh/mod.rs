@@ -8,7 +8,8 @@
 //! Files: [`ca`] (host CA, host certificates), [`server`] (the agent-side server, one per connection),
 //! [`upstream`] (the client to the real server, host key checks), [`channel`] (bridging one channel), [`sftp`] (file operations
 //! on a granted sftp channel, pure),
-//! [`record`] (asciicast recording and replay).
+//! [`record`] (asciicast recording and replay), [`setup`] (where a connection's set-up time goes, the
+//! `ssh_setup` debug line), [`algorithms`] (the ciphers, MACs and key exchanges both legs offer).
 //!
 //! The path of one connection, in the seam's terms: [`Ssh::hello`] runs the SSH transport and waits for
 //! the agent's first user-auth request, so a refusal can be an SSH disconnect message `ssh` prints;
@@ -16,10 +17,12 @@
 //! then answers the agent's user-auth with success and bridges until either side ends or the session is
 //! cut (then the agent sees a disconnect naming the cause).
 
+pub mod algorithms;
 pub mod ca;
 pub mod channel;
 pub mod record;
 pub mod server;
+pub mod setup;
 pub mod sftp;
 pub mod upstream;
 
@@ -126,10 +129,12 @@ impl Ssh {
         if !matches!(target.kind, TargetKind::Ssh(_)) {
             return Err(HelloError::NotSsh);
         }
+        let mut setup = setup::Setup::new();
         let _ = client.set_nodelay(true);
         let principals = vec![target.host.clone(), origin.dst.ip().to_string(), target.name.clone()];
         let cert = self.ca.certificate(&principals)?;
-        let config = Arc::new(server::config(self.ca.host_key().clone(), cert));
+        let openssh = algorithms::openssh_with_gcm(&peek_version(&client).await);
+        let config = Arc::new(server::config(self.ca.host_key().clone(), cert, openssh));
         let version = Arc::new(Mutex::new(Vec::new()));
         let tap = Tap { inner: client, line: version.clone(), done: false };
         let (seen_tx, seen_rx) = oneshot::channel();
@@ -155,6 +160,7 @@ impl Ssh {
                 return Err(timeout());
             }
         };
+        setup.hello_done();
         let mut hello = Hello { user: Some(seen.user.clone()), ..Hello::default() };
         let version =
             version.lock().map(|v| String::from_utf8_lossy(&v).trim_end().to_owned()).unwrap_or_default();
@@ -172,6 +178,7 @@ impl Ssh {
             upstream: None,
             target: target.clone(),
             audit_dir: self.audit.dir().to_path_buf(),
+            setup,
         }))
     }
 }
@@ -196,6 +203,8 @@ pub struct Admitted {
     pub upstream: Arc<russh::client::Handle<upstream::UpstreamHandler>>,
     pub tracker: TaskTracker,
     pub audit_dir: PathBuf,
+    /// The set-up steps so far, logged with the first channel's (`ssh_setup`).
+    pub setup: setup::Setup,
     /// The remote (`-R`) listeners the agent asked for and the upstream granted.
     listeners: tokio::sync::watch::Sender<Listeners>,
 }
@@ -326,6 +335,7 @@ pub struct Greeting {
     upstream: Option<TcpStream>,
     target: Arc<Target>,
     audit_dir: PathBuf,
+    setup: setup::Setup,
 }
 
 impl std::fmt::Debug for Greeting {
@@ -359,7 +369,9 @@ impl Greeting {
 
     /// Step 5: the upstream TCP connection only.
     pub async fn connect(&mut self, dst: SocketAddr, _terms: &Terms) -> Result<(), End> {
+        self.setup.connect_started();
         let connected = tokio::time::timeout(UPSTREAM_DEADLINE, TcpStream::connect(dst)).await;
+        self.setup.connect_done();
         let end = match connected {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
@@ -382,6 +394,7 @@ impl Greeting {
             return End::UpstreamUnreachable { detail: "connect was not called".into() };
         };
         let session = Arc::new(session);
+        self.setup.run_started();
         let login = tokio::select! {
             r = tokio::time::timeout(UPSTREAM_DEADLINE, upstream::connect(stream, &self.target, ssh)) => match r {
                 Ok(r) => r,
@@ -396,11 +409,13 @@ impl Greeting {
                 return end;
             }
         };
+        self.setup.login_done();
         let admitted = Arc::new(Admitted {
             session: session.clone(),
             upstream: Arc::new(upstream),
             tracker: TaskTracker::new(),
             audit_dir: self.audit_dir.clone(),
+            setup: self.setup,
             listeners: tokio::sync::watch::Sender::new(Listeners::default()),
         });
         if let Some(tx) = self.decision.take()
@@ -446,6 +461,28 @@ impl Greeting {
         }
         end
     }
+}
+
+/// How long the agent's version line is waited for before choosing the ciphers to offer (clients send
+/// it at once on connecting; one that waits for the server's first is offered the whole allow-list).
+const VERSION_PEEK: Duration = Duration::from_millis(200);
+
+/// The start of the agent's version line, peeked (left in the socket for russh), up to [`VERSION_PEEK`].
+async fn peek_version(client: &TcpStream) -> Vec<u8> {
+    let mut buf = [0u8; 64];
+    let peeked = async {
+        loop {
+            match client.peek(&mut buf).await {
+                // A whole line or a full buffer: enough to name the software.
+                Ok(n) if n == buf.len() || buf[..n].contains(&b'\n') => return n,
+                Ok(0) | Err(_) => return 0,
+                // Part of a line so far.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+    };
+    let n = tokio::time::timeout(VERSION_PEEK, peeked).await.unwrap_or(0);
+    buf[..n].to_vec()
 }
 
 /// Passes a stream through, keeping the first line the client sent (its SSH version string).

@@ -8,14 +8,16 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use russh::keys::{Certificate, PrivateKey};
 use russh::server::{self, Auth, ChannelOpenHandle, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
 use tokio::sync::{mpsc, oneshot};
 
+use super::algorithms::{self, Leg};
 use super::channel::{self, ChanState, Kind};
+use super::setup::FirstChannel;
 use super::{Admitted, Decision};
 use crate::policy::Access;
 use crate::policy::commands::{command_allowed, words};
@@ -27,8 +29,8 @@ const REPLY_DEADLINE: Duration = Duration::from_secs(30);
 pub const REFUSED_EXIT: u32 = 126;
 
 /// The agent-side server's settings for one connection: Warden's host key and the certificate for
-/// this target.
-pub fn config(host_key: PrivateKey, cert: Certificate) -> server::Config {
+/// this target; `openssh`: the client's version line names an OpenSSH with AES-GCM.
+pub fn config(host_key: PrivateKey, cert: Certificate, openssh: bool) -> server::Config {
     server::Config {
         server_id: russh::SshId::Standard("SSH-2.0-warden".into()),
         methods: MethodSet::from(
@@ -46,6 +48,7 @@ pub fn config(host_key: PrivateKey, cert: Certificate) -> server::Config {
         max_auth_attempts: 6,
         nodelay: true,
         window_size: 8 * 1024 * 1024,
+        preferred: algorithms::preferred(Leg::Agent { openssh }),
         ..server::Config::default()
     }
 }
@@ -72,6 +75,9 @@ pub struct AgentHandler {
     admitted: Option<Arc<Admitted>>,
     offered_key: Option<String>,
     chans: HashMap<ChannelId, Chan>,
+    /// The first channel's set-up stamps, until its request is answered and `ssh_setup` logged.
+    first: Option<FirstChannel>,
+    setup_logged: bool,
 }
 
 impl AgentHandler {
@@ -82,6 +88,8 @@ impl AgentHandler {
             admitted: None,
             offered_key: None,
             chans: HashMap::new(),
+            first: None,
+            setup_logged: false,
         }
     }
 
@@ -132,6 +140,17 @@ impl AgentHandler {
 
     fn reply(session: &mut Session, channel: ChannelId, ok: bool) -> Result<(), russh::Error> {
         if ok { session.channel_success(channel) } else { session.channel_failure(channel) }
+    }
+
+    /// Logs the connection's set-up (`ssh_setup`) once, when the first channel's request was answered.
+    fn setup_done(&mut self, request: Instant, what: &'static str) {
+        if self.setup_logged {
+            return;
+        }
+        self.setup_logged = true;
+        if let (Some(ctx), Some(first)) = (&self.admitted, self.first.take()) {
+            ctx.setup.log(first.open, first.opened, request, what);
+        }
     }
 
     /// Refuses a command or shell the way a shell would: the reason on stderr, exit status 126, and the
@@ -239,6 +258,7 @@ impl server::Handler for AgentHandler {
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         };
+        let open = Instant::now();
         let up = match ctx.upstream.channel_open_session().await {
             Ok(up) => up,
             Err(e) => {
@@ -252,6 +272,9 @@ impl server::Handler for AgentHandler {
             }
         };
         reply.accept().await;
+        if !self.setup_logged && self.first.is_none() {
+            self.first = Some(FirstChannel { open, opened: Instant::now() });
+        }
         let id = channel.id();
         let state = ChanState::new(id, Kind::Pending);
         self.open_bridge(&ctx, channel, up, state, session);
@@ -386,6 +409,7 @@ impl server::Handler for AgentHandler {
     }
 
     async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        let request = Instant::now();
         let ctx = self.ctx()?;
         let Some(c) = self.chans.get(&channel) else { return session.channel_failure(channel) };
         if c.state.kind() != Kind::Pending {
@@ -413,6 +437,7 @@ impl server::Handler for AgentHandler {
             return self.refuse_run(channel, reason, session).await;
         }
         let ok = up.request_shell(true).await.is_ok() && self.upstream_reply(channel).await;
+        self.setup_done(request, "shell");
         Self::reply(session, channel, ok)
     }
 
@@ -422,6 +447,7 @@ impl server::Handler for AgentHandler {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let request = Instant::now();
         let ctx = self.ctx()?;
         let Some(c) = self.chans.get(&channel) else { return session.channel_failure(channel) };
         if c.state.kind() != Kind::Pending {
@@ -458,6 +484,7 @@ impl server::Handler for AgentHandler {
                 .await;
         }
         let ok = up.exec(true, command.into_bytes()).await.is_ok() && self.upstream_reply(channel).await;
+        self.setup_done(request, "exec");
         Self::reply(session, channel, ok)
     }
 
@@ -467,6 +494,7 @@ impl server::Handler for AgentHandler {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let request = Instant::now();
         let ctx = self.ctx()?;
         let Some(c) = self.chans.get(&channel) else { return session.channel_failure(channel) };
         if c.state.kind() != Kind::Pending {
@@ -488,6 +516,7 @@ impl server::Handler for AgentHandler {
         state.set_kind(Kind::Subsystem { name: name.to_owned() });
         state.start_sftp();
         let ok = up.request_subsystem(true, name).await.is_ok() && self.upstream_reply(channel).await;
+        self.setup_done(request, "subsystem");
         Self::reply(session, channel, ok)
     }
 

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::algorithms::{self, Leg};
 use crate::policy::{SshTarget, Target};
 use crate::protocol::End;
 
@@ -176,7 +177,7 @@ impl client::Handler for UpstreamHandler {
 }
 
 fn client_config(expect: &Expect) -> client::Config {
-    let mut preferred = russh::Preferred::default();
+    let mut preferred = algorithms::preferred(Leg::Upstream);
     if expect.host_ca.is_some() {
         preferred.host_key_certificates = std::borrow::Cow::Owned(preferred.key.to_vec());
     }
