@@ -1051,14 +1051,39 @@ impl Machine {
 }
 
 /// One-off experiments this command does not repeat (they needed other daemon builds, or strace).
-const RELAY_NOTE: &str = "\n### Relay buffer (one-off experiment, not repeated by this command)\n\n\
+const RELAY_NOTE: &str = "\n### Relay path (one-off experiment; the spliced and copying rows are repeated by this command)\n\n\
+On 2026-12-07 (18:09-18:13 UTC, load average 5.6-7.1: other helpers were building and benchmarking), \
+`cargo xtask bench --quick --mib 512 --reps 3` with a daemon build whose pipe size was set by an environment \
+variable, each line one run (direct, spliced, copying relay and haproxy side by side), Gbit/s over 1 / 4 \
+connections and proxy CPU per GiB over 1:\n\n\
+| pipe size | direct | spliced (`tcp_relay = \"splice\"`) | copying (`tcp_relay = \"copy\"`) |\n\
+|---:|---:|---:|---:|\n\
+| 64 KiB | 18.27 / 19.56 | 8.38 / 8.50, 0.36 s | 3.45 / 5.22, 0.96 s |\n\
+| 256 KiB | 12.84 / 15.64 | 6.92 / 10.62, 0.32 s | 4.91 / 7.43, 0.84 s |\n\
+| 1 MiB | 15.26 / 13.08 | 9.64 / 8.10, 0.26 s | 4.02 / 6.30, 0.94 s |\n\n\
+haproxy in the 1 MiB run: 4.03 / 4.44 Gbit/s, 1.02 s per GiB. Splicing takes a third to a quarter of the \
+copying relay's CPU per GiB (the bytes are passed on by page reference; what is left is the system calls and \
+the second TCP stack), and 1 MiB pipes the least of the three sizes, so `agent/src/protocol/tcp/pipes.rs` \
+asks for 1 MiB (the kernel's default `fs.pipe-max-size`). The lead's quiet reference run (17:48 UTC, load \
+0.5-1.2, 1 GiB × 3, main's copying relay) had direct 13.13 / 39.89, Warden 7.97 / 10.06 at 0.92 s per GiB \
+and haproxy 6.11 / 7.20 at 1.32 s. The sockmap splice (`agent/src/protocol/splice.rs`, a verdict program \
+redirecting between the two sockets; not wired) was not re-measured: an earlier run had it at 1.87 / 2.61 \
+Gbit/s against 5.34 / 3.55 direct, below the copying relay, because the kernel's psock worker backs off a \
+jiffy whenever the peer's send buffer is full. On this 2-CPU machine the client, the target and the proxy \
+share two cores, so a relay's throughput against direct is bounded by what its CPU takes from the two \
+peers; the 0.9x-direct goal is not met (0.46-0.68x in these runs). Two runs of the final build (18:27 and 18:30 UTC, load 4.3 and 5.7; the first is Round 1 above): \
+spliced 9.52 / 9.30 Gbit/s at 0.28 s per GiB and 9.59 / 9.25 at 0.20 s, copying 8.12 / 12.66 at 0.98 s and \
+6.70 / 8.31 at 0.80 s, direct 25.72 / 27.41 and 8.82 / 14.25. The spliced relay's Gbit/s stays near 9.5 while \
+the daemon uses about a quarter of a CPU: each direction fills its pipe, then drains it, and does not read \
+while the destination's send buffer is full; overlapping the two is the next thing to try.\n\n\
+### Relay buffer (one-off experiment, not repeated by this command)\n\n\
 On 2026-11-23, with the load average at 4–7, 512 MiB × 3 per point, daemon builds whose relay was chosen by \
 an environment variable: proxy CPU per GiB over 1 connection was 0.68 s and 0.68 s with the 32 KiB \
 per-direction buffers, 0.62 s and 0.44 s with 128 KiB, 0.48 s with 256 KiB, and 0.62 s with tokio's \
 `copy_bidirectional_with_sizes` at 128 KiB; haproxy took 0.76–1.10 s in the same runs, and Warden's Gbit/s \
 was above haproxy's in every one of them. Larger buffers may save some CPU, but the runs scatter as much as \
 the differences and each session would hold 4–8 times the memory, so `agent/src/protocol/tcp/relay.rs` keeps \
-32 KiB.\n\n\
+32 KiB (it is now the `tcp_relay = \"copy\"` path and the fallback).\n\n\
 ### Where a Warden connection's set-up went before the step histograms (one-off, not repeated by this command)\n\n\
 `strace -f -c` on the daemon for 8 s of the sequential latency loop (647 connections), on an earlier build: \
 two `fdatasync` calls per connection (the `session.start` record, and the `session.end` record's own flush; \
