@@ -1073,9 +1073,11 @@ jiffy whenever the peer's send buffer is full. On this 2-CPU machine the client,
 share two cores, so a relay's throughput against direct is bounded by what its CPU takes from the two \
 peers; the 0.9x-direct goal is not met (0.46-0.68x in these runs). Two runs of the final build (18:27 and 18:30 UTC, load 4.3 and 5.7; the first is Round 1 above): \
 spliced 9.52 / 9.30 Gbit/s at 0.28 s per GiB and 9.59 / 9.25 at 0.20 s, copying 8.12 / 12.66 at 0.98 s and \
-6.70 / 8.31 at 0.80 s, direct 25.72 / 27.41 and 8.82 / 14.25. The spliced relay's Gbit/s stays near 9.5 while \
-the daemon uses about a quarter of a CPU: each direction fills its pipe, then drains it, and does not read \
-while the destination's send buffer is full; overlapping the two is the next thing to try.\n\n\
+6.70 / 8.31 at 0.80 s, direct 25.72 / 27.41 and 8.82 / 14.25. The spliced relay's Gbit/s stayed between 6.9 and \
+10.6 in every run while the daemon used a quarter to a third of a CPU, so the daemon alone is not what \
+limits it. Suspects, not yet tested: each direction fills its pipe, then drains it, and does not read while \
+the destination's send buffer is full (overlapping the two is the next thing to try); and the two peers and \
+the daemon share two cores with the other work on the machine.\n\n\
 ### Relay buffer (one-off experiment, not repeated by this command)\n\n\
 On 2026-11-23, with the load average at 4–7, 512 MiB × 3 per point, daemon builds whose relay was chosen by \
 an environment variable: proxy CPU per GiB over 1 connection was 0.68 s and 0.68 s with the 32 KiB \
