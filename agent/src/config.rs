@@ -96,6 +96,29 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// Connections one tagged cgroup may hold in the proxy at once (hello, pending approval, live).
     pub max_sessions_per_cgroup: usize,
+    /// How opaque TCP sessions move their bytes: `splice` (default) or `copy`.
+    pub tcp_relay: TcpRelay,
+}
+
+/// `agent.tcp_relay`: how opaque TCP sessions move their bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcpRelay {
+    /// `splice(2)` through kernel pipes: the bytes never enter the daemon's memory.
+    #[default]
+    Splice,
+    /// Read into and written from user-space buffers.
+    Copy,
+}
+
+impl TcpRelay {
+    /// `splice` or `copy`, as in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Splice => "splice",
+            Self::Copy => "copy",
+        }
+    }
 }
 
 /// `agent.log_format`: how `warden run` writes its log.
@@ -135,6 +158,7 @@ impl Default for AgentConfig {
             host: None,
             log_format: LogFormat::Plain,
             max_sessions_per_cgroup: 1024,
+            tcp_relay: TcpRelay::Splice,
         }
     }
 }
@@ -439,6 +463,19 @@ mod tests {
         let err = Config::parse(Path::new("w.toml"), "[agent]\nmax_sessions_per_cgroup = 0\n").unwrap_err();
         let ConfigError::Invalid(d) = err else { panic!("{err}") };
         assert!(d[0].message.contains("at least 1"), "{d:?}");
+    }
+
+    #[test]
+    fn the_tcp_relay_defaults_to_splice_and_takes_copy() {
+        assert_eq!(Config::parse(Path::new("w.toml"), "").unwrap().agent.tcp_relay, TcpRelay::Splice);
+        let c = Config::parse(Path::new("w.toml"), "[agent]\ntcp_relay = \"copy\"\n").unwrap();
+        assert_eq!(c.agent.tcp_relay, TcpRelay::Copy);
+        let ConfigError::Invalid(d) =
+            Config::parse(Path::new("w.toml"), "[agent]\ntcp_relay = \"sockmap\"\n").unwrap_err()
+        else {
+            panic!()
+        };
+        assert!(d[0].message.contains("splice") && d[0].message.contains("copy"), "{d:?}");
     }
 
     #[test]

@@ -75,6 +75,7 @@ pub fn effective_config(c: &Config) -> Value {
             "allow": a.allow.iter().map(|s| s.get_ref().clone()).collect::<Vec<_>>(),
             "host": a.host,
             "log_format": match effective_format(a.log_format) { LogFormat::Plain => "plain", LogFormat::Json => "json" },
+            "tcp_relay": a.tcp_relay.as_str(),
         },
         "bindings": c.binding.iter().map(|b| json!({ "cgroup": b.get_ref().cgroup, "identity": b.get_ref().identity.get_ref() })).collect::<Vec<_>>(),
         "identity": identities,

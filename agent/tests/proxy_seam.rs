@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use warden::audit::{Audit, AuditOptions};
 use warden::origin::{ConnOrigin, Origins};
 use warden::policy::{Access, Approval, SshLogin, SshTarget, Target, TargetKind, Terms};
+use warden::protocol::tcp::{Pipes, Tcp, pipes::PIPE_SIZE};
 use warden::protocol::{Ask, Authorize, End, Handlers, Hello, IdentityView, Refusal, RefusalCode, Session};
 use warden::proxy::per_cgroup::PerCgroup;
 use warden::proxy::refusals::Refusals;
@@ -163,7 +164,7 @@ async fn rig_with(per_cgroup: usize) -> Rig {
     let origins = Arc::new(StandInOrigins::default());
     let proxy = Arc::new(Proxy {
         origins: origins.clone(),
-        protocols: Handlers::new(dir.path(), &audit).unwrap(),
+        protocols: Handlers::new(dir.path(), &audit, Tcp::splicing(Pipes::new(16, PIPE_SIZE))).unwrap(),
         audit_failed: audit.failed(),
         audit,
         sessions: Arc::new(Sessions::default()),

@@ -15,6 +15,7 @@ mod observe;
 mod operator;
 mod package;
 mod postgres;
+mod relay;
 mod ship;
 mod splice;
 mod ssh;

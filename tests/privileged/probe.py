@@ -30,6 +30,11 @@ probe.py ipopts HOST PORT HOP|rr     UDP to HOST:PORT with IPv4 options (a loose
                                      record-route): as IP_OPTIONS, then as ancillary data (IP_RETOPTS) on sendmsg
 probe.py sniff IFACE                 (root) record the IPv4/IPv6 packets seen on IFACE until a line on stdin
 probe.py hold-many HOST PORT N       N blocking connects kept open; counts the outcomes; hold until a line on stdin
+probe.py bulk HOST PORT UP DOWN FIRST   send UP bytes (byte i is i % 251) and half-close, receive DOWN bytes (i % 241)
+                                     to end of stream; FIRST=client sends first, FIRST=server receives first
+probe.py stream HOST PORT SECS       send 64 KiB writes for up to SECS; report how and when (ended_at) it ended
+probe.py recv-until HOST PORT        send a line, then read until end of stream or an error; report which
+probe.py reset HOST PORT N           send N bytes, then close with a reset (SO_LINGER 0)
 probe.py pretag HOST PORT UHOST UPORT   a TCP connection (greeting read) and a connected UDP socket; after a
                                      line on stdin, use both again and report how that went
 """
@@ -535,6 +540,79 @@ elif op == "storm":
                 s.close()
     out(ok=True, counts=counts, target=sent_t, other=sent_n, sampled=sampled, greeted=greeted,
         secs=round(time.monotonic() - start, 2), ms=int((time.monotonic() - start) * 1000))
+elif op == "bulk":
+    up, down, first = int(args[2]), int(args[3]), args[4]
+    s = socket.socket(socket.AF_INET6 if ":" in args[0] else socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(30)
+    pattern = bytes(range(251)) * (1 << 16)  # 16 MiB, a whole number of periods
+
+    def send_all():
+        left = up
+        while left:
+            k = min(left, len(pattern))
+            s.sendall(pattern[:k]); left -= k
+        s.shutdown(socket.SHUT_WR)
+
+    def receive_all():
+        got, intact, period = 0, True, bytes(range(241)) * 64
+        while True:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                return got, intact
+            start = got % 241
+            want = (period * (len(chunk) // len(period) + 2))[start:start + len(chunk)]
+            intact = intact and chunk == want
+            got += len(chunk)
+
+    try:
+        s.connect((args[0], int(args[1])))
+        if first == "client":
+            send_all(); received, intact = receive_all()
+        else:
+            received, intact = receive_all(); send_all()
+            # The server closes once it has read everything.
+            s.recv(1)
+        out(ok=True, sent=up, received=received, intact=intact)
+    except OSError as e:
+        out(**err(e))
+elif op == "stream":
+    s = socket.socket(socket.AF_INET6 if ":" in args[0] else socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(10)
+    chunk, sent, ended = b"x" * 65536, 0, "still open"
+    try:
+        s.connect((args[0], int(args[1])))
+    except OSError as e:
+        out(**err(e)); sys.exit(0)
+    start = time.monotonic()
+    while time.monotonic() - start < float(args[2]):
+        try:
+            s.sendall(chunk); sent += len(chunk)
+        except OSError as e:
+            ended = f"{type(e).__name__}: {e}"; break
+    out(ok=True, ended=ended, ended_at=time.time(), sent=sent)
+elif op == "recv-until":
+    s = socket.socket(socket.AF_INET6 if ":" in args[0] else socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(10)
+    try:
+        s.connect((args[0], int(args[1])))
+        s.sendall(b"hello\n")
+        while s.recv(65536):
+            pass
+        out(ok=True, ended="eof")
+    except OSError as e:
+        out(ok=True, ended="error", errno=e.errno, error=f"{type(e).__name__}: {e}")
+elif op == "reset":
+    s = socket.socket(socket.AF_INET6 if ":" in args[0] else socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(10)
+    try:
+        s.connect((args[0], int(args[1])))
+        s.sendall(b"r" * int(args[2]))
+        time.sleep(0.2)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+        out(ok=True)
+    except OSError as e:
+        out(**err(e))
 elif op == "pretag":
     t = socket.create_connection((args[0], int(args[1])), timeout=10)
     greeting = t.recv(200).decode(errors="replace")

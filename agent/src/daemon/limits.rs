@@ -1,6 +1,7 @@
 //! Process limits raised at start: the open-file limit, so one agent holding many connections cannot
 //! starve the audit writer of descriptors (the unit sets it too; this covers a daemon started by hand),
-//! and the concurrent sessions that limit leaves room for, with descriptors kept in reserve.
+//! and what that limit leaves room for, with descriptors kept in reserve: the pipes opaque TCP splices
+//! through, and the concurrent sessions.
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
@@ -14,21 +15,36 @@ fn nofile_target(soft: u64, hard: u64) -> Option<u64> {
 /// socket, the kernel's maps and programs, the identity providers' connections.
 const RESERVED_FDS: u64 = 256;
 
-/// Concurrent sessions an open-file limit of `nofile` leaves room for: two descriptors each (client and
-/// upstream) after the reserve, at most `max`, at least one.
-fn session_cap(nofile: u64, max: usize) -> usize {
-    let room = usize::try_from(nofile.saturating_sub(RESERVED_FDS) / 2).unwrap_or(usize::MAX);
-    room.clamp(1, max)
+/// Pipes the spliced relay may hold open at most (one per direction moving data; two descriptors each).
+const MAX_PIPES: u64 = 256;
+
+/// What the open-file limit leaves room for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Room {
+    /// Concurrent sessions.
+    pub sessions: usize,
+    /// Pipes open at once for the spliced relay (beyond them a burst is copied in user space).
+    pub pipes: usize,
 }
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit and logs the old and new values; returns the
-/// concurrent sessions (at most `max`) the resulting limit leaves room for.
-pub(super) fn raise_nofile(max: usize) -> usize {
+/// What an open-file limit of `nofile` leaves room for after the reserve: pipes (at most `MAX_PIPES`, and
+/// no more than an eighth of the room), then sessions with two descriptors each (client and upstream),
+/// at most `max`, at least one.
+fn room(nofile: u64, max: usize) -> Room {
+    let left = nofile.saturating_sub(RESERVED_FDS);
+    let pipes = (left / 8).min(MAX_PIPES);
+    let sessions = usize::try_from((left - 2 * pipes) / 2).unwrap_or(usize::MAX).clamp(1, max);
+    Room { sessions, pipes: usize::try_from(pipes).unwrap_or(0) }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and logs the old and new values; returns what the
+/// resulting limit leaves room for (at most `max` sessions).
+pub(super) fn raise_nofile(max: usize) -> Room {
     let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok(l) => l,
         Err(e) => {
             tracing::warn!(error = %e, "could not read the open-file limit");
-            return max;
+            return Room { sessions: max, pipes: 16 };
         }
     };
     let limit = match nofile_target(soft, hard) {
@@ -50,16 +66,17 @@ pub(super) fn raise_nofile(max: usize) -> usize {
             }
         },
     };
-    let cap = session_cap(limit, max);
-    if cap < max {
+    let room = room(limit, max);
+    if room.sessions < max {
         tracing::warn!(
-            sessions = cap,
+            sessions = room.sessions,
+            pipes = room.pipes,
             open_files = limit,
             reserved = RESERVED_FDS,
             "the open-file limit caps concurrent sessions; raise LimitNOFILE= for more"
         );
     }
-    cap
+    room
 }
 
 #[cfg(test)]
@@ -74,15 +91,16 @@ mod tests {
     }
 
     #[test]
-    fn sessions_get_two_descriptors_each_after_the_reserve() {
-        assert_eq!(session_cap(1024, 16_384), 384);
-        assert_eq!(session_cap(1_048_576, 16_384), 16_384);
-        assert_eq!(session_cap(100, 16_384), 1);
+    fn pipes_then_sessions_get_two_descriptors_each_after_the_reserve() {
+        assert_eq!(room(1024, 16_384), Room { sessions: 288, pipes: 96 });
+        assert_eq!(room(20_000, 16_384), Room { sessions: 9_616, pipes: 256 });
+        assert_eq!(room(1_048_576, 16_384), Room { sessions: 16_384, pipes: 256 });
+        assert_eq!(room(100, 16_384), Room { sessions: 1, pipes: 0 });
     }
 
     #[test]
     fn raising_the_limit_leaves_the_soft_limit_at_the_hard_one() {
-        assert!(raise_nofile(16_384) >= 1);
+        assert!(raise_nofile(16_384).sessions >= 1);
         let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
         // Any process may raise its soft limit up to its hard one.
         assert_eq!(soft, hard);

@@ -75,7 +75,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config = %crate::logging::effective_config(&config),
         "starting warden"
     );
-    let max_sessions = limits::raise_nofile(MAX_SESSIONS);
+    let room = limits::raise_nofile(MAX_SESSIONS);
 
     let writer_stop = CancellationToken::new();
     let metrics = crate::metrics::unserved();
@@ -164,7 +164,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     state.apply_static_bindings();
     state.sync_targets(&policy.current()).await;
 
-    let protocols = crate::protocol::Handlers::new(&state.config.agent.state_dir, &audit)?;
+    let tcp = match state.config.agent.tcp_relay {
+        crate::config::TcpRelay::Splice => crate::protocol::tcp::Tcp::splicing(
+            crate::protocol::tcp::Pipes::new(room.pipes, crate::protocol::tcp::pipes::PIPE_SIZE),
+        ),
+        crate::config::TcpRelay::Copy => crate::protocol::tcp::Tcp::copying(),
+    };
+    let protocols = crate::protocol::Handlers::new(&state.config.agent.state_dir, &audit, tcp)?;
     let proxy = Arc::new(Proxy {
         origins: Arc::new(crate::origin::KernelOrigins::new(kernel.clone(), cgroup_root)),
         protocols,
@@ -173,7 +179,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         gate: Arc::new(gate::DaemonGate { state: state.clone() }),
         audit_failed: audit.failed(),
         shutdown: shutdown.clone(),
-        limit: Arc::new(Semaphore::new(max_sessions)),
+        limit: Arc::new(Semaphore::new(room.sessions)),
         tasks: tokio_util::task::TaskTracker::new(),
         metrics: metrics.clone(),
         refusals: Arc::default(),

@@ -17,7 +17,7 @@ pub mod tcp;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
@@ -59,10 +59,11 @@ pub enum HelloError {
 }
 
 impl Handlers {
-    /// Every handler's shared state (`state_dir` holds what must outlive a restart, e.g. a local CA).
-    pub fn new(state_dir: &Path, audit: &Audit) -> Result<Self, HandlersError> {
+    /// Every handler's shared state (`state_dir` holds what must outlive a restart, e.g. a local CA);
+    /// opaque TCP's (`tcp`: how it relays) is made by the caller.
+    pub fn new(state_dir: &Path, audit: &Audit, tcp: tcp::Tcp) -> Result<Self, HandlersError> {
         Ok(Self {
-            tcp: tcp::Tcp::new(),
+            tcp,
             postgres: postgres::Postgres::new(state_dir, audit.clone())?,
             ssh: ssh::Ssh::new(state_dir, audit.clone())?,
         })
@@ -284,6 +285,36 @@ pub struct Counters {
     pub up: AtomicU64,
     /// Upstream → client.
     pub down: AtomicU64,
+    /// How an opaque TCP session's bytes went (`RelayPath` bits); none for the other protocols.
+    paths: AtomicU8,
+}
+
+/// How the opaque relay moved a session's bytes: `session.end`'s `relay`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RelayPath {
+    /// `splice(2)` through a kernel pipe: the bytes never entered user space.
+    Splice = 1,
+    /// Read into and written from a user-space buffer.
+    Copy = 2,
+}
+
+impl Counters {
+    /// Some of the session's bytes went this way.
+    pub fn relayed(&self, path: RelayPath) {
+        self.paths.fetch_or(path as u8, Ordering::Relaxed);
+    }
+
+    /// `splice`, `copy`, or `splice+copy` (spliced, with some bursts copied: no pipe could be had, or the
+    /// kernel refused); `None` for sessions of the other protocols.
+    pub fn relay(&self) -> Option<&'static str> {
+        match self.paths.load(Ordering::Relaxed) {
+            1 => Some("splice"),
+            2 => Some("copy"),
+            3 => Some("splice+copy"),
+            _ => None,
+        }
+    }
 }
 
 /// Why a session ended. Recorded as `session.end`'s `reason` (the `as_str` spelling) with the cause's

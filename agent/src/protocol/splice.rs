@@ -6,16 +6,18 @@
 //! and the proxy closes both sockets. Where the kernel lacks splicing, [`relay`] returns `None` and the
 //! caller relays in user space.
 //!
-//! **Not wired into the proxy yet.** The kernel path alone is fast (tests/privileged/splice.rs: ~10-17 µs a
-//! round trip, ~14 Gbit/s on this 2-CPU machine), and wired in (a two-line change in `proxy::Proxy::run`:
-//! call [`relay`] before `tcp::relay`, falling back to it on `None`) the privileged suite passes and set-up
-//! latency is unchanged (the durable record dominates). But `cargo xtask bench` measured bulk throughput
-//! through it at 1.87 Gbit/s (1 connection) and 2.61 (4) against 5.34/3.55 direct and 4.02/6.06 for
-//! haproxy in the same run: below the user-space relay. The kernel moves redirected bytes to the peer's
+//! **Not wired into the handler.** Opaque TCP is relayed by `tcp/spliced.rs` (`splice(2)` through kernel
+//! pipes), which keeps every guarantee this module keeps and measured faster (BENCHMARKS.md, "Relay
+//! path"). The kernel path alone is fast (tests/privileged/splice.rs: ~10-17 µs a round trip, ~14 Gbit/s
+//! on this 2-CPU machine), and wired in (call [`relay`] from `tcp::Greeting::run`, falling back to the
+//! relay there on `None`) the privileged suite passed and set-up latency was unchanged (the durable record
+//! dominates). But `cargo xtask bench` measured bulk throughput through it at 1.87 Gbit/s (1 connection)
+//! and 2.61 (4) against 5.34/3.55 direct and 4.02/6.06 for haproxy in the same run (2026-12-07, before
+//! `tcp/spliced.rs`): below even the copying relay. The kernel moves redirected bytes to the peer's
 //! send queue in a worker (the psock backlog), which backs off a jiffy whenever the peer's send buffer is
 //! full. Streaming 512 MiB between two spliced loopback pairs in one process measured 2.3-2.7 Gbit/s (4 MiB
 //! send buffers: 2.6-3.0) against 5.5-6.9 direct and 2.6-2.8 for a plain user-space copy: on par with the
-//! relay, at about 0.45x direct, with the copying moved out of the daemon.
+//! copying relay, at about 0.45x direct, with the copying moved out of the daemon.
 //!
 //! **The `sk_msg` design was tried and is not usable as is (2026-12-07, Linux 6.18).** The idea: the
 //! bytes cross TCP once if the agent's own socket joins a sockhash (sock_ops, at establishment) with an

@@ -359,6 +359,9 @@ impl Proxy {
         if let Some(detail) = end.detail() {
             rec = rec.field("detail", detail);
         }
+        if let Some(relay) = counters.relay() {
+            rec = rec.field("relay", relay);
+        }
         tracing::info!(reason = end.as_str(), "session ended");
         self.metrics.session_ended(
             &target.name,

@@ -36,14 +36,15 @@ impl From<Finished> for End {
     }
 }
 
+/// Which socket of a direction failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
+pub(super) enum Side {
     Read,
     Write,
 }
 
 /// Copies until EOF, then shuts the writer down (half-close). Errors say which side failed.
-async fn pump<R, W>(r: &mut R, w: &mut W, count: &AtomicU64) -> Result<(), Side>
+pub(super) async fn pump<R, W>(r: &mut R, w: &mut W, count: &AtomicU64) -> Result<(), Side>
 where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
@@ -84,6 +85,14 @@ where
     let (mut ur, mut uw) = tokio::io::split(upstream);
     let up = pump(&mut cr, &mut uw, &counters.up);
     let down = pump(&mut ur, &mut cw, &counters.down);
+    both(up, down).await
+}
+
+/// Drives both directions until both are done or one fails: how the session finished.
+pub(super) async fn both(
+    up: impl Future<Output = Result<(), Side>>,
+    down: impl Future<Output = Result<(), Side>>,
+) -> Finished {
     tokio::pin!(up, down);
     let mut first_closed = None;
     let mut up_done = false;
