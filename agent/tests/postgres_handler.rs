@@ -62,6 +62,8 @@ struct Proxy {
     ends: mpsc::UnboundedReceiver<End>,
     /// The tagged cgroup the next connection is said to come from.
     cgroup: Arc<AtomicU64>,
+    /// Stops the audit writer (after which every append is refused, as after a failure it cannot ride out).
+    audit_stop: CancellationToken,
     _stop: tokio::task::JoinHandle<()>,
 }
 
@@ -70,8 +72,8 @@ impl Proxy {
         let state = tempfile::tempdir().unwrap();
         let pwfile = state.path().join("pg-password");
         std::fs::write(&pwfile, format!("{PASSWORD}\n")).unwrap();
-        let audit =
-            Audit::start_with(&AuditOptions::in_dir(state.path()), CancellationToken::new()).unwrap().0;
+        let audit_stop = CancellationToken::new();
+        let audit = Audit::start_with(&AuditOptions::in_dir(state.path()), audit_stop.clone()).unwrap().0;
         let pg = Postgres::new(state.path(), audit.clone()).unwrap();
         let login = |user: &str| PgLogin { user: user.into(), password_file: Some(pwfile.clone()) };
         let target = Arc::new(Target {
@@ -182,7 +184,7 @@ impl Proxy {
                 });
             }
         });
-        Self { addr, audit, pg, state, cuts, ends, cgroup, _stop: stop }
+        Self { addr, audit, pg, state, cuts, ends, cgroup, audit_stop, _stop: stop }
     }
 
     fn conninfo(&self, db: &str, sslmode: &str) -> String {
@@ -200,6 +202,11 @@ impl Proxy {
 
     async fn records(&self, event: &str) -> Vec<Value> {
         self.audit.append_durable(Record::new("test.flush")).await.unwrap();
+        self.records_on_disk(event)
+    }
+
+    /// The records on disk now (without waiting for the writer).
+    fn records_on_disk(&self, event: &str) -> Vec<Value> {
         let mut files: Vec<PathBuf> =
             std::fs::read_dir(self.audit.dir()).unwrap().map(|e| e.unwrap().path()).collect();
         files.sort();
@@ -1171,4 +1178,74 @@ async fn the_write_battery_through_the_handler_leaves_the_database_unchanged() {
     // The fingerprint sees a write (so the comparison above could fail).
     cluster.sql("orders", "SELECT nextval('s')");
     assert_ne!(fingerprint(&cluster), before);
+}
+
+/// If the audit writer fails, the session ends: the client is told why, and the statement whose record
+/// could not be queued never reaches the database. (The writer is stopped, as it stops after a failure it
+/// cannot ride out; while it rides one out appends are refused the same way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_audit_writer_ends_the_session_before_the_next_statement() {
+    let cluster = Cluster::start();
+    let mut proxy = Proxy::start(&cluster, Setup { access: Access::Write, ..Setup::default() }).await;
+    let client = proxy.client().await;
+    client.batch_execute("INSERT INTO users VALUES (3, 'cy', 'cy@example.com')").await.unwrap();
+    proxy.audit_stop.cancel();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while proxy.audit.stopped_reason().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "the writer never stopped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let err =
+        client.batch_execute("INSERT INTO users VALUES (4, 'dee', 'dee@example.com')").await.unwrap_err();
+    // A cut like any other (`57P01`), naming the audit record.
+    assert_eq!(code(&err), "57P01", "{}", msg(&err));
+    assert!(msg(&err).contains("audit record cannot be written"), "{}", msg(&err));
+    assert_eq!(proxy.next_end().await, End::AuditUnavailable);
+    assert!(client.is_closed() || client.simple_query("SELECT 1").await.is_err(), "the session goes on");
+    assert_eq!(cluster.sql("orders", "SELECT string_agg(id::text, ',' ORDER BY id) FROM users"), "1,2,3");
+    // What was recorded before the writer stopped is on disk; the refused statement is not.
+    let queries = proxy.records_on_disk("pg.query");
+    assert!(queries.iter().any(|q| q["text"].as_str().unwrap().contains("'cy'")), "{queries:?}");
+    assert!(!queries.iter().any(|q| q["text"].as_str().unwrap().contains("'dee'")), "{queries:?}");
+}
+
+/// A setting Warden relies on, changed where no statement Warden read says so, ends the session with a
+/// `FATAL` the client reads and a `pg.setting` record: a view over a function lifting the read-only default
+/// under `read` (a read Warden lets through; the database's read-only default is what stood behind it),
+/// and a function turning `standard_conforming_strings` off under `write` (Warden would then read string
+/// literals otherwise than the server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_setting_changed_behind_a_statement_ends_the_session() {
+    let cluster = Cluster::start();
+    cluster.sql(
+        "orders",
+        "CREATE FUNCTION public.lift() RETURNS text LANGUAGE sql \
+           AS $$ SELECT set_config('default_transaction_read_only', 'off', false) $$; \
+         CREATE VIEW public.lifted AS SELECT public.lift() AS v; \
+         GRANT SELECT ON public.lifted TO agent_ro; \
+         CREATE FUNCTION public.scs_off() RETURNS text LANGUAGE sql \
+           AS $$ SELECT set_config('standard_conforming_strings', 'off', false) $$",
+    );
+    let mut proxy = Proxy::start(&cluster, Setup::default()).await;
+    let client = proxy.client().await;
+    assert_eq!(simple_value(&client, "SELECT 1").await, "1");
+    let err = client.simple_query("SELECT v FROM public.lifted").await.unwrap_err();
+    assert_eq!(code(&err), "25006", "{}", msg(&err));
+    assert!(msg(&err).contains("default_transaction_read_only"), "{}", msg(&err));
+    assert!(matches!(proxy.next_end().await, End::UpstreamRefused { .. }));
+    let settings = proxy.records("pg.setting").await;
+    assert_eq!(settings.len(), 1, "{settings:?}");
+    assert_eq!(settings[0]["name"], "default_transaction_read_only");
+    assert_eq!(settings[0]["value"], "off");
+    assert_eq!(settings[0]["decision"], "ended");
+    assert_eq!(proxy.pg.pooled(), 0, "the spoiled connection is not pooled");
+
+    let mut proxy = Proxy::start(&cluster, Setup { access: Access::Write, ..Setup::default() }).await;
+    let client = proxy.client().await;
+    let err = client.simple_query("SELECT public.scs_off()").await.unwrap_err();
+    assert_eq!(code(&err), "42501", "{}", msg(&err));
+    assert!(msg(&err).contains("standard_conforming_strings"), "{}", msg(&err));
+    assert!(matches!(proxy.next_end().await, End::UpstreamRefused { .. }));
+    let settings = proxy.records("pg.setting").await;
+    assert_eq!(settings[0]["name"], "standard_conforming_strings", "{settings:?}");
 }

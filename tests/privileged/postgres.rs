@@ -94,6 +94,12 @@ fn a_tagged_psql_gets_injected_credentials_read_only_and_masked() {
     });
     assert_eq!(q["cgroup"], cg.rel(), "{q}");
     assert_eq!(q["identity"]["client_id"], "agent-pkjwt-rs", "{q}");
+    // The user and database the client asked for are recorded with the session (never trusted: the
+    // upstream login is the grant's).
+    let start =
+        w.wait_record("session.start", |r| r["event"] == "session.start" && r["session"] == q["session"]);
+    assert_eq!(start["hello"]["user"], "agent", "{start}");
+    assert_eq!(start["hello"]["database"], "orders", "{start}");
     let refused =
         w.wait_record("refused pg.query", |r| r["event"] == "pg.query" && r["decision"] == "refused");
     assert_eq!(refused["text"], "DELETE FROM users");

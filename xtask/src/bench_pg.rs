@@ -11,7 +11,12 @@
 //! `pg_setup` debug lines (one per session: agent TLS, startup, gate, pool checkout, durable
 //! `session.start` wait, upstream login, greeting) and pgbench's average connection time.
 //!
-//! `cargo xtask bench postgres [--seconds N] [--warden PATH] [--no-write]`.
+//! Last, the daemon's resident memory per idle session: [`IDLE_SESSIONS`] clients in the tagged cgroup
+//! finish their startup and stay idle while the daemon's RSS is read before and after.
+//!
+//! `cargo xtask bench postgres [--seconds N] [--warden PATH] [--no-write] [--only TEXT]` (`--only`: the
+//! cases whose name contains TEXT, e.g. `"-S, 8"`, for profiling one case; the section is then printed,
+//! not written).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -86,14 +91,19 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut seconds = 10u32;
     let mut warden = None;
     let mut write = true;
+    let mut only = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--seconds" => seconds = it.next().context("--seconds N")?.parse()?,
             "--warden" => warden = Some(PathBuf::from(it.next().context("--warden PATH")?)),
             "--no-write" => write = false,
+            "--only" => {
+                only = Some(it.next().context("--only TEXT")?.clone());
+                write = false;
+            }
             other => bail!(
-                "unknown argument {other}; usage: cargo xtask bench postgres [--seconds N] [--warden PATH] [--no-write]"
+                "unknown argument {other}; usage: cargo xtask bench postgres [--seconds N] [--warden PATH] [--no-write] [--only TEXT]"
             ),
         }
     }
@@ -276,6 +286,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     table.push_str("| case | direct tps | Warden tps | pgbouncer tps | Warden / direct | Warden / pgbouncer | CPU µs per transaction, Warden / pgbouncer | upstream logins, Warden / pgbouncer |\n|---|---|---|---|---|---|---|---|\n");
     let mut connection_ms = Vec::new();
     for (name, flags) in cases {
+        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
         let mut tps = Vec::new();
         let mut cpu = Vec::new();
         let mut logins = Vec::new();
@@ -353,7 +366,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         );
     }
     // The agent leg with TLS, for the set-up breakdown: one client, a connection per transaction.
-    {
+    if only.is_none() {
         let (_, conninfo, tagged) = &peers[1];
         let conninfo = conninfo.replace("sslmode=disable", "sslmode=require");
         let mut cmd = Command::new("sh");
@@ -373,6 +386,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             connection_ms.push(("-S -C, 1 client, TLS to Warden, via warden".into(), ms));
         }
     }
+    let idle = if only.is_none() {
+        let (_, _, tagged) = &peers[1];
+        idle_memory(daemon_pid, tagged.context("the Warden peer is tagged")?, pg_addr)?
+    } else {
+        String::new()
+    };
     let load_after = loadavg();
     let breakdown = setup_breakdown(&std::fs::read_to_string(dir.join("warden.log")).unwrap_or_default());
     let mut connections = String::from("| run | average connection time (pgbench) |\n|---|---|\n");
@@ -388,7 +407,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let pg_version = sh(Command::new(pg_bin("postgres")).arg("--version")).unwrap_or_default();
     let bouncer_version = sh(Command::new(pgbouncer).arg("--version")).unwrap_or_default();
     let section = format!(
-        "## PostgreSQL\n\n`cargo xtask bench postgres` ({seconds} s per run; {cpus} CPUs; load average {load_before} before, {load_after} after; {pg}; {bouncer}; upstream TLS and SCRAM for Warden and pgbouncer; Warden recorded {queries} `pg.query` records; target {pg_addr}).\n\n{table}\n### Connection set-up\n\npgbench's average connection time (client side: connect to first ReadyForQuery):\n\n{connections}\nInside the daemon, per session (median and 90th percentile in µs, from the `pg_setup` debug lines; `start` is when the handler got the connection, after the proxy's accept and origin lookup):\n\n{breakdown}",
+        "## PostgreSQL\n\n`cargo xtask bench postgres` ({seconds} s per run; {cpus} CPUs; load average {load_before} before, {load_after} after; {pg}; {bouncer}; upstream TLS and SCRAM for Warden and pgbouncer; Warden recorded {queries} `pg.query` records; target {pg_addr}).\n\n{table}\n### Connection set-up\n\npgbench's average connection time (client side: connect to first ReadyForQuery):\n\n{connections}\nInside the daemon, per session (median and 90th percentile in µs, from the `pg_setup` debug lines; `start` is when the handler got the connection, after the proxy's accept and origin lookup):\n\n{breakdown}\n### Idle sessions\n\n{idle}",
         cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         pg = pg_version.trim(),
         bouncer = bouncer_version.lines().next().unwrap_or("pgbouncer").trim(),
@@ -399,6 +418,70 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         crate::bench::write_named_section(&root().join("BENCHMARKS.md"), "## PostgreSQL", &section)?;
     }
     Ok(())
+}
+
+/// Idle sessions held open through Warden for the memory measure (each has its own upstream connection:
+/// below the cluster's `max_connections` with pgbouncer's pool beside them).
+const IDLE_SESSIONS: usize = 100;
+
+/// A client of `IDLE_SESSIONS` sessions: each sends a startup message and waits for `ReadyForQuery`; then
+/// it says `ready` and holds them until its stdin closes.
+const IDLE_CLIENT: &str = r"
+import socket, struct, sys
+n, host, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+body = struct.pack('!i', 196608) + b'user\0agent\0database\0bench\0\0'
+socks = []
+for _ in range(n):
+    s = socket.create_connection((host, port))
+    s.sendall(struct.pack('!i', len(body) + 4) + body)
+    seen = b''
+    while b'Z\0\0\0\x05' not in seen:
+        chunk = s.recv(65536)
+        if not chunk:
+            sys.exit('closed during startup')
+        seen += chunk
+    socks.append(s)
+print('ready', flush=True)
+sys.stdin.read()
+";
+
+/// The daemon's resident memory per idle PostgreSQL session: RSS before and while `IDLE_SESSIONS` clients
+/// of the tagged cgroup sit idle after their startup.
+fn idle_memory(daemon: u32, cg: &Path, pg: SocketAddr) -> anyhow::Result<String> {
+    use std::io::BufRead as _;
+    let before = rss_kib(daemon)?;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("echo $$ > \"$0\"/cgroup.procs && exec \"$@\"")
+        .arg(cg)
+        .args(["python3", "-c", IDLE_CLIENT, &IDLE_SESSIONS.to_string(), &pg.ip().to_string()])
+        .arg(pg.port().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("python3 (the idle sessions' client)")?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().context("the client's stdout")?).read_line(&mut line)?;
+    ensure!(line.trim() == "ready", "the idle sessions' client failed: {line:?}");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let during = rss_kib(daemon)?;
+    drop(child.stdin.take());
+    let _ = child.wait();
+    let per = ratio(during.saturating_sub(before) * 1024, IDLE_SESSIONS as u64);
+    println!("{IDLE_SESSIONS} idle sessions: daemon RSS {before} KiB before, {during} KiB with them");
+    Ok(format!(
+        "{IDLE_SESSIONS} idle sessions through Warden (plain agent leg; TLS and SCRAM upstream, a fresh or pooled upstream connection each): the daemon's RSS went from {before} KiB to {during} KiB, {per:.0} bytes per idle session.\n"
+    ))
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS in /proc/PID/status")
 }
 
 fn read_pid(file: &Path) -> anyhow::Result<u32> {

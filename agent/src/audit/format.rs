@@ -29,7 +29,32 @@ pub fn encode(
     fields: &Map<String, Value>,
     prev: &str,
 ) -> Result<(Vec<u8>, String), serde_json::Error> {
-    let mut line = Vec::with_capacity(256);
+    encode_with(seq, ts, host, event, b"", fields, prev)
+}
+
+/// Serialises fields as [`encode`] writes a record's own fields: `,"key":value` for each, in order.
+pub fn encode_fields(out: &mut Vec<u8>, fields: &Map<String, Value>) -> Result<(), serde_json::Error> {
+    for (key, value) in fields {
+        out.push(b',');
+        serde_json::to_writer(&mut *out, key)?;
+        out.push(b':');
+        serde_json::to_writer(&mut *out, &canonical_value(value))?;
+    }
+    Ok(())
+}
+
+/// [`encode`] with fields serialised beforehand by [`encode_fields`] (`shared`, none of whose keys is in
+/// `fields`), written before `fields`: the same line as [`encode`] of all the fields in that order.
+pub fn encode_with(
+    seq: u64,
+    ts: &str,
+    host: &str,
+    event: &str,
+    shared: &[u8],
+    fields: &Map<String, Value>,
+    prev: &str,
+) -> Result<(Vec<u8>, String), serde_json::Error> {
+    let mut line = Vec::with_capacity(256 + shared.len() + 32 * fields.len());
     line.extend_from_slice(b"{\"seq\":");
     line.extend_from_slice(seq.to_string().as_bytes());
     line.extend_from_slice(b",\"ts\":");
@@ -38,12 +63,8 @@ pub fn encode(
     serde_json::to_writer(&mut line, host)?;
     line.extend_from_slice(b",\"event\":");
     serde_json::to_writer(&mut line, event)?;
-    for (key, value) in fields {
-        line.push(b',');
-        serde_json::to_writer(&mut line, key)?;
-        line.push(b':');
-        serde_json::to_writer(&mut line, &canonical_value(value))?;
-    }
+    line.extend_from_slice(shared);
+    encode_fields(&mut line, fields)?;
     line.extend_from_slice(b",\"prev\":\"");
     line.extend_from_slice(prev.as_bytes());
     line.extend_from_slice(b"\"}");
@@ -239,6 +260,28 @@ mod tests {
         assert_eq!((parsed.seq, parsed.hash.as_str(), parsed.event.as_str()), (7, hash.as_str(), "pg.query"));
         assert_eq!(peek_seq(&line), Some(7));
         assert_eq!(peek_ts(&line), Some("2026-11-23T08:00:00.000000001Z"));
+    }
+
+    /// A record made from shared fields is the same line as one holding them all, and a key added again
+    /// replaces the shared field in place (never a repeated key).
+    #[test]
+    fn shared_fields_make_the_same_line() {
+        use crate::audit::{Record, SharedFields};
+        let shared = SharedFields::new(fields()).unwrap();
+        let line = |mut r: Record| {
+            let (event, json, own) = r.parts();
+            encode_with(3, "t", "h", event, json, own, GENESIS_PREV).unwrap().0
+        };
+        let mut all = Record::new("pg.query");
+        all.fields = fields();
+        let all = all.field("n", 1);
+        assert_eq!(line(Record::with_shared("pg.query", shared.clone()).field("n", 1)), line(all.clone()));
+        let replaced = line(Record::with_shared("pg.query", shared.clone()).field("n", 1).field("rows", 9));
+        assert_eq!(replaced, line(all.field("rows", 9)));
+        assert!(check_line(&replaced).is_ok());
+        let mut reserved = Map::new();
+        reserved.insert("seq".into(), Value::from(1));
+        assert!(SharedFields::new(reserved).is_err());
     }
 
     #[test]

@@ -27,8 +27,9 @@
 //! # Durability
 //!
 //! A record appended with [`Audit::append_durable`] is fdatasync'd before the call returns (group commit:
-//! one fdatasync per batch). A record appended with [`Audit::append`] is written to the file at once (it
-//! survives a crash of the daemon) and made durable with the next durable batch, or within 50 ms.
+//! one fdatasync per batch). A record appended with [`Audit::append`] is written to the file within a
+//! millisecond (it survives a crash of the daemon from then on; records nobody waits on are gathered
+//! that long into one write) and made durable with the next durable batch, or within 50 ms.
 //!
 //! # Files
 //!
@@ -141,21 +142,74 @@ pub type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
 #[derive(Debug, Clone)]
 pub struct Record {
     pub event: String,
+    /// The record's own fields, after the [`SharedFields`] it starts with, if any.
     pub fields: Map<String, Value>,
+    shared: Option<Arc<SharedFields>>,
+}
+
+/// Fields many records start with (a session's `session`, `pid`, `identity`...), checked and serialised
+/// once, so a record made with [`Record::with_shared`] neither copies nor re-serialises them.
+#[derive(Debug)]
+pub struct SharedFields {
+    fields: Map<String, Value>,
+    /// `fields` as the writer serialises a record's fields ([`format::encode_fields`]).
+    json: Vec<u8>,
+}
+
+impl SharedFields {
+    pub fn new(fields: Map<String, Value>) -> Result<Arc<Self>, AuditError> {
+        if let Some(key) = fields.keys().find(|k| format::RESERVED.contains(&k.as_str())) {
+            return Err(AuditError::ReservedField { field: key.clone() });
+        }
+        let mut json = Vec::new();
+        format::encode_fields(&mut json, &fields)
+            .map_err(|e| AuditError::Encode { reason: e.to_string() })?;
+        Ok(Arc::new(Self { fields, json }))
+    }
 }
 
 impl Record {
     pub fn new(event: &str) -> Self {
-        Self { event: event.to_owned(), fields: Map::new() }
+        Self { event: event.to_owned(), fields: Map::new(), shared: None }
     }
 
-    /// Adds a field. A value that cannot be serialised is recorded as a string saying so.
+    /// A record that starts with `shared`'s fields.
+    pub fn with_shared(event: &str, shared: Arc<SharedFields>) -> Self {
+        Self { event: event.to_owned(), fields: Map::with_capacity(8), shared: Some(shared) }
+    }
+
+    /// Adds a field. A value that cannot be serialised is recorded as a string saying so. A key of the
+    /// shared fields replaces that field in place, as for a record's own fields.
     #[must_use]
     pub fn field(mut self, key: &str, value: impl Serialize) -> Self {
         let value =
             serde_json::to_value(value).unwrap_or_else(|e| Value::String(format!("<unserialisable: {e}>")));
+        if self.shared.as_ref().is_some_and(|s| s.fields.contains_key(key)) {
+            self.unshare();
+        }
         self.fields.insert(key.to_owned(), value);
         self
+    }
+
+    /// Moves the shared fields into the record's own (before them).
+    fn unshare(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            let mut all = shared.fields.clone();
+            all.extend(std::mem::take(&mut self.fields));
+            self.fields = all;
+        }
+    }
+
+    /// The event, the serialised shared fields and the record's own fields, as the writer encodes them
+    /// (the shared ones moved into the record's own if a key was added to both).
+    pub(crate) fn parts(&mut self) -> (&str, &[u8], &Map<String, Value>) {
+        if self.shared.as_ref().is_some_and(|s| self.fields.keys().any(|k| s.fields.contains_key(k))) {
+            self.unshare();
+        }
+        match &self.shared {
+            Some(s) => (&self.event, &s.json, &self.fields),
+            None => (&self.event, b"", &self.fields),
+        }
     }
 }
 
@@ -181,6 +235,8 @@ struct Shared {
     head: Mutex<Head>,
     /// Wakes the writer to seal its current file ([`Audit::seal`]).
     seal_wake: tokio::sync::Notify,
+    /// Ends the writer's linger at once: a durable append is waiting ([`LINGER`]).
+    urgent: tokio::sync::Notify,
     seal_waiters: Mutex<Vec<oneshot::Sender<Result<bool, AuditError>>>>,
     /// How many files the writer has sealed since it started; the shipper waits on changes.
     sealed: tokio::sync::watch::Sender<u64>,
@@ -194,6 +250,7 @@ impl Default for Shared {
             refused: std::sync::atomic::AtomicU64::new(0),
             head: Mutex::default(),
             seal_wake: tokio::sync::Notify::new(),
+            urgent: tokio::sync::Notify::new(),
             seal_waiters: Mutex::default(),
             sealed: tokio::sync::watch::Sender::new(0),
         }
@@ -252,6 +309,10 @@ impl AuditOptions {
 }
 
 const MAX_BATCH: usize = 4096;
+/// How long the writer lets records nobody waits on gather before it writes them: one write (and one
+/// wake-up of the writer) per millisecond rather than per record, at a PostgreSQL session's statement
+/// rate. A durable append, a seal or shutdown ends the wait at once.
+const LINGER: Duration = Duration::from_millis(1);
 /// The longest a written record waits to be made durable when nobody waits on it.
 const SYNC_DELAY: Duration = Duration::from_millis(50);
 
@@ -383,6 +444,7 @@ impl Audit {
     pub async fn append_durable(&self, record: Record) -> Result<u64, AuditError> {
         let (ack, done) = oneshot::channel();
         self.send(Msg { record, ack: Some(ack), hold: false, queued: Some(Instant::now()) })?;
+        self.shared.urgent.notify_one();
         done.await.unwrap_or_else(|_| {
             Err(AuditError::Stopped {
                 reason: self.stopped_reason().unwrap_or_else(|| "the audit writer has shut down".into()),
@@ -471,7 +533,11 @@ async fn commit(
 ) -> (Option<writer::Writer>, Option<String>, Vec<Record>) {
     let queued: Vec<Instant> = batch.iter().filter_map(|m| m.queued).collect();
     let (records, acks): (Vec<Record>, Vec<_>) = batch.into_iter().map(|m| (m.record, m.ack)).unzip();
-    let joined = off_runtime(move || {
+    // A batch nobody waits on is one write to the page cache: done in place, since handing the worker
+    // to another thread (block_in_place) costs more than the write (thread wake-ups and switches for
+    // every batch of a busy PostgreSQL session's records).
+    let inline = !sync && !seal;
+    let joined = off_runtime(inline, move || {
         let mut w = w;
         let started = Instant::now();
         let mut outcome = w.write_batch(records, force_checkpoint, sync);
@@ -714,10 +780,16 @@ async fn ride_out(
 /// multi-threaded runtime the writer task's own worker does it (`block_in_place`: the worker's other tasks
 /// move to another thread meanwhile), so no thread has to be woken to start the batch, and the sessions
 /// waiting on it are answered by the thread that made it durable. Elsewhere (the tests' current-thread
-/// runtimes) on the blocking pool, as before. A panic in `f` is returned as an error either way.
-async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+/// runtimes) on the blocking pool, as before. With `inline` (no fdatasync in the batch: a write to the
+/// page cache, and the rare rotation), right here. A panic in `f` is returned as an error either way.
+async fn off_runtime<T: Send + 'static>(
+    inline: bool,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
     use tokio::runtime::{Handle, RuntimeFlavor};
-    if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
+    if inline {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| "the batch panicked".to_owned())
+    } else if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
         tokio::task::block_in_place(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)))
             .map_err(|_| "the batch panicked".to_owned())
     } else {
@@ -739,7 +811,7 @@ async fn run(
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         i
     });
-    // Batches nobody waits on are written at once (they survive a crash of the process) but made durable
+    // Batches nobody waits on are written within LINGER (they survive a crash of the process) but made durable
     // only with the next durable batch, or within SYNC_DELAY: a session's start pays one fdatasync, not
     // also one for the previous session's end.
     let mut sync_by: Option<tokio::time::Instant> = None;
@@ -767,6 +839,23 @@ async fn run(
             match rx.try_recv() {
                 Ok(m) => batch.push(m),
                 Err(_) => break,
+            }
+        }
+        if !batch.is_empty() && !force && !seal && batch.iter().all(|m| m.ack.is_none()) {
+            // Only records nobody waits on: let more gather (not polling the queue, so senders do not
+            // wake the writer meanwhile), unless something urgent comes.
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {}
+                () = shared.urgent.notified() => {}
+                () = shared.seal_wake.notified() => seal = true,
+                () = tokio::time::sleep(LINGER) => {}
+            }
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
             }
         }
         let durable = force || sync_only || seal || batch.iter().any(|m| m.ack.is_some());

@@ -184,8 +184,9 @@ impl Writer {
                 results[i] = Err(AuditError::Stopped { reason: reason.to_owned() });
             }
         };
-        for record in &records {
-            if let Some(key) = record.fields.keys().find(|k| RESERVED.contains(&k.as_str())) {
+        let mut records = records;
+        for i in 0..records.len() {
+            if let Some(key) = records[i].fields.keys().find(|k| RESERVED.contains(&k.as_str())) {
                 results.push(Err(AuditError::ReservedField { field: key.clone() }));
                 continue;
             }
@@ -206,12 +207,14 @@ impl Writer {
                     return BatchOutcome { results, fatal: Some(reason), records };
                 }
             }
-            match self.encode(&mut buf, now, &record.event, &record.fields) {
+            let (event, shared, fields) = records[i].parts();
+            let shipped = event == "audit.shipped";
+            match self.encode(&mut buf, now, event, shared, fields) {
                 Ok(seq) => {
                     pending.push(results.len());
                     results.push(Ok(seq));
                     self.unsigned += 1;
-                    if record.event != "audit.shipped" {
+                    if !shipped {
                         self.content += 1;
                     }
                 }
@@ -245,10 +248,12 @@ impl Writer {
         buf: &mut Vec<u8>,
         now: OffsetDateTime,
         event: &str,
+        shared: &[u8],
         fields: &Map<String, Value>,
     ) -> Result<u64, serde_json::Error> {
         let ts = format_ts(now);
-        let (line, hash) = format::encode(self.next_seq, &ts, &self.s.host, event, fields, &self.prev)?;
+        let (line, hash) =
+            format::encode_with(self.next_seq, &ts, &self.s.host, event, shared, fields, &self.prev)?;
         buf.extend_from_slice(&line);
         buf.push(b'\n');
         let seq = self.next_seq;
@@ -275,7 +280,7 @@ impl Writer {
         fields.insert("time".into(), Value::from(time));
         fields.insert("key".into(), Value::from(self.key_id.clone()));
         fields.insert("sig".into(), Value::from(sign::sign(&self.key, &message)));
-        if self.encode(buf, now, "checkpoint", &fields).is_ok() {
+        if self.encode(buf, now, "checkpoint", b"", &fields).is_ok() {
             self.unsigned = 0;
         }
     }
@@ -526,7 +531,7 @@ impl Writer {
         if !recordings.is_empty() {
             fields.insert("recordings".into(), Value::from(recordings));
         }
-        if self.encode(buf, now, "retention.deleted", &fields).is_ok() {
+        if self.encode(buf, now, "retention.deleted", b"", &fields).is_ok() {
             self.unsigned += 1;
             self.content += 1;
         }

@@ -79,8 +79,8 @@
 //!    ([`super::mask::error_field`]).
 //!
 //! # What the handler does with this module
-//! - StartupMessage: [`check_startup`] on the client's parameters; upstream, add [`PINNED_SETTINGS`] (and
-//!   `default_transaction_read_only=on` for `read`) to the startup `options`.
+//! - StartupMessage: [`check_startup`] on the client's parameters; upstream, add [`PINNED_SETTINGS`] the
+//!   client did not give (and `default_transaction_read_only=on` for `read`) to the startup parameters.
 //! - Once per upstream connection of a `read` or masked session: run [`shadow_query`] (and, with masks,
 //!   [`super::mask::resolve_query`]) and keep a [`SessionState`] built from the answers; reset it when the
 //!   pooled connection is reset.
@@ -326,24 +326,37 @@ pub fn shadow_query() -> String {
     )
 }
 
-/// Check a ParameterStatus the upstream reports mid-session (a function may have changed a setting):
-/// the settings the server lexes by must stay what Warden parses with, else the session must end.
-pub fn check_parameter_status(name: &str, value: &str) -> Result<(), Refused> {
-    match name.to_lowercase().as_str() {
+/// Check a setting the upstream reports (ParameterStatus, at login and mid-session: a function, or a view
+/// calling one, may change a setting where no statement Warden read said so) for a session granted
+/// `access` that logged in as `user`: the settings the server lexes query strings by must stay what
+/// Warden parses with, a `read` session's default must stay read-only, and the session's authorization
+/// must stay the login's. On an error the handler ends the session.
+pub fn check_parameter_status(name: &str, value: &str, access: Access, user: &str) -> Result<(), Refused> {
+    let truthy = |v: &str| matches!(v.to_ascii_lowercase().as_str(), "on" | "true" | "yes" | "1");
+    match name.to_ascii_lowercase().as_str() {
         "client_encoding"
             if !value.eq_ignore_ascii_case("utf8") && !value.eq_ignore_ascii_case("sql_ascii") =>
         {
             Err(Refused::control(format!("client_encoding {value} (Warden parses statements as UTF-8)")))
         }
-        "standard_conforming_strings" if !value.eq_ignore_ascii_case("on") => Err(Refused::control(
+        "standard_conforming_strings" if !truthy(value) => Err(Refused::control(
             "standard_conforming_strings off (the server would split query strings differently from Warden)",
         )),
+        "default_transaction_read_only" if access != Access::Write && !truthy(value) => Err(Refused {
+            sqlstate: READ_ONLY,
+            message: "warden: this grant is read-only and the session's default is no longer read-only"
+                .into(),
+        }),
+        "session_authorization" if value != user => {
+            Err(Refused::control(format!("session authorization {value} (Warden logged in as {user})")))
+        }
         _ => Ok(()),
     }
 }
 
-/// The settings the handler pins on every upstream connection (startup `options`), so the server lexes
-/// query strings the way Warden's parser does.
+/// The settings the handler pins on every upstream connection (startup parameters, where the client gave
+/// none: [`check_startup`] lets a client give only these values), so the server lexes query strings the
+/// way Warden's parser does whatever the server's or the database's defaults.
 pub const PINNED_SETTINGS: &[(&str, &str)] =
     &[("client_encoding", "UTF8"), ("standard_conforming_strings", "on")];
 
@@ -472,11 +485,28 @@ fn cache_key(sql: &str, access: Access, mask: &[String], tainted: &[u8; 32]) -> 
 }
 
 /// The constant tokens of `sql` (string, bit string, integer and numeric literals) as (start, end) byte
-/// offsets and token kind, found by PostgreSQL's lexer; empty if it has none, or does not lex.
+/// offsets and token kind, found by PostgreSQL's lexer; empty if it has none, or does not lex. Strings in
+/// the plain subset [`plain_constants`] reads are not handed to the lexer: for those it finds the same
+/// tokens (debug builds check every call against the lexer).
 fn constant_tokens(sql: &str) -> Vec<(i32, i32, i32)> {
+    if let Some(plain) = plain_constants(sql) {
+        debug_assert_eq!(
+            plain,
+            lexed_constants(sql),
+            "the plain reader and PostgreSQL's lexer disagree on {sql:?}"
+        );
+        return plain;
+    }
+    lexed_constants(sql)
+}
+
+/// [`constant_tokens`] by PostgreSQL's lexer (libpg_query's scanner).
+fn lexed_constants(sql: &str) -> Vec<(i32, i32, i32)> {
     const CONSTANTS: [Token; 6] =
         [Token::Sconst, Token::Usconst, Token::Bconst, Token::Xconst, Token::Iconst, Token::Fconst];
-    if sql.contains('\0') {
+    // Nothing but whitespace has no tokens, and pg_query 18.1's `scan_tokens` then builds a slice from a
+    // null pointer (undefined behaviour; debug builds abort on it): not asked.
+    if sql.contains('\0') || sql.bytes().all(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)) {
         return Vec::new();
     }
     let Ok(tokens) = pg_query::scan_tokens(sql) else { return Vec::new() };
@@ -485,6 +515,81 @@ fn constant_tokens(sql: &str) -> Vec<(i32, i32, i32)> {
         .filter(|t| CONSTANTS.iter().any(|&c| c as i32 == t.token))
         .map(|t| (t.start, t.end, t.token))
         .collect()
+}
+
+/// The constant tokens of a string in a plain subset of SQL where PostgreSQL's lexer provably finds exactly
+/// these, without calling it (it costs more than the rest of a cached statement's check); `None` for
+/// every other string, which then goes to the lexer. The subset: ASCII whitespace (space, tab, newline,
+/// carriage return), identifiers and keywords of ASCII letters, digits and `_` (not followed by a quote
+/// or `$`, so no `E'...'`, `B'...'`, `X'...'`, `N'...'`), unsigned decimal integers not followed by a
+/// letter, digit, `_`, `.` or quote (so no `1.5`, `1e5`, `0x1f`, `1_000`; an integer beyond `int4` is a
+/// numeric constant, as the lexer makes it), standard strings `'...'` of printable ASCII with `''`
+/// escapes (no backslash, and not followed by another string, which a newline would join to it), and
+/// the punctuation and operator characters that can neither start a comment nor join a constant
+/// (`( ) , ; [ ] : = < > + * % ^ | ~ ! @ # ?` and `.` not before a digit). No `-`, `/`, `"`, `$`, `&`,
+/// `\`, backquote, control or non-ASCII byte.
+fn plain_constants(sql: &str) -> Option<Vec<(i32, i32, i32)>> {
+    let b = sql.as_bytes();
+    i32::try_from(b.len()).ok()?;
+    let at = |i: usize| i32::try_from(i).ok();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let space = |c: u8| matches!(c, b' ' | b'\t' | b'\n' | b'\r');
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        match c {
+            c if space(c) => i += 1,
+            b'a'..=b'z' | b'A'..=b'Z' | b'_' => {
+                while b.get(i).copied().is_some_and(ident) {
+                    i += 1;
+                }
+                if matches!(b.get(i), Some(b'\'' | b'$')) {
+                    return None;
+                }
+            }
+            b'0'..=b'9' => {
+                let start = i;
+                while b.get(i).is_some_and(u8::is_ascii_digit) {
+                    i += 1;
+                }
+                if b.get(i).is_some_and(|&n| ident(n) || matches!(n, b'.' | b'\'' | b'$')) {
+                    return None;
+                }
+                // The lexer makes an integer that does not fit int4 a numeric constant.
+                let kind = if sql[start..i].parse::<i32>().is_ok() { Token::Iconst } else { Token::Fconst };
+                out.push((at(start)?, at(i)?, kind as i32));
+            }
+            b'\'' => {
+                let start = i;
+                i += 1;
+                loop {
+                    match *b.get(i)? {
+                        b'\'' if b.get(i + 1) == Some(&b'\'') => i += 2,
+                        b'\'' => {
+                            i += 1;
+                            break;
+                        }
+                        b' '..=b'~' if b[i] != b'\\' => i += 1,
+                        b'\n' | b'\t' | b'\r' => i += 1,
+                        _ => return None,
+                    }
+                }
+                let mut next = i;
+                while b.get(next).copied().is_some_and(space) {
+                    next += 1;
+                }
+                if b.get(next) == Some(&b'\'') || b.get(i).copied().is_some_and(ident) {
+                    return None;
+                }
+                out.push((at(start)?, at(i)?, Token::Sconst as i32));
+            }
+            b'.' if b.get(i + 1).is_some_and(u8::is_ascii_digit) => return None,
+            b'(' | b')' | b',' | b';' | b'[' | b']' | b':' | b'=' | b'<' | b'>' | b'+' | b'*' | b'%'
+            | b'^' | b'|' | b'~' | b'!' | b'@' | b'#' | b'?' | b'.' => i += 1,
+            _ => return None,
+        }
+    }
+    Some(out)
 }
 
 /// The digest of a string's shape (see the module docs): the text between its constants, each length-

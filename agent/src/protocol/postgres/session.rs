@@ -93,6 +93,19 @@ struct Function {
     signature: String,
 }
 
+/// What the settings the upstream reports must stay for this session ([`classify::check_parameter_status`]).
+struct Pinned<'a> {
+    access: crate::policy::Access,
+    /// The login Warden made upstream (`session_authorization`).
+    user: &'a str,
+}
+
+impl Pinned<'_> {
+    fn check(&self, name: &str, value: &str) -> Result<(), classify::Refused> {
+        classify::check_parameter_status(name, value, self.access, self.user)
+    }
+}
+
 /// Function OIDs resolved per session, at most.
 const MAX_FUNCTIONS: usize = 256;
 
@@ -132,8 +145,8 @@ struct Relay<'a> {
     /// the client's later messages wait behind it.
     held: Option<Frame>,
     functions: HashMap<u32, Option<Function>>,
-    /// The fields every record of this session starts with ([`Session::record`]), made once.
-    base: crate::audit::Record,
+    /// The fields every record of this session starts with ([`Session::record`]), serialised once.
+    base: Option<std::sync::Arc<crate::audit::SharedFields>>,
 }
 
 fn client_fatal(client: &mut Conn, code: &str, message: &str) {
@@ -190,7 +203,7 @@ pub(super) async fn run(g: Greeting, session: Session) -> End {
     let resolved = if session.terms.mask.is_empty() {
         mask::Resolved::default()
     } else {
-        match resolve_masks(&mut up, &session.terms.mask).await {
+        match resolve_masks(&mut up, &session.terms.mask, &Pinned { access, user: &login.user }).await {
             Ok(m) => m,
             Err(end) => {
                 client_fatal(
@@ -255,7 +268,7 @@ pub(super) async fn run(g: Greeting, session: Session) -> End {
         queries: 0,
         held: None,
         functions: HashMap::new(),
-        base: session.record("pg.query"),
+        base: crate::audit::SharedFields::new(session.record("pg.query").fields).ok(),
     };
     let stop = relay.relay().await;
     shared.keys.withdraw(key);
@@ -291,7 +304,15 @@ async fn abandon(up: Upstream) {
 }
 
 /// Runs one simple query on an idle upstream connection, returning its rows (text) and failing on error.
-async fn simple(up: &mut Upstream, sql: &str) -> Result<Vec<Vec<Option<String>>>, End> {
+/// A `NotificationResponse` (LISTEN/NOTIFY) that arrives meanwhile belongs to the client: it is kept in
+/// `notices` for the caller to relay. Every `ParameterStatus` is checked as in the relay
+/// ([`classify::check_parameter_status`]).
+async fn simple(
+    up: &mut Upstream,
+    sql: &str,
+    expected: &Pinned<'_>,
+    notices: &mut Vec<Frame>,
+) -> Result<Vec<Vec<Option<String>>>, End> {
     let broken = |e: &dyn std::fmt::Display| End::UpstreamRefused { detail: format!("upstream: {e}") };
     up.conn.send_raw(&wire::encoded(|b| frontend::query(sql, b)));
     up.conn.flush().await.map_err(|e| broken(&e))?;
@@ -313,8 +334,14 @@ async fn simple(up: &mut Upstream, sql: &str) -> Result<Vec<Vec<Option<String>>>
             }
             b'E' => error = Some(wire::parse_error(&f.body)),
             b'S' => {
-                up.note_parameter_status(&f.body);
+                let mut r = Reader::new(&f.body);
+                let (k, v) = (r.cstr().map_err(|e| broken(&e))?, r.cstr().map_err(|e| broken(&e))?);
+                if let Err(r) = expected.check(k, v) {
+                    return Err(End::UpstreamRefused { detail: r.message });
+                }
+                up.set_param(k, v);
             }
+            b'A' => notices.push(f),
             b'Z' => {
                 return match error {
                     Some(e) => Err(End::UpstreamRefused { detail: format!("{}: {}", e.code, e.message) }),
@@ -328,13 +355,18 @@ async fn simple(up: &mut Upstream, sql: &str) -> Result<Vec<Vec<Option<String>>>
 
 /// The grant's masks resolved on this upstream connection's catalog: the masked columns by (table oid,
 /// attnum) and the views that expose one (cached per connection and mask list).
-async fn resolve_masks(up: &mut Upstream, mask: &[String]) -> Result<mask::Resolved, End> {
+async fn resolve_masks(
+    up: &mut Upstream,
+    mask: &[String],
+    expected: &Pinned<'_>,
+) -> Result<mask::Resolved, End> {
     if let Some((list, resolved)) = &up.masks
         && list == mask
     {
         return Ok(resolved.clone());
     }
-    let rows = simple(up, &mask::resolve_query(mask)).await?;
+    // Before the client is greeted no notification can be owed to it.
+    let rows = simple(up, &mask::resolve_query(mask), expected, &mut Vec::new()).await?;
     let rows: Vec<[&str; 5]> = rows
         .iter()
         .map(|r| std::array::from_fn(|i| r.get(i).and_then(Option::as_deref).unwrap_or("")))
@@ -351,6 +383,10 @@ fn tag_of(f: &Frame) -> String {
 
 impl Relay<'_> {
     async fn relay(&mut self) -> Stop {
+        // One wait on the cut for the whole session (not a new waiter per message).
+        let session = self.session;
+        let cut = session.cut.cut_with();
+        tokio::pin!(cut);
         loop {
             if !self.up.conn.out.is_empty()
                 && let Err(e) = self.up.conn.flush().await
@@ -364,9 +400,8 @@ impl Relay<'_> {
             if self.expect.is_empty()
                 && let Some(f) = self.held.take()
             {
-                let session = self.session;
                 let r = tokio::select! {
-                    end = session.cut.cut_with() => Err(Stop::End(end)),
+                    end = &mut cut => Err(Stop::End(end)),
                     r = self.function_call(&f) => r,
                 };
                 if let Err(stop) = r {
@@ -376,7 +411,7 @@ impl Relay<'_> {
                 continue;
             }
             let stop = tokio::select! {
-                end = self.session.cut.cut_with() => Some(Stop::End(end)),
+                end = &mut cut => Some(Stop::End(end)),
                 f = self.client.next(), if self.held.is_none() => self.on_client_batch(f),
                 f = self.up.conn.next() => self.on_upstream_batch(f),
             };
@@ -438,9 +473,10 @@ impl Relay<'_> {
 
     /// A record of this session's with its common fields.
     fn record(&self, event: &str) -> crate::audit::Record {
-        let mut r = self.base.clone();
-        event.clone_into(&mut r.event);
-        r
+        match &self.base {
+            Some(base) => crate::audit::Record::with_shared(event, base.clone()),
+            None => self.session.record(event),
+        }
     }
 
     fn append(&self, record: crate::audit::Record) -> Result<(), Stop> {
@@ -714,7 +750,16 @@ impl Relay<'_> {
              FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
              WHERE p.oid = {oid}"
         );
-        let rows = simple(&mut self.up, &sql).await.map_err(Stop::End)?;
+        let access = self.session.terms.access;
+        let expected = Pinned { access, user: &self.pg.credentials.for_access(access).user };
+        let mut notices = Vec::new();
+        let rows = simple(&mut self.up, &sql, &expected, &mut notices).await;
+        // Notifications that came during Warden's own query reach the client, in order, before the
+        // answer to its call.
+        for n in &notices {
+            self.client.send(n);
+        }
+        let rows = rows.map_err(Stop::End)?;
         let function = rows.into_iter().next().and_then(|r| match <[_; 3]>::try_from(r) {
             Ok([Some(schema), Some(name), Some(args)]) => {
                 let signature = format!("{name}({args})");
@@ -870,9 +915,10 @@ impl Relay<'_> {
             }
             b'S' => {
                 let mut r = Reader::new(&f.body);
-                let k = r.cstr().map_err(malformed)?.to_owned();
-                let v = r.cstr().map_err(malformed)?.to_owned();
-                self.up.set_param(&k, &v);
+                let k = r.cstr().map_err(malformed)?;
+                let v = r.cstr().map_err(malformed)?;
+                self.check_setting(k, v)?;
+                self.up.set_param(k, v);
                 self.client.send(f);
             }
             // A second BackendKeyData would leak the real key.
@@ -880,6 +926,34 @@ impl Relay<'_> {
             _ => self.client.send(f),
         }
         Ok(())
+    }
+
+    /// A setting the upstream reports changed mid-session (a function, a view over one, may change it
+    /// where no statement Warden read said so): one Warden's checks rely on (read-only under `read`, the
+    /// settings the lexer reads strings by, the session's role) ends the session, with a record and a
+    /// `FATAL` the client reads.
+    fn check_setting(&mut self, name: &str, value: &str) -> Result<(), Stop> {
+        let access = self.session.terms.access;
+        let expected = Pinned { access, user: &self.pg.credentials.for_access(access).user };
+        let Err(r) = expected.check(name, value) else { return Ok(()) };
+        let record = self
+            .record("pg.setting")
+            .field("name", name)
+            .field("value", value)
+            .field("decision", "ended")
+            .field("sqlstate", r.sqlstate)
+            .field("reason", &r.message);
+        self.append(record)?;
+        let message = format!(
+            "warden: the server reported {name} = {value} mid-session: {} (policy rule `{}` grants `{}` \
+             access to target `{}`); the session ends",
+            r.message.strip_prefix("warden: ").unwrap_or(&r.message),
+            self.session.terms.rule,
+            access,
+            self.session.target.name
+        );
+        client_fatal(&mut self.client, r.sqlstate, &message);
+        Err(Stop::End(End::UpstreamRefused { detail: message }))
     }
 
     /// Relays an upstream `ErrorResponse` or `NoticeResponse`; under masks without the fields that may
@@ -899,5 +973,67 @@ impl Relay<'_> {
             return ours;
         }
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        Frame { tag, body: bytes::Bytes::copy_from_slice(body) }.encode(&mut out);
+        out
+    }
+
+    /// The upstream answers Warden's own query with a notification first (one that came in just before
+    /// the server read the query), then the rows: the rows are the answer, the notification is kept for
+    /// the client, and a setting Warden relies on changing ends it.
+    #[tokio::test]
+    async fn a_notification_during_warden_s_own_query_is_kept_for_the_client() {
+        let (ours, mut server) = tokio::io::duplex(4096);
+        let mut up = Upstream {
+            conn: Conn::new(Box::new(ours), wire::Peer::Server),
+            params: Vec::new(),
+            backend: (1, 2),
+            dst: "127.0.0.1:5432".parse().unwrap(),
+            masks: None,
+        };
+        let notification = message(b'A', b"\0\0\0\x07chan\0during the lookup\0");
+        let mut answer = notification.clone();
+        answer.extend(message(b'T', b"\0\x01x\0\0\0\0\0\0\0\0\0\0\x19\xff\xff\xff\xff\xff\xff\0\0"));
+        answer.extend(message(b'D', b"\0\x01\0\0\0\x02ok"));
+        answer.extend(message(b'C', b"SELECT 1\0"));
+        answer.extend(message(b'Z', b"I"));
+        let script = answer.clone();
+        let server_side = tokio::spawn(async move {
+            let mut query = [0u8; 64];
+            let n = server.read(&mut query).await.unwrap();
+            assert_eq!(query[0], b'Q', "{:?}", &query[..n]);
+            server.write_all(&script).await.unwrap();
+            server
+        });
+        let expected = Pinned { access: crate::policy::Access::Read, user: "agent_ro" };
+        let mut notices = Vec::new();
+        let rows = simple(&mut up, "SELECT 'ok'", &expected, &mut notices).await.unwrap();
+        assert_eq!(rows, vec![vec![Some("ok".to_owned())]]);
+        assert_eq!(notices.len(), 1, "the notification is kept");
+        let mut relayed = Vec::new();
+        notices[0].encode(&mut relayed);
+        assert_eq!(relayed, notification);
+        // The same query while the server reports the read-only default lifted: refused.
+        let mut server = server_side.await.unwrap();
+        let lifted = message(b'S', b"default_transaction_read_only\0off\0");
+        let script = [lifted, message(b'Z', b"I")].concat();
+        let server_side = tokio::spawn(async move {
+            let mut query = [0u8; 64];
+            let _ = server.read(&mut query).await.unwrap();
+            server.write_all(&script).await.unwrap();
+            server
+        });
+        let end = simple(&mut up, "SELECT 'ok'", &expected, &mut notices).await.unwrap_err();
+        assert!(matches!(&end, End::UpstreamRefused { detail } if detail.contains("read-only")), "{end:?}");
+        drop(server_side.await.unwrap());
     }
 }

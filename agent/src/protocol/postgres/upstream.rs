@@ -240,12 +240,31 @@ pub async fn login(mut tcp: TcpStream, dst: SocketAddr, spec: &LoginSpec<'_>) ->
     for (k, v) in spec.client_params {
         params.push((k, v));
     }
+    for &(k, v) in super::classify::PINNED_SETTINGS {
+        if !spec.client_params.iter().any(|(c, _)| c.eq_ignore_ascii_case(k)) {
+            params.push((k, v));
+        }
+    }
     if spec.access == Access::Read {
         params.push(("default_transaction_read_only", "on"));
     }
     conn.send_raw(&wire::encoded(|b| frontend::startup_message(params.iter().copied(), b)));
     conn.flush().await.map_err(io_err)?;
-    authenticate(conn, spec.login, binding, tls_on, dst).await
+    let up = authenticate(conn, spec.login, binding, tls_on, dst).await?;
+    // What the server reports at login must already be what Warden relies on (a database's own
+    // defaults cannot lift the pinned settings: they are set per connection, above those).
+    let wrong = up.params.iter().find_map(|(k, v)| {
+        super::classify::check_parameter_status(k, v, spec.access, &spec.login.user)
+            .err()
+            .map(|r| format!("the upstream reports {k} = {v} at login: {}", r.message))
+    });
+    match wrong {
+        Some(detail) => {
+            tokio::spawn(super::pool::close(up));
+            Err(refused(detail))
+        }
+        None => Ok(up),
+    }
 }
 
 fn password(login: &PgLogin) -> Result<Vec<u8>, End> {

@@ -76,17 +76,26 @@ fn cap(peer: Peer, tag: u8) -> usize {
     }
 }
 
+/// The room a connection's first read gets; each read that fills its room doubles the next one's, up to
+/// [`READ_MAX`]. A session that only ever sends small statements keeps small buffers (idle sessions are
+/// most sessions), one that streams large results reads in large chunks.
+const READ_MIN: usize = 2 * 1024;
+const READ_MAX: usize = 64 * 1024;
+
 /// A framed connection: reads whole messages (cancel-safe), buffers writes until [`Conn::flush`].
 pub struct Conn {
     pub io: Box<dyn Io>,
     buf: BytesMut,
+    /// The room the next read asks for (see [`READ_MIN`]).
+    chunk: usize,
+    /// Nothing is allocated up front; it grows to the largest batch written.
     pub out: Vec<u8>,
     peer: Peer,
 }
 
 impl Conn {
     pub fn new(io: Box<dyn Io>, peer: Peer) -> Self {
-        Self { io, buf: BytesMut::with_capacity(16 * 1024), out: Vec::with_capacity(16 * 1024), peer }
+        Self { io, buf: BytesMut::new(), chunk: READ_MIN, out: Vec::new(), peer }
     }
 
     /// A complete message already buffered, if any.
@@ -121,11 +130,16 @@ impl Conn {
             if let Some(f) = self.try_next()? {
                 return Ok(Some(f));
             }
-            if self.buf.capacity() - self.buf.len() < 4096 {
-                self.buf.reserve(16 * 1024);
+            if self.buf.capacity() - self.buf.len() < self.chunk / 2 {
+                self.buf.reserve(self.chunk);
             }
-            if self.io.read_buf(&mut self.buf).await? == 0 {
+            let room = self.buf.capacity() - self.buf.len();
+            let n = self.io.read_buf(&mut self.buf).await?;
+            if n == 0 {
                 return if self.buf.is_empty() { Ok(None) } else { Err(WireError::Truncated) };
+            }
+            if n == room && self.chunk < READ_MAX {
+                self.chunk *= 2;
             }
         }
     }

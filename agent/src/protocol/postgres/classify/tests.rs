@@ -356,11 +356,18 @@ fn positions_inside_grouping_sets_count_under_masks() {
 
 #[test]
 fn parameter_status_must_keep_the_lexer_settings() {
-    assert!(check_parameter_status("client_encoding", "UTF8").is_ok());
-    assert!(check_parameter_status("standard_conforming_strings", "on").is_ok());
-    assert!(check_parameter_status("TimeZone", "UTC").is_ok());
-    assert!(check_parameter_status("client_encoding", "SJIS").is_err());
-    assert!(check_parameter_status("standard_conforming_strings", "off").is_err());
+    assert!(check_parameter_status("client_encoding", "UTF8", Access::Write, "u").is_ok());
+    assert!(check_parameter_status("standard_conforming_strings", "on", Access::Write, "u").is_ok());
+    assert!(check_parameter_status("TimeZone", "UTC", Access::Write, "u").is_ok());
+    assert!(check_parameter_status("client_encoding", "SJIS", Access::Write, "u").is_err());
+    assert!(check_parameter_status("standard_conforming_strings", "off", Access::Write, "u").is_err());
+    // A read session's default must stay read-only; the authorization must stay the login's.
+    assert!(check_parameter_status("default_transaction_read_only", "on", Access::Read, "u").is_ok());
+    assert!(check_parameter_status("default_transaction_read_only", "off", Access::Write, "u").is_ok());
+    let lifted = check_parameter_status("default_transaction_read_only", "off", Access::Read, "u");
+    assert_eq!(lifted.unwrap_err().sqlstate, READ_ONLY);
+    assert!(check_parameter_status("session_authorization", "u", Access::Write, "u").is_ok());
+    assert!(check_parameter_status("session_authorization", "postgres", Access::Write, "u").is_err());
     assert!(check("ALTER DATABASE postgres SET search_path = evil, pg_catalog", Access::Write, &[]).is_err());
 }
 
@@ -456,7 +463,7 @@ fn fastpath_calls_are_held_to_the_function_allow_list() {
 fn an_ascii_client_encoding_is_accepted_at_startup() {
     // psql in the C locale sends SQL_ASCII; the server then checks the bytes as its own encoding.
     check_startup(&[("client_encoding", "SQL_ASCII")], Access::Read).unwrap();
-    assert!(check_parameter_status("client_encoding", "SQL_ASCII").is_ok());
+    assert!(check_parameter_status("client_encoding", "SQL_ASCII", Access::Write, "u").is_ok());
 }
 
 #[test]
@@ -565,4 +572,129 @@ fn the_battery_is_refused_after_its_siblings() {
         assert!(c.check(sql, Access::Read, m).is_err(), "`{sql}` passed after its siblings");
     }
     assert!(shared > 0, "no sibling was allowed: the test shows nothing");
+}
+
+/// The plain reader finds exactly the constants PostgreSQL's lexer finds, for every string it reads (and
+/// declines the rest): over the battery, psql's own queries and many strings made of fragments that sit
+/// on either side of the subset's edges.
+#[test]
+fn the_plain_reader_agrees_with_the_lexer() {
+    let fragments = [
+        "SELECT",
+        " ",
+        "a",
+        "b1",
+        "_x",
+        "1",
+        "42",
+        "2147483647",
+        "2147483648",
+        "007",
+        "99999999999999999999",
+        "'x'",
+        "'it''s'",
+        "''",
+        "'a b'",
+        "'a\nb'",
+        "(",
+        ")",
+        ",",
+        ";",
+        ".",
+        "=",
+        "<>",
+        "<=",
+        "::",
+        "+",
+        "*",
+        "\n",
+        "\t",
+        "\r",
+        "e",
+        "E",
+        "'",
+        "1.5",
+        ".5",
+        "$1",
+        "--c\n",
+        "/*c*/",
+        "\"q\"",
+        "U&'x'",
+        "x'1f'",
+        "b'01'",
+        "N'n'",
+        "E'\\n'",
+        "'a'\n'b'",
+        "'a' 'b'",
+        "1e5",
+        "0x1f",
+        "1_000",
+        "é",
+        "'é'",
+        "\\",
+        "-",
+        "/",
+        "$$d$$",
+        "[",
+        "]",
+        "%",
+        "^",
+        "|",
+        "~",
+        "!",
+        "@",
+        "#",
+        "?",
+        "&",
+        "`",
+        "\u{b}",
+        "\u{c}",
+        "1.",
+        "..",
+        "WHERE",
+        "aid",
+        "FROM",
+        "t",
+        "'a\\'",
+        "ab'",
+        "1'a'",
+        "'a'b",
+        "x$",
+        "_1",
+        "9a",
+    ];
+    let mut corpus: Vec<String> = battery::READS
+        .iter()
+        .chain(battery::WRITES)
+        .chain(battery::MASK_REFUSED)
+        .chain(battery::MASK_ALLOWED)
+        .map(|s| (*s).to_owned())
+        .chain(include_str!("psql_queries.sql").split("\n----\n").map(str::to_owned))
+        .collect();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        usize::try_from(seed % 1_000_000).unwrap()
+    };
+    for _ in 0..20_000 {
+        let n = 1 + next() % 10;
+        corpus.push((0..n).map(|_| fragments[next() % fragments.len()]).collect());
+    }
+    let (mut read, mut with_constants) = (0, 0);
+    for sql in &corpus {
+        if let Some(plain) = plain_constants(sql) {
+            assert_eq!(plain, lexed_constants(sql), "{sql:?}");
+            read += 1;
+            with_constants += usize::from(!plain.is_empty());
+        }
+    }
+    assert!(
+        read > 2_000 && with_constants > 500,
+        "the subset is too small to show anything: {read}, {with_constants}"
+    );
+    // pgbench's statements are in the subset.
+    let pgbench = "SELECT abalance FROM pgbench_accounts WHERE aid = 123456;";
+    assert_eq!(plain_constants(pgbench), Some(vec![(50, 56, Token::Iconst as i32)]));
 }
