@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use postgres_protocol::message::frontend;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncReadExt as _;
 use tokio::sync::oneshot;
 
-use super::upstream::Upstream;
+use super::upstream::{Upstream, close};
 use super::wire;
 use crate::policy::Access;
 
@@ -187,10 +187,4 @@ async fn park(
         }
         None => close(up).await,
     }
-}
-
-/// Ends an upstream connection politely (`Terminate`).
-pub async fn close(mut up: Upstream) {
-    let _ = up.conn.io.write_all(&[b'X', 0, 0, 0, 4]).await;
-    let _ = up.conn.io.shutdown().await;
 }

@@ -300,7 +300,7 @@ pub(super) async fn run(g: Greeting, session: Session) -> End {
 /// Drops an upstream connection that may be busy: cancels what it runs, then terminates it.
 async fn abandon(up: Upstream) {
     let _ = super::cancel::send(up.dst, up.backend).await;
-    pool::close(up).await;
+    upstream::close(up).await;
 }
 
 /// Runs one simple query on an idle upstream connection, returning its rows (text) and failing on error.

@@ -260,7 +260,7 @@ pub async fn login(mut tcp: TcpStream, dst: SocketAddr, spec: &LoginSpec<'_>) ->
     });
     match wrong {
         Some(detail) => {
-            tokio::spawn(super::pool::close(up));
+            tokio::spawn(close(up));
             Err(refused(detail))
         }
         None => Ok(up),
@@ -389,6 +389,12 @@ async fn authenticate(
             _ => {}
         }
     }
+}
+
+/// Ends an upstream connection politely (`Terminate`).
+pub async fn close(mut up: Upstream) {
+    let _ = up.conn.io.write_all(&[b'X', 0, 0, 0, 4]).await;
+    let _ = up.conn.io.shutdown().await;
 }
 
 #[cfg(test)]
