@@ -54,6 +54,9 @@ fn config(dir: &Path, issuer: &str, key: &Path) -> String {
     t.comment = "Warden demo config (embedded in `cargo xtask demo`)".into();
     t.allow = vec!["dns".into()];
     t.host = "demo-host".into();
+    // A signed checkpoint within a second of the last record, so the verification at the end covers the
+    // demo's whole trail with a signature (the default is every 60 s, and at shutdown).
+    t.audit_extra = vec!["checkpoint_seconds = 1".into()];
     t.identities.push(IdentityToml::private_key(
         "research-bot",
         issuer,
@@ -315,7 +318,8 @@ pub fn run() -> anyhow::Result<()> {
     }
 
     step("Recorded: the audit trail (hash-chained, signed checkpoints)");
-    std::thread::sleep(Duration::from_millis(300));
+    // Past the next checkpoint (checkpoint_seconds = 1), so every record shown is under a signature.
+    std::thread::sleep(Duration::from_millis(1500));
     let audit_dir = dir.join("state/audit");
     let (_, tail) = run_cmd_output(
         Command::new(&warden)
