@@ -586,6 +586,60 @@ async fn forwarding_is_refused_without_forward_and_recorded() {
     assert_eq!(refused[0]["detail"], target);
 }
 
+/// An agent refused in a loop (here: 200 `-L` connections, each a refused direct-tcpip channel) writes at
+/// most its session's budget of `ssh.refused` records a second; every other refusal is still enforced and
+/// counted in `events.lost`, so the trail cannot be flooded from inside one session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_in_a_loop_are_recorded_within_a_budget() {
+    const TRIES: usize = 200;
+    let mut f = Fixture::start(Opts::shell()).await;
+    let target = f.sshd.addr.to_string();
+    let lport = free_port();
+    let mut c = f.ssh();
+    c.args(["-N", "-L", &format!("{lport}:{target}"), "agent@127.0.0.1"]).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    tokio::time::timeout(DEADLINE, async {
+        while TcpStream::connect(("127.0.0.1", lport)).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    // The probe above was the first refused channel.
+    let tries: Vec<_> = (1..TRIES)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(("127.0.0.1", lport)).await.unwrap();
+                let mut buf = Vec::new();
+                let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf)).await;
+                buf
+            })
+        })
+        .collect();
+    for t in tries {
+        let buf = t.await.unwrap();
+        assert!(!String::from_utf8_lossy(&buf).contains("SSH-2.0"), "a forward reached the server");
+    }
+    let elapsed = started.elapsed().as_secs() + 1;
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
+    f.next_end().await;
+    let recorded = f.events("ssh.refused").await.len();
+    let lost: u64 = f
+        .events("events.lost")
+        .await
+        .iter()
+        .flat_map(|r| r["rate_limited"].as_array().unwrap().clone())
+        .inspect(|l| assert_eq!(l["source"], "ssh", "{l}"))
+        .map(|l| l["events"].as_u64().unwrap())
+        .sum();
+    assert!(recorded >= 20, "the budget's records are written: {recorded}");
+    let budget = 20 * usize::try_from(elapsed + 1).unwrap();
+    assert!(recorded <= budget, "{recorded} ssh.refused records in about {elapsed} s");
+    assert_eq!(recorded + usize::try_from(lost).unwrap(), TRIES, "every refusal is recorded or counted");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_ends_an_interactive_session_with_a_message() {
     let mut f = Fixture::start(Opts::shell()).await;

@@ -39,6 +39,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::budget::Budget;
 use crate::audit::{Audit, Record};
 use crate::origin::ConnOrigin;
 use crate::policy::{Target, TargetKind, Terms};
@@ -207,7 +208,13 @@ pub struct Admitted {
     pub setup: setup::Setup,
     /// The remote (`-R`) listeners the agent asked for and the upstream granted.
     listeners: tokio::sync::watch::Sender<Listeners>,
+    /// This session's refusal records per second; the rest are enforced, counted, and written as one
+    /// `events.lost` (so an agent refused in a loop cannot flood the trail).
+    refusals: Mutex<Budget<()>>,
 }
+
+/// Full `ssh.refused` records one session may write per second.
+pub const REFUSALS_PER_SECOND: u32 = 20;
 
 /// The agent's remote listeners: granted ones as (address, port), and how many requests are still
 /// waiting for the upstream (whose first connection may arrive before its reply is handled).
@@ -218,6 +225,48 @@ pub struct Listeners {
 }
 
 impl Admitted {
+    /// Records a refused request (`ssh.refused`) within the session's budget of records per second; past
+    /// it the refusal (already enforced) is only counted, for [`Admitted::flush_lost_refusals`].
+    pub fn refused(&self, request: &str, detail: &str, reason: &str) {
+        let admitted = self.refusals.lock().is_ok_and(|mut b| b.admit(&(), std::time::Instant::now()));
+        if !admitted {
+            return;
+        }
+        self.flush_lost_refusals();
+        self.record(
+            self.session
+                .record("ssh.refused")
+                .field("request", request)
+                .field("detail", detail)
+                .field("reason", reason),
+        );
+    }
+
+    /// Writes one `events.lost` for the refusals counted but not recorded since the last one.
+    pub fn flush_lost_refusals(&self) {
+        let lost = self.refusals.lock().map_or(0, |mut b| {
+            let n = b.over().get(&()).copied().unwrap_or(0);
+            b.clear_over();
+            n
+        });
+        if lost == 0 {
+            return;
+        }
+        let record = self
+            .session
+            .record("events.lost")
+            .field("ring_full", 0)
+            .field("queue_full", 0)
+            .field(
+                "rate_limited",
+                serde_json::json!([{"source": "ssh", "session": &self.session.id, "events": lost}]),
+            )
+            .field("per_second", REFUSALS_PER_SECOND)
+            .field("decision", "deny")
+            .field("reason", "SSH requests refused beyond the session's budget of records per second");
+        let _ = self.session.audit.append_or_hold(record);
+    }
+
     /// Appends one of this session's records; when the record cannot be written the session is cut
     /// (nothing unrecorded happens) and false is returned.
     pub fn record(&self, record: Record) -> bool {
@@ -274,15 +323,10 @@ impl Admitted {
     async fn relay_forwarded(self: Arc<Self>, agent: russh::server::Handle, f: upstream::Forwarded) {
         let from = format!("{}:{}", f.originator_address, f.originator_port);
         if !self.listening(f.connected_port).await {
-            self.record(
-                self.session
-                    .record("ssh.refused")
-                    .field("request", "forwarded-tcpip")
-                    .field("detail", format!("{}:{}", f.connected_address, f.connected_port))
-                    .field(
-                        "reason",
-                        "the upstream forwarded a connection for a port the agent did not ask for",
-                    ),
+            self.refused(
+                "forwarded-tcpip",
+                &format!("{}:{}", f.connected_address, f.connected_port),
+                "the upstream forwarded a connection for a port the agent did not ask for",
             );
             return;
         }
@@ -417,6 +461,7 @@ impl Greeting {
             audit_dir: self.audit_dir.clone(),
             setup: self.setup,
             listeners: tokio::sync::watch::Sender::new(Listeners::default()),
+            refusals: Mutex::new(Budget::new(REFUSALS_PER_SECOND)),
         });
         if let Some(tx) = self.decision.take()
             && tx.send(Decision::Admit(admitted.clone())).is_err()
@@ -456,6 +501,7 @@ impl Greeting {
         // Channels finish their records (exit statuses, recordings) before session.end.
         admitted.tracker.close();
         let _ = tokio::time::timeout(DRAIN_DEADLINE, admitted.tracker.wait()).await;
+        admitted.flush_lost_refusals();
         if !client_done {
             let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.running).await;
         }

@@ -122,13 +122,7 @@ impl AgentHandler {
     /// Records a refused request (`ssh.refused`).
     fn refused(&self, request: &str, detail: &str, reason: &str) {
         if let Some(ctx) = &self.admitted {
-            ctx.record(
-                ctx.session
-                    .record("ssh.refused")
-                    .field("request", request)
-                    .field("detail", detail)
-                    .field("reason", reason),
-            );
+            ctx.refused(request, detail, reason);
         }
     }
 
