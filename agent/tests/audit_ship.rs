@@ -918,6 +918,15 @@ async fn the_status_view_shows_the_last_segment_the_backlog_the_error_and_the_re
     let _root = host.stop().await;
 }
 
+/// Writes a terminal recording at `name` (under `recordings/` in `dir`) and returns the `ssh.recording`
+/// record that names it with its hash, as the SSH handler writes one when a recording closes.
+fn recording(dir: &Path, name: &str, body: &str) -> Record {
+    std::fs::create_dir_all(dir.join("recordings")).unwrap();
+    std::fs::write(dir.join(name), body).unwrap();
+    let (sha256, bytes) = warden::audit::files::hash_file(&dir.join(name)).unwrap();
+    Record::new("ssh.recording").field("file", name).field("sha256", sha256).field("bytes", bytes)
+}
+
 /// Terminal recordings go to the bucket with the segment that names them (write-once, locked,
 /// checksummed), before it, and `verify --s3` checks each against the hash in the chain: a recording
 /// changed before it was shipped, or one missing from the bucket, fails.
@@ -929,12 +938,7 @@ async fn recordings_are_shipped_with_their_segment_and_verified_against_the_chai
     let mut host = Host::start(root, 0);
     host.ship(&store, Duration::from_secs(3600));
     let dir = host.dir();
-    std::fs::create_dir_all(dir.join("recordings")).unwrap();
-    let record = |name: &str, body: &str| {
-        std::fs::write(dir.join(name), body).unwrap();
-        let (sha256, bytes) = warden::audit::files::hash_file(&dir.join(name)).unwrap();
-        Record::new("ssh.recording").field("file", name).field("sha256", sha256).field("bytes", bytes)
-    };
+    let record = |name: &str, body: &str| recording(&dir, name, body);
     for (i, body) in ["{\"version\": 2}\n[0.1, \"o\", \"hi\"]\n", "{\"version\": 2}\n"].iter().enumerate() {
         let r = record(&format!("recordings/s-{i}-0.cast"), body);
         host.audit.append_durable(r).await.unwrap();
@@ -978,15 +982,8 @@ async fn export_from_the_bucket_fetches_recordings_and_refuses_mark() {
     let mut host = Host::start(root, 0);
     host.ship(&store, Duration::from_secs(3600));
     let dir = host.dir();
-    std::fs::create_dir_all(dir.join("recordings")).unwrap();
     let body = "{\"version\": 2}\n[0.1, \"o\", \"uptime\"]\n";
-    std::fs::write(dir.join("recordings/s-9-0.cast"), body).unwrap();
-    let (sha256, bytes) = warden::audit::files::hash_file(&dir.join("recordings/s-9-0.cast")).unwrap();
-    let rec = Record::new("ssh.recording")
-        .field("file", "recordings/s-9-0.cast")
-        .field("sha256", sha256)
-        .field("bytes", bytes);
-    host.audit.append_durable(rec).await.unwrap();
+    host.audit.append_durable(recording(&dir, "recordings/s-9-0.cast", body)).await.unwrap();
     host.sessions(0, 2).await;
     host.seal_and_wait().await;
     let root = host.stop().await;

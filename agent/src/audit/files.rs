@@ -259,17 +259,22 @@ pub fn recordings_named(segment: &Path) -> Result<Vec<String>, AuditError> {
     Ok(out)
 }
 
+/// Creates the missing parent directories of `path`, readable by their owner only (0700).
+pub fn private_parent(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let Some(parent) = path.parent() else { return Ok(()) };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(parent)
+        .map_err(|e| format!("cannot create {}: {e}", parent.display()))
+}
+
 /// Writes `bytes` to `path` readable by its owner only (0600), creating missing parent directories (0700).
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
     use std::io::Write as _;
-    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
-    if let Some(parent) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(parent)
-            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-    }
+    use std::os::unix::fs::OpenOptionsExt as _;
+    private_parent(path)?;
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)

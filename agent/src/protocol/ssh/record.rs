@@ -191,13 +191,7 @@ pub fn copy_recordings(audit_dir: &Path, files: &[String], to: &Path) -> Result<
             return Err(format!("an ssh.recording record names {file:?}, outside the audit directory"));
         }
         let dst = to.join(rel);
-        if let Some(parent) = dst.parent() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-        }
+        crate::audit::files::private_parent(&dst)?;
         std::fs::copy(audit_dir.join(rel), &dst).map_err(|e| format!("cannot copy recording {file}: {e}"))?;
         std::fs::set_permissions(&dst, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .map_err(|e| format!("cannot chmod {}: {e}", dst.display()))?;
