@@ -3,13 +3,15 @@
 //! keeps the kernel's view and the live sessions in step with the policy, and stops. Its jobs, one file
 //! each: the gate (`gate.rs`), target resolution and guards (`targets.rs`), reserved proxy ports
 //! (`reserved_ports.rs`), kernel events and their rate limit (`events.rs`), the control handler
-//! (`handler.rs`), tagging (`tagging.rs`) and the bindings file (`bindings.rs`).
+//! (`handler.rs`), tagging (`tagging.rs`), the bindings file (`bindings.rs`) and giving freed memory
+//! back to the kernel (`memory.rs`).
 
 mod bindings;
 mod events;
 mod gate;
 mod handler;
 mod limits;
+mod memory;
 pub mod reserved_ports;
 pub mod status;
 mod tagging;
@@ -200,6 +202,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tasks.spawn(policy.clone().watch_files(shutdown.clone().cancelled_owned()));
     tasks.spawn(follow_policy(state.clone()));
     tasks.spawn(targets::resolve_periodically(state.clone()));
+    tasks.spawn(memory::trim_periodically(shutdown.clone()));
     if !state.config.metrics.listen.is_empty() {
         let weak = Arc::downgrade(&state);
         metrics.set_sampler(Box::new(move |m| {
