@@ -41,18 +41,23 @@ pub mod names {
     /// needs the current-task helpers in sockopt programs (6.x). Without them the others still enforce
     /// (`warden_egress` drops the packets a refused socket option would have shaped).
     pub const OPTIONAL: &[&str] = &["warden_socket_create", "warden_setsockopt"];
-    /// Attached to each tagged cgroup when it is tagged (link pinned as `<name>_cgroup_<cgroup id>`; bpffs names may not hold dots), not to the
-    /// root: only sockets made in a tagged cgroup run them.
-    pub const PER_CGROUP: &[&str] = &["warden_egress"];
-    /// Every program attached at the root, in attach order.
-    pub const PROGRAMS: &[&str] = &[
+    /// Attached to each tagged cgroup when it is tagged (link pinned as `<name>_cgroup_<cgroup id>`; bpffs
+    /// names may not hold dots), not to the root: only sockets made in a tagged cgroup's subtree run them,
+    /// so an untagged socket never pays for them. In attach order: the bookkeeping of redirected sockets
+    /// first, then the refusals, all before the tag goes in.
+    pub const PER_CGROUP: &[&str] = &[
         "warden_sock_ops",
         "warden_sock_release",
         "warden_getpeername4",
         "warden_getpeername6",
         "warden_sock_create",
-        "warden_socket_create",
         "warden_setsockopt",
+        "warden_egress",
+    ];
+    /// Every program attached at the root, in attach order: those that judge the calling task whatever
+    /// cgroup its socket was made in (connect, sendmsg), or that guard every process (bind, the LSM hook).
+    pub const PROGRAMS: &[&str] = &[
+        "warden_socket_create",
         "warden_bind4",
         "warden_bind6",
         "warden_sendmsg4",
