@@ -137,44 +137,78 @@ pub struct Kernel {
     cgroup_root: PathBuf,
 }
 
-/// The tag map, the depth map, and the level of each tag this daemon set (under one lock, so the depth
-/// range always covers every tag in the map).
+/// The tag map, the depth map, and the ancestry of each tag this daemon set (under one lock, so the
+/// depth range always covers every tag in the map).
 struct Tags {
     map: HashMap<MapData, u64, Binding>,
     depth: Array<MapData, Depth>,
-    levels: std::collections::HashMap<u64, u32>,
+    /// Each tag's cgroup ids from the root (level 0) down to itself (its level is the last index).
+    ancestry: std::collections::HashMap<u64, Vec<u64>>,
 }
 
 impl Tags {
-    /// The range covering `levels`, or every level if the map holds a tag of unknown level (one a
-    /// previous daemon set and this one has not re-applied yet).
+    /// The range covering the tags' levels and their common ancestor, or every level if the map holds a
+    /// tag of unknown ancestry (one a previous daemon set and this one has not re-applied yet).
     fn exact(&self) -> Depth {
-        let all_known = self.map.keys().filter_map(Result::ok).all(|k| self.levels.contains_key(&k));
+        let all_known = self.map.keys().filter_map(Result::ok).all(|k| self.ancestry.contains_key(&k));
         if !all_known {
             return Depth::default();
         }
-        let lo = self.levels.values().copied().min();
-        let hi = self.levels.values().copied().max();
-        match (lo, hi) {
-            (Some(lo), Some(hi)) => Depth { known: 1, lo, hi, pad: 0 },
-            _ => Depth { known: 1, lo: 1, hi: 0, pad: 0 },
-        }
+        depth_of(&self.ancestry.values().map(Vec::as_slice).collect::<Vec<_>>())
     }
 
     fn write_depth(&mut self, d: Depth) -> Result<(), BpfError> {
         self.depth.set(0, d, 0).map_err(map_err(names::DEPTH))
     }
 
-    /// The current range widened to include `level` (a range not yet known stays "every level").
+    /// The current range widened to include `level`, with no common ancestor (a range not yet known stays
+    /// "every level").
     fn widened(&self, level: u32) -> Depth {
         match self.depth.get(&0, 0) {
             Ok(d) if d.known != 0 && d.lo <= d.hi => {
-                Depth { known: 1, lo: d.lo.min(level), hi: d.hi.max(level), pad: 0 }
+                Depth { known: 1, lo: d.lo.min(level), hi: d.hi.max(level), ..Depth::default() }
             }
-            Ok(d) if d.known != 0 => Depth { known: 1, lo: level, hi: level, pad: 0 },
+            Ok(d) if d.known != 0 => Depth { known: 1, lo: level, hi: level, ..Depth::default() },
             _ => Depth::default(),
         }
     }
+}
+
+/// The depth range of tags with these ancestries (cgroup ids from the root down to the tag; an id of 0
+/// is unknown), and their deepest common ancestor below the root, if any.
+fn depth_of(ancestries: &[&[u64]]) -> Depth {
+    let levels = ancestries.iter().map(|a| u32::try_from(a.len().saturating_sub(1)).unwrap_or(u32::MAX));
+    let (Some(lo), Some(hi)) = (levels.clone().min(), levels.max()) else {
+        return Depth { known: 1, lo: 1, hi: 0, ..Depth::default() };
+    };
+    let mut d = Depth { known: 1, lo, hi, ..Depth::default() };
+    let Some(first) = ancestries.first() else { return d };
+    // The deepest level at which every ancestry names the same known cgroup.
+    let shared = (0..first.len())
+        .take_while(|&i| first[i] != 0 && ancestries.iter().all(|a| a.get(i) == Some(&first[i])))
+        .last();
+    if let Some(level) = shared.filter(|&l| l > 0) {
+        d.common_level = u32::try_from(level).unwrap_or(u32::MAX);
+        d.common = first[level];
+    }
+    d
+}
+
+/// The cgroup ids of `path`'s ancestors under `root`, from the root (level 0) down to `path` itself (id
+/// `cgroup_id`); 0 where one cannot be read.
+fn ancestry(root: &Path, path: &Path, cgroup_id: u64) -> Vec<u64> {
+    let mut ids = vec![crate::cgroup::id(root).unwrap_or(0)];
+    let mut at = root.to_path_buf();
+    if let Ok(rel) = path.strip_prefix(root) {
+        for c in rel.components() {
+            at.push(c);
+            ids.push(crate::cgroup::id(&at).unwrap_or(0));
+        }
+    }
+    if let Some(last) = ids.last_mut() {
+        *last = cgroup_id;
+    }
+    ids
 }
 
 impl std::fmt::Debug for Kernel {
@@ -440,7 +474,7 @@ impl Kernel {
             tags: Mutex::new(Tags {
                 map: take(ebpf, names::TAGS)?,
                 depth: take(ebpf, names::DEPTH)?,
-                levels: std::collections::HashMap::new(),
+                ancestry: std::collections::HashMap::new(),
             }),
             inflight: Mutex::new(take(ebpf, names::INFLIGHT)?),
             targets: Mutex::new(take(ebpf, names::TARGETS)?),
@@ -501,7 +535,7 @@ impl Kernel {
         tags.write_depth(wide)?;
         let value = Binding { id: binding, pad: 0 };
         tags.map.insert(cgroup_id, value, 0).map_err(map_err(names::TAGS))?;
-        tags.levels.insert(cgroup_id, level);
+        tags.ancestry.insert(cgroup_id, ancestry(&self.cgroup_root, path, cgroup_id));
         let exact = tags.exact();
         if let Err(e) = tags.write_depth(exact) {
             // The wider range stays: still correct, only slower for untagged processes.
@@ -552,7 +586,7 @@ impl Kernel {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(map_err(names::TAGS)(e)),
         }
-        tags.levels.remove(&cgroup_id);
+        tags.ancestry.remove(&cgroup_id);
         let exact = tags.exact();
         if let Err(e) = tags.write_depth(exact) {
             tracing::warn!(error = %e, "could not narrow the kernel's tag depth range");
@@ -783,6 +817,25 @@ mod tests {
         assert_eq!(v4, mapped);
         assert!(v4.is_v4_mapped());
         assert_eq!(v4.ip[3], u32::from_ne_bytes([127, 0, 0, 5]));
+    }
+
+    #[test]
+    fn the_depth_range_names_the_tags_deepest_common_ancestor() {
+        let d = depth_of;
+        // No tags: an empty range.
+        let none = d(&[]);
+        assert!(none.known == 1 && none.lo > none.hi, "{none:?}");
+        // One tag: its own id is the common ancestor, at its level.
+        assert_eq!(d(&[&[1, 10, 20]]), Depth { known: 1, lo: 2, hi: 2, common_level: 2, common: 20 });
+        // Siblings and a nested tag: their parent.
+        let two = d(&[&[1, 10, 20], &[1, 10, 21, 30]]);
+        assert_eq!(two, Depth { known: 1, lo: 2, hi: 3, common_level: 1, common: 10 });
+        let nested = d(&[&[1, 10, 20], &[1, 10, 20, 30]]);
+        assert_eq!((nested.common_level, nested.common), (2, 20));
+        // Only the root in common, or an id that could not be read: no common ancestor.
+        assert_eq!(d(&[&[1, 10], &[1, 11]]).common, 0);
+        assert_eq!(d(&[&[1, 0, 20], &[1, 0, 21]]).common, 0);
+        assert_eq!(d(&[&[1, 0, 20]]).common, 0, "an unknown ancestor ends the shared prefix");
     }
 
     #[test]

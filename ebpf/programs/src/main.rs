@@ -102,33 +102,28 @@ static INFLIGHT: HashMap<u64, i64> = HashMap::pinned(65_536, 0);
 #[map(name = "WARDEN_LIMITS")]
 static LIMITS: Array<Limits> = Array::pinned(1, 0);
 
-/// The levels to look at, deepest first: (hi, lo), empty when hi < lo.
-#[inline(always)]
-fn tag_levels() -> (i32, i32) {
-    match DEPTH.get(0) {
-        Some(d) if d.known != 0 => (d.hi.min(MAX_CGROUP_DEPTH as u32) as i32, d.lo as i32),
-        _ => (MAX_CGROUP_DEPTH, 0),
-    }
-}
-
-/// The nearest tagged ancestor (or itself) among the cgroup ids `ancestor(level)` gives.
+/// The nearest tagged ancestor (or itself) among the cgroup ids `ancestor(level)` gives. Only the levels
+/// that hold tags are looked at, deepest first, and only below the tags' common ancestor: a task outside
+/// it costs one `ancestor` call and no map lookup.
 #[inline(always)]
 fn nearest_tag(ancestor: impl Fn(i32) -> u64) -> Option<(u64, Binding)> {
-    let (hi, lo) = tag_levels();
-    if hi < lo {
-        return None;
-    }
+    let (mut level, lo) = match DEPTH.get(0) {
+        Some(d) if d.known != 0 => {
+            if d.hi < d.lo {
+                return None;
+            }
+            if d.common != 0 && ancestor(d.common_level.min(MAX_CGROUP_DEPTH as u32) as i32) != d.common {
+                return None;
+            }
+            (d.hi.min(MAX_CGROUP_DEPTH as u32) as i32, d.lo as i32)
+        }
+        _ => (MAX_CGROUP_DEPTH, 0),
+    };
     let mut i = 0;
-    while i <= MAX_CGROUP_DEPTH {
-        let level = MAX_CGROUP_DEPTH - i;
-        i += 1;
-        if level > hi {
-            continue;
-        }
-        if level < lo {
-            break;
-        }
+    while i <= MAX_CGROUP_DEPTH && level >= lo {
         let id = ancestor(level);
+        level -= 1;
+        i += 1;
         if id == 0 {
             continue;
         }
