@@ -528,7 +528,15 @@ impl Kernel {
     /// between the shallowest and the deepest tag, the depth range is widened to cover it; then the tag goes
     /// in, and the range is narrowed to exactly the tags' levels. Any failure before the tag refuses it.
     pub fn set_tag(&self, path: &Path, cgroup_id: u64, binding: u32) -> Result<(), BpfError> {
-        self.attach_per_cgroup(path, cgroup_id)?;
+        if let Err(e) = self.attach_per_cgroup(path, cgroup_id) {
+            // Refused: a cgroup that is not tagged keeps none of the programs attached on the way.
+            if !self.tags().iter().any(|(id, _)| *id == cgroup_id) {
+                for &name in names::PER_CGROUP {
+                    let _ = std::fs::remove_file(self.per_cgroup_pin(name, cgroup_id));
+                }
+            }
+            return Err(e);
+        }
         let level = crate::cgroup::level(&self.cgroup_root, path).min(MAX_CGROUP_DEPTH.unsigned_abs());
         let mut tags = self.tags.lock().expect("tag map lock");
         let wide = tags.widened(level);
