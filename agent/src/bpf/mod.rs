@@ -604,7 +604,9 @@ impl Kernel {
         for &name in names::PER_CGROUP {
             let _ = std::fs::remove_file(self.per_cgroup_pin(name, cgroup_id));
         }
-        // Origins first: sock_ops copies an origin into the index, so none can be copied after this.
+        // Origins first: sock_ops copies an origin into the index, so only a run that read one before this
+        // (and before its link went) can still add an index entry; the gate refuses such an entry anyway,
+        // since its binding is gone and binding numbers are never reused.
         let purged = purge_origins::<u64>(&self.maps_dir, names::ORIGINS, cgroup_id)
             .and_then(|a| Ok(a + purge_origins::<Endpoint>(&self.maps_dir, names::BY_ADDR, cgroup_id)?));
         match purged {
