@@ -123,6 +123,7 @@ pub struct Kernel {
     allow: Mutex<LpmTrie<MapData, AllowKey, u32>>,
     proxy: Mutex<Array<MapData, ProxyConfig>>,
     by_addr: HashMap<MapData, Endpoint, Origin>,
+    origins: HashMap<MapData, u64, Origin>,
     inflight: Mutex<HashMap<MapData, u64, i64>>,
     events: Mutex<Option<RingBuf<MapData>>>,
     lost: PerCpuArray<MapData, u64>,
@@ -481,6 +482,7 @@ impl Kernel {
             allow: Mutex::new(take(ebpf, names::ALLOW)?),
             proxy: Mutex::new(take(ebpf, names::PROXY)?),
             by_addr: take(ebpf, names::BY_ADDR)?,
+            origins: take(ebpf, names::ORIGINS)?,
             events: Mutex::new(Some(take(ebpf, names::EVENTS)?)),
             lost: take(ebpf, names::LOST)?,
             logger: Mutex::new(logger),
@@ -497,6 +499,11 @@ impl Kernel {
     /// The origin of a connection the proxy accepted, by its peer address.
     pub fn origin(&self, peer: SocketAddr) -> Option<Origin> {
         self.by_addr.get(&endpoint(peer), 0).ok()
+    }
+
+    /// The origin the connect hook stored for the socket with this cookie (redirected, not yet closed).
+    pub fn origin_by_cookie(&self, cookie: u64) -> Option<Origin> {
+        self.origins.get(&cookie, 0).ok().filter(|o| o.cookie == cookie)
     }
 
     /// Forgets an origin the proxy has consumed (sock_ops also forgets it when the socket closes).

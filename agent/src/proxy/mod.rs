@@ -147,7 +147,15 @@ impl Proxy {
 
     async fn connection(self: Arc<Self>, client: TcpStream, peer: SocketAddr, past_redirect: bool) {
         let running = Instant::now();
-        let origin = if past_redirect { None } else { self.origins.lookup(peer) };
+        let origin = if past_redirect {
+            None
+        } else {
+            self.origins.lookup(peer).or_else(|| {
+                // Not in the index: a socket made outside every tagged cgroup (its sock_ops never ran) may
+                // still have been redirected by the connect hook, which judges the task.
+                client.local_addr().ok().and_then(|local| self.origins.lookup_socket(local, peer))
+            })
+        };
         let Some(origin) = origin else {
             self.metrics.refused(RefusalKind::Gate, "no_origin");
             // Reset first: the refusal stands whether or not it is recorded in full.
