@@ -35,6 +35,13 @@ pub trait Origins: Send + Sync + 'static {
     /// The origin of the connection whose peer (as `accept` saw it) is `peer`; `None` when it did not come
     /// through the kernel's redirect.
     fn lookup(&self, peer: SocketAddr) -> Option<ConnOrigin>;
+
+    /// The origin of the connection from `peer` to the proxy's `local` address, found by the client
+    /// socket itself rather than the kernel's index by local endpoint: the way to the origin of a socket
+    /// the index never saw (made outside every tagged cgroup, so no `sock_ops` ran for it).
+    fn lookup_socket(&self, _local: SocketAddr, _peer: SocketAddr) -> Option<ConnOrigin> {
+        None
+    }
 }
 
 /// The kernel's origin maps (filled by the `sock_ops` program).
@@ -54,6 +61,15 @@ impl KernelOrigins {
 impl Origins for KernelOrigins {
     fn lookup(&self, peer: SocketAddr) -> Option<ConnOrigin> {
         let o = self.kernel.origin(peer)?;
+        let cgroup = self.paths.path(&self.cgroup_root, o.cgroup, o.tgid);
+        Some(origin(&o, cgroup))
+    }
+
+    fn lookup_socket(&self, local: SocketAddr, peer: SocketAddr) -> Option<ConnOrigin> {
+        // The client socket on this host connected from `peer` to `local`, and the origin the connect hook
+        // stored under its cookie: only a redirected socket of a tagged task has one.
+        let cookie = crate::sockdiag::tcp_cookie(peer, local)?;
+        let o = self.kernel.origin_by_cookie(cookie)?;
         let cgroup = self.paths.path(&self.cgroup_root, o.cgroup, o.tgid);
         Some(origin(&o, cgroup))
     }

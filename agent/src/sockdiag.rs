@@ -87,6 +87,42 @@ pub fn end_connected(cgroup: &Path, keep: impl Fn(SocketAddr) -> bool) -> Result
 }
 
 /// The socket inodes the processes of `cgroup` and its descendants hold open.
+/// The cookie of the TCP socket on this host whose local endpoint is `local` and whose peer is `peer`
+/// (an exact lookup, as `ss` makes for one socket); `None` when there is none or the lookup fails.
+pub fn tcp_cookie(local: SocketAddr, peer: SocketAddr) -> Option<u64> {
+    if local.is_ipv4() != peer.is_ipv4() {
+        return None;
+    }
+    let family = if local.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let mut req = [0u8; REQ_LEN];
+    req[0] = u8::try_from(family).ok()?;
+    req[1] = u8::try_from(libc::IPPROTO_TCP).ok()?;
+    req[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
+    // inet_diag_sockid: sport, dport (network order), src[16], dst[16], if, cookie[2].
+    let id = &mut req[8..];
+    id[0..2].copy_from_slice(&local.port().to_be_bytes());
+    id[2..4].copy_from_slice(&peer.port().to_be_bytes());
+    let put = |ip: IpAddr, to: &mut [u8]| match ip {
+        IpAddr::V4(v4) => to[..4].copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => to.copy_from_slice(&v6.octets()),
+    };
+    put(local.ip(), &mut id[4..20]);
+    put(peer.ip(), &mut id[20..36]);
+    // INET_DIAG_NOCOOKIE: any socket with this tuple.
+    id[40..48].fill(0xff);
+    let nl = Netlink::open().ok()?;
+    nl.send(SOCK_DIAG_BY_FAMILY, NLM_F_ACK, &req).ok()?;
+    let mut cookie = None;
+    nl.receive(|kind, p| {
+        if kind == SOCK_DIAG_BY_FAMILY && p.len() >= MSG_LEN {
+            let word = |o: usize| u64::from(u32::from_ne_bytes([p[o], p[o + 1], p[o + 2], p[o + 3]]));
+            cookie = Some(word(44) | (word(48) << 32));
+        }
+    })
+    .ok()?;
+    cookie
+}
+
 fn socket_inodes(cgroup: &Path) -> Result<HashSet<u32>, SockDiagError> {
     let mut pids = Vec::new();
     collect_pids(cgroup, &mut pids)?;

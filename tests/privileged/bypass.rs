@@ -528,6 +528,8 @@ fn exec_agents_cannot_open_other_socket_families_or_leave_their_cgroup() {
 }
 
 /// A socket made before its process was tagged is judged when it connects, by the process that connects.
+/// Made outside every tagged cgroup, it runs none of their programs (no sock_ops indexes its origin): the
+/// proxy finds its origin by the client socket's cookie instead.
 #[test]
 fn a_socket_made_before_tagging_is_judged_at_connect() {
     if !privileged("a_socket_made_before_tagging_is_judged_at_connect") {

@@ -411,9 +411,12 @@ fn the_tag_depth_range_covers_every_tag_and_nothing_else() {
     let (la, ld) = (level(&a), level(&deep));
     let d = tag_depth(&w);
     assert!(d.known == 0 || d.lo > d.hi, "no tags yet: {d:?}");
+    let ino = |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
     w.tag(&a, "bot");
     let d = tag_depth(&w);
     assert_eq!((d.known, d.lo, d.hi), (1, la, la), "{d:?}");
+    // The tags' common ancestor: a task elsewhere is found untagged after one helper call.
+    assert_eq!((d.common_level, d.common), (la, ino(&a.path)), "{d:?}");
     // A process two levels below the tagged cgroup is found through its ancestor at the tagged level.
     let below = w.cgroup("a/x/y");
     let v = below.probe_as_nobody(&["connect", "127.0.0.6", &op]);
@@ -421,12 +424,14 @@ fn the_tag_depth_range_covers_every_tag_and_nothing_else() {
     w.tag(&deep, "bot");
     let d = tag_depth(&w);
     assert_eq!((d.lo, d.hi), (la, ld), "{d:?}");
+    assert_eq!((d.common_level, d.common), (la - 1, ino(&w.cgroup_parent)), "{d:?}");
     let v = deep.probe_as_nobody(&["connect", "127.0.0.6", &op]);
     assert_eq!(errno(&v), Some(EPERM), "the deeper tag: {v}");
     let out = w.cli(&["untag", a.path.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let d = tag_depth(&w);
     assert_eq!((d.lo, d.hi), (ld, ld), "narrowed to the remaining tag: {d:?}");
+    assert_eq!((d.common_level, d.common), (ld, ino(&deep.path)), "{d:?}");
     // Untagged now: passes (the non-target is reachable for untagged processes).
     assert_reached(&below.probe_as_nobody(&["connect", "127.0.0.6", &op]), "other");
     let v = deep.probe_as_nobody(&["connect", "127.0.0.6", &op]);

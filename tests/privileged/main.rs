@@ -19,3 +19,4 @@ mod relay;
 mod ship;
 mod splice;
 mod ssh;
+mod untagged;

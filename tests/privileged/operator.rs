@@ -140,7 +140,28 @@ fn the_control_socket_is_for_root_only() {
     let out = w.cli(&["status", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(status["links"].as_array().is_some_and(|l| l.len() >= 10), "{status}");
+    // The root programs are pinned; the per-cgroup ones are loaded, for the cgroups it will tag.
+    let listed = |v: &serde_json::Value, p: &str| v.as_array().is_some_and(|l| l.iter().any(|n| n == p));
+    for p in [
+        "warden_connect4",
+        "warden_connect6",
+        "warden_sendmsg4",
+        "warden_sendmsg6",
+        "warden_bind4",
+        "warden_bind6",
+    ] {
+        assert!(listed(&status["links"], p), "{p} pinned: {status}");
+    }
+    for p in [
+        "warden_sock_ops",
+        "warden_sock_release",
+        "warden_getpeername4",
+        "warden_getpeername6",
+        "warden_sock_create",
+        "warden_egress",
+    ] {
+        assert!(listed(&status["programs"]["per_cgroup"], p), "{p} loaded: {status}");
+    }
 }
 
 #[test]

@@ -181,6 +181,23 @@ elif op == "late":
         out(ok=True, data=data, peer=list(s.getpeername()[:2]))
     except OSError as e:
         out(**err(e))
+elif op == "untagged-loop":
+    # n connections one after the other, each with getpeername and a socket option, closed at once.
+    host, port, n = args[0], int(args[1]), int(args[2])
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    done = 0
+    try:
+        for _ in range(n):
+            s = socket.socket(fam, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect((host, port))
+            s.getpeername()
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.close()
+            done += 1
+        out(ok=True, connected=done)
+    except OSError as e:
+        out(connected=done, **err(e))
 elif op == "holder":
     # An untagged process's connected socket, for 'steal' to take: prints its pid and fd, waits for stdin.
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -16,8 +16,12 @@
 //! 7. direct again, after Warden is uninstalled (the baseline's noise).
 //!
 //! `cargo xtask bench [--rounds N] [--quick] [--connections N] [--mib N] [--reps N] [--gap-us N] [--no-write]
-//! [--warden PATH]`: `--quick` is one short round (other flags still apply), `--warden` uses a prebuilt
-//! daemon instead of building it, `--no-write` leaves BENCHMARKS.md alone.
+//! [--warden PATH] [--bpf]`: `--quick` is one short round (other flags still apply), `--warden` uses a
+//! prebuilt daemon instead of building it, `--no-write` leaves BENCHMARKS.md alone. `--bpf` measures only
+//! what Warden's kernel programs cost untagged connections (kernel BPF statistics, per program, with a
+//! tagged cgroup in place so every program is live; 10,000 connections unless `--connections` says
+//! otherwise), prints it and writes nothing: load does not change those counts much, so it can run
+//! on a busy machine and against any build (`--warden`).
 
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
@@ -44,7 +48,7 @@ const IO_BUFFER: usize = 256 * 1024;
 /// No socket operation of the load generator may block longer than this.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 const USAGE: &str = "usage: cargo xtask bench [--rounds N] [--quick] [--connections N] [--mib N] [--reps N] \
-                     [--gap-us N] [--no-write] [--warden PATH]";
+                     [--gap-us N] [--no-write] [--warden PATH] [--bpf]";
 /// Added set-up latency (p50) Warden must stay under.
 const LATENCY_GOAL_US: f64 = 200.0;
 
@@ -58,6 +62,10 @@ struct Options {
     warden: Option<PathBuf>,
     /// Pause before each timed connection, in µs.
     gap_us: u64,
+    /// Only the kernel programs' cost to untagged connections.
+    bpf_only: bool,
+    /// Untagged connections the programs' cost is measured over.
+    bpf_connections: usize,
 }
 
 impl Options {
@@ -71,6 +79,8 @@ impl Options {
             write: true,
             warden: None,
             gap_us: 0,
+            bpf_only: false,
+            bpf_connections: 2000,
         };
         if args.iter().any(|a| a == "--quick") {
             o.rounds = 1;
@@ -84,6 +94,7 @@ impl Options {
             match a.as_str() {
                 "--rounds" => o.rounds = it.next().context("--rounds N")?.parse().context("--rounds N")?,
                 "--quick" => {}
+                "--bpf" => o.bpf_only = true,
                 "--no-write" => o.write = false,
                 "--gap-us" => o.gap_us = it.next().context("--gap-us N")?.parse().context("--gap-us N")?,
                 "--reps" => o.reps = it.next().context("--reps N")?.parse().context("--reps N")?,
@@ -95,6 +106,12 @@ impl Options {
                 "--warden" => o.warden = Some(it.next().context("--warden PATH")?.into()),
                 other => bail!("unknown argument {other}; {USAGE}"),
             }
+        }
+        if o.bpf_only {
+            o.bpf_connections =
+                if args.iter().any(|a| a == "--connections") { o.connections } else { 10_000 };
+        } else {
+            o.bpf_connections = o.connections.min(2000);
         }
         ensure!(
             o.rounds >= 1 && o.connections >= 1 && o.reps >= 1 && o.bytes >= 4,
@@ -113,6 +130,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         bail!(
             "the benchmark attaches Warden's kernel programs and creates cgroups: run it as root (sudo -E cargo xtask bench)"
         );
+    }
+    if opts.bpf_only {
+        return bpf_only(&opts);
     }
     let haproxy = which("haproxy")
         .context("haproxy is not installed: run scripts/setup.sh or `apt-get install -y haproxy`")?;
@@ -223,6 +243,86 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         println!("written to BENCHMARKS.md (## Data path)");
     }
     ensure!(leftovers.is_empty(), "the bench left things behind: {leftovers:?}");
+    Ok(())
+}
+
+/// `--bpf`: a daemon with one tagged cgroup (whose connection through Warden is checked first, so every
+/// program is live), then untagged loopback connections under the kernel's BPF statistics: each program's
+/// mean run time and runs per connection, and the sum.
+fn bpf_only(opts: &Options) -> anyhow::Result<()> {
+    let warden = match &opts.warden {
+        Some(p) => p.clone(),
+        None => build_warden(true)?,
+    };
+    let client_exe = std::env::current_exe().context("the xtask binary's path")?;
+    let dir = std::env::temp_dir().join(format!("warden-bench-{}", std::process::id()));
+    let tag = format!("warden-bench-{}", std::process::id());
+    let mut guard = Guard {
+        dir: dir.clone(),
+        children: vec![],
+        extra_dirs: vec![],
+        bpffs: PathBuf::from("/sys/fs/bpf").join(&tag),
+        cgroup_parent: cgroup2_root()?.join(&tag),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let target = Target::start()?;
+    let keys = dir.join("idp-keys");
+    let (idp, issuer) = start_idp(&keys)?;
+    guard.children.push(idp);
+    let ports = (free_port()?, free_port()?);
+    let config = dir.join("warden.toml");
+    std::fs::write(dir.join("policy.yaml"), policy(target.addr))?;
+    std::fs::write(&config, warden_config(&dir, &dir.join("state"), &tag, ports, &issuer, &keys, ""))?;
+    let bench = Bench {
+        opts,
+        warden: &warden,
+        config: &config,
+        config_tmpfs: None,
+        config_copy: &config,
+        haproxy_pid: 0,
+        tag: tag.clone(),
+        dir: &dir,
+        client: &client_exe,
+        target: target.addr,
+        haproxy: target.addr,
+        metrics: ([127, 0, 0, 1], ports.1).into(),
+    };
+    println!("load average: {}; other Warden instances pinned: {:?}", loadavg(), other_wardens(&tag));
+    let child = start_warden(&warden, &config, &dir.join("control.sock"), &dir.join("warden.log"))?;
+    let daemon = Daemon { child, warden: &warden, config: &config };
+    let agent = bench.tagged_cgroup(&config)?;
+    bench.warm(&agent.0)?;
+    // The bench's own cgroup, and an untagged sibling of the tagged one (where services sit on a systemd
+    // host: at the tags' depth, so the tag-map walk cannot skip their level).
+    let sibling = Cgroup(agent.0.with_file_name("untagged"));
+    std::fs::create_dir_all(&sibling.0).with_context(|| format!("creating {}", sibling.0.display()))?;
+    let here = bench.program_costs()?;
+    let beside = bench.program_costs_in(Some(&sibling.0))?;
+    drop(sibling);
+    drop(agent);
+    drop(daemon);
+    drop(guard);
+    for (costs, client) in
+        [(here, "the bench's own cgroup"), (beside, "an untagged sibling of the tagged cgroup")]
+    {
+        println!(
+            "Warden's programs on an untagged loopback connection ({} connections from {client}, both ends on this host):",
+            opts.bpf_connections
+        );
+        println!("| program | mean run time | runs per connection | per connection |\n|---|---:|---:|---:|");
+        for p in &costs {
+            println!(
+                "| `{}` | {:.0} ns | {:.2} | {:.0} ns |",
+                p.name,
+                p.ns,
+                p.per_connection,
+                p.ns * p.per_connection
+            );
+        }
+        let total: f64 = costs.iter().map(|p| p.ns * p.per_connection).sum();
+        println!("| in all | | | {total:.0} ns |");
+    }
+    ensure!(leftovers(&tag).is_empty(), "the bench left things behind: {:?}", leftovers(&tag));
     Ok(())
 }
 
@@ -484,6 +584,12 @@ impl Bench<'_> {
     /// Warden's attached programs cost: the mean run time, and how often it ran per connection (both ends
     /// of the connection are on this host, so the target's side counts too).
     fn program_costs(&self) -> anyhow::Result<Vec<ProgramCost>> {
+        self.program_costs_in(None)
+    }
+
+    /// [`Self::program_costs`] with the untagged client in `cgroup` (an untagged one) rather than the
+    /// bench's own.
+    fn program_costs_in(&self, cgroup: Option<&Path>) -> anyhow::Result<Vec<ProgramCost>> {
         let links = Path::new("/sys/fs/bpf").join(&self.tag).join("links");
         let mut progs = Vec::new();
         for e in std::fs::read_dir(&links).with_context(|| format!("reading {}", links.display()))? {
@@ -502,11 +608,11 @@ impl Bench<'_> {
             let j = output(Command::new("bpftool").args(["-j", "prog", "show", "id", &id.to_string()]));
             (field(&j, "run_time_ns").unwrap_or(0.0), field(&j, "run_cnt").unwrap_or(0.0))
         };
-        let connections = self.opts.connections.min(2000);
+        let connections = self.opts.bpf_connections;
         let args = ["latency".to_owned(), self.target.to_string(), connections.to_string(), "0".to_owned()];
         let on = BpfStats::enable()?;
         let before: Vec<_> = progs.iter().map(|(_, id)| stats(*id)).collect();
-        self.client(None, &args)?;
+        self.client(cgroup, &args)?;
         let after: Vec<_> = progs.iter().map(|(_, id)| stats(*id)).collect();
         drop(on);
         #[expect(clippy::cast_precision_loss, reason = "a small count")]

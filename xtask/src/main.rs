@@ -24,6 +24,9 @@ fn main() -> anyhow::Result<()> {
         Some("bench") if args.get(1).map(String::as_str) == Some("client") => bench::run(&args[1..]),
         Some("bench") => {
             bench::run(&args[1..])?;
+            if args[1..].iter().any(|a| a == "--bpf") {
+                return Ok(());
+            }
             // Then the SSH section, with the same binary and the same --no-write.
             let mut ssh = Vec::new();
             let mut it = args[1..].iter();

@@ -1,9 +1,11 @@
 //! Loads, attaches and pins the kernel programs; fills their maps; hands out their events.
 //!
-//! **Only this module calls aya.** Programs are attached once, at the cgroup2 root, through BPF links
-//! pinned under `<bpffs_dir>/links`; maps are pinned under `<bpffs_dir>/maps`. On start the daemon
-//! re-opens what is pinned and attaches only what is missing, so a restart (even after `kill -9`) never
-//! has a window without enforcement. Only [`uninstall`] unpins.
+//! **Only this module calls aya.** The root programs ([`names::PROGRAMS`]) are attached once, at the
+//! cgroup2 root, and the per-cgroup ones ([`names::PER_CGROUP`]) to each tagged cgroup when it is tagged,
+//! all through BPF links pinned under `<bpffs_dir>/links`; maps are pinned under `<bpffs_dir>/maps`. On
+//! start the daemon re-opens what is pinned and attaches only what is missing, so a restart (even after
+//! `kill -9`) never has a window without enforcement. Only [`uninstall`] (and untagging, for a cgroup's own
+//! links) unpins.
 
 mod splice;
 pub use splice::{Splice, SplicedBytes};
@@ -75,6 +77,8 @@ pub enum BpfError {
         #[source]
         source: Box<ProgramError>,
     },
+    #[error("program {name}: kernel BTF unavailable: {detail}")]
+    Btf { name: &'static str, detail: String },
     #[error("pinning the link of {name} at {path}: {detail}")]
     Pin { name: &'static str, path: PathBuf, detail: String },
     #[error("map {name}: {source}")]
@@ -107,6 +111,8 @@ pub struct InstallReport {
     pub attached: Vec<&'static str>,
     /// Optional programs this kernel would not take, and why (e.g. BPF LSM not enabled).
     pub unavailable: Vec<(&'static str, String)>,
+    /// Per-cgroup programs loaded by this start, attached to each cgroup as it is tagged.
+    pub per_cgroup: Vec<&'static str>,
 }
 
 /// The loaded maps. Cheap lookups take `&self`; updates go through short, synchronous locks that are
@@ -117,6 +123,7 @@ pub struct Kernel {
     allow: Mutex<LpmTrie<MapData, AllowKey, u32>>,
     proxy: Mutex<Array<MapData, ProxyConfig>>,
     by_addr: HashMap<MapData, Endpoint, Origin>,
+    origins: HashMap<MapData, u64, Origin>,
     inflight: Mutex<HashMap<MapData, u64, i64>>,
     events: Mutex<Option<RingBuf<MapData>>>,
     lost: PerCpuArray<MapData, u64>,
@@ -127,47 +134,82 @@ pub struct Kernel {
     /// The loaded object, for the per-cgroup programs attached at tag time.
     ebpf: Mutex<Option<Ebpf>>,
     links_dir: PathBuf,
+    maps_dir: PathBuf,
     cgroup_root: PathBuf,
 }
 
-/// The tag map, the depth map, and the level of each tag this daemon set (under one lock, so the depth
-/// range always covers every tag in the map).
+/// The tag map, the depth map, and the ancestry of each tag this daemon set (under one lock, so the
+/// depth range always covers every tag in the map).
 struct Tags {
     map: HashMap<MapData, u64, Binding>,
     depth: Array<MapData, Depth>,
-    levels: std::collections::HashMap<u64, u32>,
+    /// Each tag's cgroup ids from the root (level 0) down to itself (its level is the last index).
+    ancestry: std::collections::HashMap<u64, Vec<u64>>,
 }
 
 impl Tags {
-    /// The range covering `levels`, or every level if the map holds a tag of unknown level (one a
-    /// previous daemon set and this one has not re-applied yet).
+    /// The range covering the tags' levels and their common ancestor, or every level if the map holds a
+    /// tag of unknown ancestry (one a previous daemon set and this one has not re-applied yet).
     fn exact(&self) -> Depth {
-        let all_known = self.map.keys().filter_map(Result::ok).all(|k| self.levels.contains_key(&k));
+        let all_known = self.map.keys().filter_map(Result::ok).all(|k| self.ancestry.contains_key(&k));
         if !all_known {
             return Depth::default();
         }
-        let lo = self.levels.values().copied().min();
-        let hi = self.levels.values().copied().max();
-        match (lo, hi) {
-            (Some(lo), Some(hi)) => Depth { known: 1, lo, hi, pad: 0 },
-            _ => Depth { known: 1, lo: 1, hi: 0, pad: 0 },
-        }
+        depth_of(&self.ancestry.values().map(Vec::as_slice).collect::<Vec<_>>())
     }
 
     fn write_depth(&mut self, d: Depth) -> Result<(), BpfError> {
         self.depth.set(0, d, 0).map_err(map_err(names::DEPTH))
     }
 
-    /// The current range widened to include `level` (a range not yet known stays "every level").
+    /// The current range widened to include `level`, with no common ancestor (a range not yet known stays
+    /// "every level").
     fn widened(&self, level: u32) -> Depth {
         match self.depth.get(&0, 0) {
             Ok(d) if d.known != 0 && d.lo <= d.hi => {
-                Depth { known: 1, lo: d.lo.min(level), hi: d.hi.max(level), pad: 0 }
+                Depth { known: 1, lo: d.lo.min(level), hi: d.hi.max(level), ..Depth::default() }
             }
-            Ok(d) if d.known != 0 => Depth { known: 1, lo: level, hi: level, pad: 0 },
+            Ok(d) if d.known != 0 => Depth { known: 1, lo: level, hi: level, ..Depth::default() },
             _ => Depth::default(),
         }
     }
+}
+
+/// The depth range of tags with these ancestries (cgroup ids from the root down to the tag; an id of 0
+/// is unknown), and their deepest common ancestor below the root, if any.
+fn depth_of(ancestries: &[&[u64]]) -> Depth {
+    let levels = ancestries.iter().map(|a| u32::try_from(a.len().saturating_sub(1)).unwrap_or(u32::MAX));
+    let (Some(lo), Some(hi)) = (levels.clone().min(), levels.max()) else {
+        return Depth { known: 1, lo: 1, hi: 0, ..Depth::default() };
+    };
+    let mut d = Depth { known: 1, lo, hi, ..Depth::default() };
+    let Some(first) = ancestries.first() else { return d };
+    // The deepest level at which every ancestry names the same known cgroup.
+    let shared = (0..first.len())
+        .take_while(|&i| first[i] != 0 && ancestries.iter().all(|a| a.get(i) == Some(&first[i])))
+        .last();
+    if let Some(level) = shared.filter(|&l| l > 0) {
+        d.common_level = u32::try_from(level).unwrap_or(u32::MAX);
+        d.common = first[level];
+    }
+    d
+}
+
+/// The cgroup ids of `path`'s ancestors under `root`, from the root (level 0) down to `path` itself (id
+/// `cgroup_id`); 0 where one cannot be read.
+fn ancestry(root: &Path, path: &Path, cgroup_id: u64) -> Vec<u64> {
+    let mut ids = vec![crate::cgroup::id(root).unwrap_or(0)];
+    let mut at = root.to_path_buf();
+    if let Ok(rel) = path.strip_prefix(root) {
+        for c in rel.components() {
+            at.push(c);
+            ids.push(crate::cgroup::id(&at).unwrap_or(0));
+        }
+    }
+    if let Some(last) = ids.last_mut() {
+        *last = cgroup_id;
+    }
+    ids
 }
 
 impl std::fmt::Debug for Kernel {
@@ -230,9 +272,11 @@ fn prepare_bpffs(dir: &Path) -> Result<(), BpfError> {
     Ok(())
 }
 
-/// Loads the object (re-using pinned maps), attaches every program that has no pinned link yet, and
-/// returns the maps. Attach order: bookkeeping first (sock_ops, getpeername), refusals next, the connect
-/// rewrites last, so no redirected socket can exist before its origin can be indexed.
+/// Loads the object (re-using pinned maps), attaches every root program that has no pinned link yet, loads
+/// the per-cgroup ones (attached at tag time), and returns the maps. Attach order: refusals first, the
+/// connect rewrites last; a redirect needs a tag, and a tag goes in only after its cgroup's bookkeeping
+/// programs (sock_ops, getpeername) are attached, so no redirected socket can exist before its origin can
+/// be indexed.
 pub fn install(settings: &Settings) -> Result<Kernel, BpfError> {
     if EBPF_OBJECT.is_empty() {
         return Err(BpfError::NoPrograms);
@@ -264,7 +308,7 @@ pub fn install(settings: &Settings) -> Result<Kernel, BpfError> {
             continue;
         }
         let _ = std::fs::remove_file(&pin);
-        match attach(&mut ebpf, name, &cgroup, &pin) {
+        match load(&mut ebpf, name).and_then(|()| attach_pinned(&mut ebpf, name, &cgroup, &pin)) {
             Ok(()) => report.attached.push(name),
             Err(e) if names::OPTIONAL.contains(&name) => report.unavailable.push((name, e.to_string())),
             Err(e) => return Err(e),
@@ -273,13 +317,13 @@ pub fn install(settings: &Settings) -> Result<Kernel, BpfError> {
     std::fs::write(&hash_file, &embedded)
         .map_err(|source| BpfError::Io { path: hash_file.clone(), source })?;
     let logger = attach_logger(&links_dir);
-    // Per-cgroup programs are loaded now and attached when a cgroup is tagged.
+    // Per-cgroup programs are loaded now and attached when a cgroup is tagged (set_tag), before its tag
+    // goes in. An optional one this kernel refuses is left out of every cgroup, and said so.
     for &name in names::PER_CGROUP {
-        match ebpf.program_mut(name) {
-            Some(Program::CgroupSkb(p)) => {
-                p.load().map_err(|source| BpfError::Program { name, source: Box::new(source) })?;
-            }
-            _ => return Err(BpfError::MissingProgram { name }),
+        match load(&mut ebpf, name) {
+            Ok(()) => report.per_cgroup.push(name),
+            Err(e) if names::OPTIONAL.contains(&name) => report.unavailable.push((name, e.to_string())),
+            Err(e) => return Err(e),
         }
     }
     let splice = match splice::attach(&mut ebpf) {
@@ -292,6 +336,7 @@ pub fn install(settings: &Settings) -> Result<Kernel, BpfError> {
     let mut kernel = Kernel::from_ebpf(&mut ebpf, report, logger)?;
     kernel.splice = Mutex::new(splice);
     kernel.links_dir.clone_from(&links_dir);
+    kernel.maps_dir.clone_from(&maps_dir);
     kernel.cgroup_root.clone_from(&settings.cgroup_root);
     kernel.ebpf = Mutex::new(Some(ebpf));
     Ok(kernel)
@@ -311,13 +356,34 @@ fn attach_logger(links_dir: &Path) -> Option<KernelLogger> {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin: &Path) -> Result<(), BpfError> {
+/// Loads a program into the kernel (verified, not attached).
+fn load(ebpf: &mut Ebpf, name: &'static str) -> Result<(), BpfError> {
+    let perr = |source: ProgramError| BpfError::Program { name, source: Box::new(source) };
+    let program = ebpf.program_mut(name).ok_or(BpfError::MissingProgram { name })?;
+    match program {
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::CgroupSock(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        Program::CgroupSockopt(p) => p.load(),
+        Program::CgroupSkb(p) => p.load(),
+        Program::Lsm(p) => {
+            let btf = Btf::from_sys_fs().map_err(|e| BpfError::Btf { name, detail: e.to_string() })?;
+            p.load("socket_create", &btf)
+        }
+        _ => return Err(BpfError::MissingProgram { name }),
+    }
+    .map_err(perr)
+}
+
+/// Attaches a loaded program to `cgroup` (the LSM program: to its hook) through a link pinned at `pin`.
+/// A link is attached as if with `BPF_F_ALLOW_MULTI`: a descendant cgroup's programs run besides it, never
+/// instead of it, and only a process that may use bpf(2) can detach it.
+fn attach_pinned(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin: &Path) -> Result<(), BpfError> {
     let perr = |source: ProgramError| BpfError::Program { name, source: Box::new(source) };
     let pin_err = |detail: String| BpfError::Pin { name, path: pin.into(), detail };
-    // The cgroup program types share one shape: load, attach at the root, take the link as an FdLink.
+    // The cgroup program types share one shape: attach, take the link as an FdLink.
     macro_rules! cgroup_link {
         ($p:expr) => {{
-            $p.load().map_err(perr)?;
             let id = $p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
             FdLink::try_from($p.take_link(id).map_err(perr)?).map_err(|e| pin_err(e.to_string()))?
         }};
@@ -329,19 +395,15 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin: &Path) -> Res
         Program::SockOps(p) => cgroup_link!(p),
         Program::CgroupSockopt(p) => {
             // aya 0.14 cannot turn a sockopt link into an FdLink (to pin it): make the link here.
-            p.load().map_err(perr)?;
             let prog = p.fd().map_err(perr)?;
             return pin_raw_link(prog.as_fd(), cgroup.as_fd(), BPF_CGROUP_SETSOCKOPT, pin)
                 .map_err(|e| pin_err(format!("creating the link: {e}")));
         }
         Program::CgroupSkb(p) => {
-            p.load().map_err(perr)?;
             let id = p.attach(cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::Single).map_err(perr)?;
             FdLink::try_from(p.take_link(id).map_err(perr)?).map_err(|e| pin_err(e.to_string()))?
         }
         Program::Lsm(p) => {
-            let btf = Btf::from_sys_fs().map_err(|e| pin_err(format!("kernel BTF unavailable: {e}")))?;
-            p.load("socket_create", &btf).map_err(perr)?;
             let id = p.attach().map_err(perr)?;
             FdLink::from(p.take_link(id).map_err(perr)?)
         }
@@ -413,13 +475,14 @@ impl Kernel {
             tags: Mutex::new(Tags {
                 map: take(ebpf, names::TAGS)?,
                 depth: take(ebpf, names::DEPTH)?,
-                levels: std::collections::HashMap::new(),
+                ancestry: std::collections::HashMap::new(),
             }),
             inflight: Mutex::new(take(ebpf, names::INFLIGHT)?),
             targets: Mutex::new(take(ebpf, names::TARGETS)?),
             allow: Mutex::new(take(ebpf, names::ALLOW)?),
             proxy: Mutex::new(take(ebpf, names::PROXY)?),
             by_addr: take(ebpf, names::BY_ADDR)?,
+            origins: take(ebpf, names::ORIGINS)?,
             events: Mutex::new(Some(take(ebpf, names::EVENTS)?)),
             lost: take(ebpf, names::LOST)?,
             logger: Mutex::new(logger),
@@ -428,6 +491,7 @@ impl Kernel {
             splice_peer: Mutex::new(take(ebpf, names::SPLICE_PEER)?),
             ebpf: Mutex::new(None),
             links_dir: PathBuf::new(),
+            maps_dir: PathBuf::new(),
             cgroup_root: PathBuf::new(),
         })
     }
@@ -435,6 +499,11 @@ impl Kernel {
     /// The origin of a connection the proxy accepted, by its peer address.
     pub fn origin(&self, peer: SocketAddr) -> Option<Origin> {
         self.by_addr.get(&endpoint(peer), 0).ok()
+    }
+
+    /// The origin the connect hook stored for the socket with this cookie (redirected, not yet closed).
+    pub fn origin_by_cookie(&self, cookie: u64) -> Option<Origin> {
+        self.origins.get(&cookie, 0).ok().filter(|o| o.cookie == cookie)
     }
 
     /// Forgets an origin the proxy has consumed (sock_ops also forgets it when the socket closes).
@@ -466,14 +535,22 @@ impl Kernel {
     /// between the shallowest and the deepest tag, the depth range is widened to cover it; then the tag goes
     /// in, and the range is narrowed to exactly the tags' levels. Any failure before the tag refuses it.
     pub fn set_tag(&self, path: &Path, cgroup_id: u64, binding: u32) -> Result<(), BpfError> {
-        self.attach_per_cgroup(path, cgroup_id)?;
+        if let Err(e) = self.attach_per_cgroup(path, cgroup_id) {
+            // Refused: a cgroup that is not tagged keeps none of the programs attached on the way.
+            if !self.tags().iter().any(|(id, _)| *id == cgroup_id) {
+                for &name in names::PER_CGROUP {
+                    let _ = std::fs::remove_file(self.per_cgroup_pin(name, cgroup_id));
+                }
+            }
+            return Err(e);
+        }
         let level = crate::cgroup::level(&self.cgroup_root, path).min(MAX_CGROUP_DEPTH.unsigned_abs());
         let mut tags = self.tags.lock().expect("tag map lock");
         let wide = tags.widened(level);
         tags.write_depth(wide)?;
         let value = Binding { id: binding, pad: 0 };
         tags.map.insert(cgroup_id, value, 0).map_err(map_err(names::TAGS))?;
-        tags.levels.insert(cgroup_id, level);
+        tags.ancestry.insert(cgroup_id, ancestry(&self.cgroup_root, path, cgroup_id));
         let exact = tags.exact();
         if let Err(e) = tags.write_depth(exact) {
             // The wider range stays: still correct, only slower for untagged processes.
@@ -486,42 +563,45 @@ impl Kernel {
         self.links_dir.join(format!("{name}_cgroup_{cgroup_id}"))
     }
 
+    /// Attaches every per-cgroup program this start loaded to the cgroup at `path`, keeping links already
+    /// pinned (a tag being re-applied, or adopted from an earlier daemon).
     fn attach_per_cgroup(&self, path: &Path, cgroup_id: u64) -> Result<(), BpfError> {
         let mut ebpf = self.ebpf.lock().expect("ebpf lock");
         let Some(ebpf) = ebpf.as_mut() else { return Ok(()) };
-        for &name in names::PER_CGROUP {
+        let mut cgroup = None;
+        for &name in &self.report.per_cgroup {
             let pin = self.per_cgroup_pin(name, cgroup_id);
             if pin.exists() && PinnedLink::from_pin(&pin).is_ok() {
                 continue;
             }
             let _ = std::fs::remove_file(&pin);
-            let cgroup =
-                File::open(path).map_err(|source| BpfError::Io { path: path.to_path_buf(), source })?;
-            let perr = |source: ProgramError| BpfError::Program { name, source: Box::new(source) };
-            let Some(Program::CgroupSkb(p)) = ebpf.program_mut(name) else {
-                return Err(BpfError::MissingProgram { name });
+            let cgroup = match &mut cgroup {
+                Some(f) => f,
+                None => cgroup.insert(
+                    File::open(path).map_err(|source| BpfError::Io { path: path.to_path_buf(), source })?,
+                ),
             };
-            let id =
-                p.attach(&cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::Single).map_err(perr)?;
-            let link = FdLink::try_from(p.take_link(id).map_err(perr)?).map_err(|e| BpfError::Pin {
-                name,
-                path: pin.clone(),
-                detail: e.to_string(),
-            })?;
-            link.pin(&pin).map_err(|e| BpfError::Pin { name, path: pin.clone(), detail: e.to_string() })?;
+            attach_pinned(ebpf, name, cgroup, &pin)?;
         }
         Ok(())
     }
 
-    /// Untags a cgroup, narrows the depth range, forgets the cgroup's in-flight count, and detaches its own
-    /// programs (after the tag is gone: never a tagged cgroup without them).
+    /// The per-cgroup programs whose links are pinned for `cgroup_id`.
+    pub fn cgroup_links(&self, cgroup_id: u64) -> Vec<&'static str> {
+        names::PER_CGROUP.iter().copied().filter(|n| self.per_cgroup_pin(n, cgroup_id).exists()).collect()
+    }
+
+    /// Untags a cgroup, narrows the depth range, forgets the cgroup's in-flight count, detaches its own
+    /// programs (after the tag is gone: never a tagged cgroup without them), then forgets the origins of its
+    /// redirected sockets: once its `sock_ops` is detached nothing would delete them when those sockets
+    /// close, and a later connection from the same local endpoint must never find one.
     pub fn remove_tag(&self, cgroup_id: u64) -> Result<(), BpfError> {
         let mut tags = self.tags.lock().expect("tag map lock");
         match tags.map.remove(&cgroup_id) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(map_err(names::TAGS)(e)),
         }
-        tags.levels.remove(&cgroup_id);
+        tags.ancestry.remove(&cgroup_id);
         let exact = tags.exact();
         if let Err(e) = tags.write_depth(exact) {
             tracing::warn!(error = %e, "could not narrow the kernel's tag depth range");
@@ -530,6 +610,17 @@ impl Kernel {
         let _ = self.inflight.lock().expect("inflight map lock").remove(&cgroup_id);
         for &name in names::PER_CGROUP {
             let _ = std::fs::remove_file(self.per_cgroup_pin(name, cgroup_id));
+        }
+        // Origins first: sock_ops copies an origin into the index, so only a run that read one before this
+        // (and before its link went) can still add an index entry; the gate refuses such an entry anyway,
+        // since its binding is gone and binding numbers are never reused.
+        let purged = purge_origins::<u64>(&self.maps_dir, names::ORIGINS, cgroup_id)
+            .and_then(|a| Ok(a + purge_origins::<Endpoint>(&self.maps_dir, names::BY_ADDR, cgroup_id)?));
+        match purged {
+            Ok(n) if n > 0 => tracing::debug!(cgroup_id, entries = n, "forgot the untagged cgroup's origins"),
+            Ok(_) => {}
+            // The gate still refuses them (their binding is gone), so this is not fatal.
+            Err(e) => tracing::warn!(cgroup_id, error = %e, "could not forget the untagged cgroup's origins"),
         }
         Ok(())
     }
@@ -663,6 +754,30 @@ impl EventReader {
     }
 }
 
+/// Deletes every entry of the pinned origin map `name` (keyed by `K`) whose origin is `cgroup_id`'s.
+fn purge_origins<K: aya::Pod>(
+    maps_dir: &Path,
+    name: &'static str,
+    cgroup_id: u64,
+) -> Result<usize, BpfError> {
+    if maps_dir.as_os_str().is_empty() {
+        return Ok(0);
+    }
+    let data = MapData::from_pin(maps_dir.join(name)).map_err(map_err(name))?;
+    let mut map: HashMap<MapData, K, Origin> =
+        HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_err(name))?;
+    let stale: Vec<K> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, o)| o.tagged_cgroup == cgroup_id)
+        .map(|(k, _)| k)
+        .collect();
+    for k in &stale {
+        let _ = map.remove(k);
+    }
+    Ok(stale.len())
+}
+
 /// What is lost without an optional program, and the fix.
 pub fn without(program: &str) -> &'static str {
     match program {
@@ -719,6 +834,25 @@ mod tests {
         assert_eq!(v4, mapped);
         assert!(v4.is_v4_mapped());
         assert_eq!(v4.ip[3], u32::from_ne_bytes([127, 0, 0, 5]));
+    }
+
+    #[test]
+    fn the_depth_range_names_the_tags_deepest_common_ancestor() {
+        let d = depth_of;
+        // No tags: an empty range.
+        let none = d(&[]);
+        assert!(none.known == 1 && none.lo > none.hi, "{none:?}");
+        // One tag: its own id is the common ancestor, at its level.
+        assert_eq!(d(&[&[1, 10, 20]]), Depth { known: 1, lo: 2, hi: 2, common_level: 2, common: 20 });
+        // Siblings and a nested tag: their parent.
+        let two = d(&[&[1, 10, 20], &[1, 10, 21, 30]]);
+        assert_eq!(two, Depth { known: 1, lo: 2, hi: 3, common_level: 1, common: 10 });
+        let nested = d(&[&[1, 10, 20], &[1, 10, 20, 30]]);
+        assert_eq!((nested.common_level, nested.common), (2, 20));
+        // Only the root in common, or an id that could not be read: no common ancestor.
+        assert_eq!(d(&[&[1, 10], &[1, 11]]).common, 0);
+        assert_eq!(d(&[&[1, 0, 20], &[1, 0, 21]]).common, 0);
+        assert_eq!(d(&[&[1, 0, 20]]).common, 0, "an unknown ancestor ends the shared prefix");
     }
 
     #[test]

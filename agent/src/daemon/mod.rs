@@ -108,6 +108,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Record::new("bpf.installed")
             .field("adopted", &kernel.report.adopted)
             .field("attached", &kernel.report.attached)
+            .field("per_cgroup", &kernel.report.per_cgroup)
             .field("unavailable", unavailable),
     );
 

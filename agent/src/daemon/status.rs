@@ -36,6 +36,7 @@ pub fn status(state: &State) -> Value {
                 "task": b.task,
                 "source": if b.from_config { "config" } else { "control" },
                 "tagged_in_kernel": kernel_tags.get(&b.cgroup_id) == Some(&b.id),
+                "programs": state.kernel.cgroup_links(b.cgroup_id),
             })
         })
         .collect();
@@ -67,6 +68,7 @@ pub fn status(state: &State) -> Value {
             "attached": report.attached,
             "adopted": report.adopted,
             "pinned": pinned,
+            "per_cgroup": report.per_cgroup,
             "unavailable": unavailable,
             "missing": missing,
         },

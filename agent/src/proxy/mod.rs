@@ -102,6 +102,19 @@ impl Proxy {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut accept_errors = AcceptErrors::default();
+        // A redirected connection always arrives at the address the kernel rewrote it to (an unspecified
+        // listen address is reached through loopback, see `bpf::Kernel::set_proxy`). On a listener bound to
+        // an unspecified address, a connection that arrived at another one came past the redirect: it has
+        // no origin, whatever the index holds for its peer (a live redirected socket's local endpoint can
+        // be shared, with SO_REUSEADDR, by a socket connecting to another of this host's addresses).
+        let redirect_to = listener.local_addr().ok().filter(|a| a.ip().is_unspecified()).map(|a| {
+            let ip = if a.is_ipv4() {
+                std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+            } else {
+                std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+            };
+            SocketAddr::new(ip, a.port())
+        });
         loop {
             let (stream, peer) = tokio::select! {
                 () = self.shutdown.cancelled() => return self.refusals.flush(&self.audit),
@@ -119,8 +132,9 @@ impl Proxy {
                     }
                 },
             };
+            let past_redirect = redirect_to.is_some_and(|to| !stream.local_addr().is_ok_and(|l| l == to));
             let this = self.clone();
-            self.tasks.spawn(async move { this.connection(stream, peer).await });
+            self.tasks.spawn(async move { this.connection(stream, peer, past_redirect).await });
         }
     }
 
@@ -131,9 +145,18 @@ impl Proxy {
         self.refusals.flush(&self.audit);
     }
 
-    async fn connection(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+    async fn connection(self: Arc<Self>, client: TcpStream, peer: SocketAddr, past_redirect: bool) {
         let running = Instant::now();
-        let Some(origin) = self.origins.lookup(peer) else {
+        let origin = if past_redirect {
+            None
+        } else {
+            self.origins.lookup(peer).or_else(|| {
+                // Not in the index: a socket made outside every tagged cgroup (its sock_ops never ran) may
+                // still have been redirected by the connect hook, which judges the task.
+                client.local_addr().ok().and_then(|local| self.origins.lookup_socket(local, peer))
+            })
+        };
+        let Some(origin) = origin else {
             self.metrics.refused(RefusalKind::Gate, "no_origin");
             // Reset first: the refusal stands whether or not it is recorded in full.
             crate::protocol::tcp::reset(client);

@@ -41,18 +41,23 @@ pub mod names {
     /// needs the current-task helpers in sockopt programs (6.x). Without them the others still enforce
     /// (`warden_egress` drops the packets a refused socket option would have shaped).
     pub const OPTIONAL: &[&str] = &["warden_socket_create", "warden_setsockopt"];
-    /// Attached to each tagged cgroup when it is tagged (link pinned as `<name>_cgroup_<cgroup id>`; bpffs names may not hold dots), not to the
-    /// root: only sockets made in a tagged cgroup run them.
-    pub const PER_CGROUP: &[&str] = &["warden_egress"];
-    /// Every program attached at the root, in attach order.
-    pub const PROGRAMS: &[&str] = &[
+    /// Attached to each tagged cgroup when it is tagged (link pinned as `<name>_cgroup_<cgroup id>`; bpffs
+    /// names may not hold dots), not to the root: only sockets made in a tagged cgroup's subtree run them,
+    /// so an untagged socket never pays for them. In attach order: the bookkeeping of redirected sockets
+    /// first, then the refusals, all before the tag goes in.
+    pub const PER_CGROUP: &[&str] = &[
         "warden_sock_ops",
         "warden_sock_release",
         "warden_getpeername4",
         "warden_getpeername6",
         "warden_sock_create",
-        "warden_socket_create",
         "warden_setsockopt",
+        "warden_egress",
+    ];
+    /// Every program attached at the root, in attach order: those that judge the calling task whatever
+    /// cgroup its socket was made in (connect, sendmsg), or that guard every process (bind, the LSM hook).
+    pub const PROGRAMS: &[&str] = &[
+        "warden_socket_create",
         "warden_bind4",
         "warden_bind6",
         "warden_sendmsg4",
@@ -156,13 +161,19 @@ pub struct TargetRef {
 /// (a map nobody has filled yet) the hooks check every level from [`MAX_CGROUP_DEPTH`] to the root; the
 /// daemon widens the range before it adds a tag and narrows it only after it removed one, so a tagged
 /// cgroup is never outside it. `lo > hi` means no tags at all.
+///
+/// `common`, when not 0, is a cgroup every tagged cgroup is (or is below), at level `common_level`
+/// (`<= lo`): the deepest such one the daemon knows. A task whose ancestor at that level is another cgroup
+/// is untagged, found with one helper call and no map lookup. The daemon clears it (0) while it widens the
+/// range for a new tag, and sets it again once the tag is in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Depth {
     pub known: u32,
     pub lo: u32,
     pub hi: u32,
-    pub pad: u32,
+    pub common_level: u32,
+    pub common: u64,
 }
 
 /// Redirected sockets one tagged cgroup may have in flight (from connect() until close) unless
@@ -292,7 +303,7 @@ const _: () = assert!(core::mem::size_of::<Origin>() == 80);
 const _: () = assert!(core::mem::size_of::<Event>() == 80);
 const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<AllowKey>() == 18);
-const _: () = assert!(core::mem::size_of::<Depth>() == 16);
+const _: () = assert!(core::mem::size_of::<Depth>() == 24);
 const _: () = assert!(core::mem::size_of::<Limits>() == 8);
 const _: () = assert!(core::mem::size_of::<SplicePeer>() == 16);
 

@@ -1,4 +1,7 @@
-//! Warden's kernel programs, attached once at the cgroup2 root with pinned links.
+//! Warden's kernel programs. `connect4/6`, `sendmsg4/6`, `bind4/6` (and the LSM hook) are attached once at
+//! the cgroup2 root with pinned links: they judge the calling task, whatever cgroup its socket was made in.
+//! The others are attached to each tagged cgroup at tag time (`names::PER_CGROUP`): the kernel runs a
+//! cgroup's programs for the sockets made in its subtree only, so untagged sockets never run them.
 //!
 //! For a socket opened by a process whose cgroup (or any ancestor) is tagged:
 //! - `connect4/6` classify the destination: a target is rewritten to the proxy and its origin stored by
@@ -14,8 +17,9 @@
 //!   `egress` drops packets that carry them anyway (set through ancillary data).
 //! - `sock_release` forgets origins of sockets that closed before sock_ops could see them.
 //!
-//! Untagged processes pay one tag-map lookup per cgroup level that holds tags (`WARDEN_DEPTH`), and are
-//! never changed; sockets not connected to the proxy's port leave sock_ops and getpeername at once.
+//! Untagged processes run only the root programs: `connect4/6` and `sendmsg4/6` pay one tag-map lookup per
+//! cgroup level that holds tags (`WARDEN_DEPTH`) and change nothing; `bind4/6` leave at once for any port
+//! but the proxy's.
 #![no_std]
 #![no_main]
 // The BPF target has no compare-and-swap, so core's atomic types offer no fetch_add: the intrinsic gives
@@ -98,33 +102,28 @@ static INFLIGHT: HashMap<u64, i64> = HashMap::pinned(65_536, 0);
 #[map(name = "WARDEN_LIMITS")]
 static LIMITS: Array<Limits> = Array::pinned(1, 0);
 
-/// The levels to look at, deepest first: (hi, lo), empty when hi < lo.
-#[inline(always)]
-fn tag_levels() -> (i32, i32) {
-    match DEPTH.get(0) {
-        Some(d) if d.known != 0 => (d.hi.min(MAX_CGROUP_DEPTH as u32) as i32, d.lo as i32),
-        _ => (MAX_CGROUP_DEPTH, 0),
-    }
-}
-
-/// The nearest tagged ancestor (or itself) among the cgroup ids `ancestor(level)` gives.
+/// The nearest tagged ancestor (or itself) among the cgroup ids `ancestor(level)` gives. Only the levels
+/// that hold tags are looked at, deepest first, and only below the tags' common ancestor: a task outside
+/// it costs one `ancestor` call and no map lookup.
 #[inline(always)]
 fn nearest_tag(ancestor: impl Fn(i32) -> u64) -> Option<(u64, Binding)> {
-    let (hi, lo) = tag_levels();
-    if hi < lo {
-        return None;
-    }
+    let (mut level, lo) = match DEPTH.get(0) {
+        Some(d) if d.known != 0 => {
+            if d.hi < d.lo {
+                return None;
+            }
+            if d.common != 0 && ancestor(d.common_level.min(MAX_CGROUP_DEPTH as u32) as i32) != d.common {
+                return None;
+            }
+            (d.hi.min(MAX_CGROUP_DEPTH as u32) as i32, d.lo as i32)
+        }
+        _ => (MAX_CGROUP_DEPTH, 0),
+    };
     let mut i = 0;
-    while i <= MAX_CGROUP_DEPTH {
-        let level = MAX_CGROUP_DEPTH - i;
-        i += 1;
-        if level > hi {
-            continue;
-        }
-        if level < lo {
-            break;
-        }
+    while i <= MAX_CGROUP_DEPTH && level >= lo {
         let id = ancestor(level);
+        level -= 1;
+        i += 1;
         if id == 0 {
             continue;
         }
@@ -588,8 +587,9 @@ fn local_endpoint(ctx: &SockOpsContext) -> Endpoint {
     }
 }
 
-/// Only sockets connecting to the proxy's port (every redirected one) go past the first checks; state
-/// callbacks are asked for on redirected sockets only.
+/// Attached to each tagged cgroup: only sockets made in a tagged subtree run it. Only sockets connecting to
+/// the proxy's port (every redirected one) go past the first checks; state callbacks are asked for on
+/// redirected sockets only.
 #[sock_ops]
 pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
@@ -620,8 +620,10 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
         if let Some(origin) = origin {
             let _ = BY_ADDR.insert(&local, &origin, 0);
         } else if to_proxy_port(&ctx) {
-            // A connection to the proxy without an origin (an untagged client, or one whose origin the LRU
-            // evicted): whatever an earlier socket left under this local endpoint is not its origin.
+            // A tagged socket at the proxy without an origin (the LRU evicted it): whatever an earlier
+            // socket left under this local endpoint is not its origin. (Untagged sockets never run this
+            // program: an entry lives only as long as a redirected socket of a tagged cgroup holds the
+            // endpoint, and the proxy takes it only for a connection that reached the redirect's address.)
             let _ = BY_ADDR.remove(&local);
         }
     } else if ctx.arg(1) == BPF_TCP_CLOSE {
