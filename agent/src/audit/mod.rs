@@ -748,16 +748,11 @@ async fn commit(
     let (records, acks): (Vec<Record>, Vec<_>) = batch.into_iter().map(|m| (m.record, m.ack)).unzip();
     // A batch nobody waits on is one write to the page cache: done in place, since handing the worker
     // to another thread (block_in_place) costs more than the write (thread wake-ups and switches for
-    // every batch of a busy PostgreSQL session's records). So is a leader's batch in which nobody else
-    // waits (a lone session's `session.start`, perhaps with records nobody waits on): its fdatasync
-    // blocks this worker, whose queued tasks the other workers steal meanwhile, rather than paying
-    // `block_in_place`'s hand-off of the worker to a woken thread (measured: about 4 futex calls and 2-3
-    // context switches per connection). With other sessions waiting (load), the batch goes off the worker
-    // so the runtime keeps every worker while it syncs.
-    let alone = mine.is_some() && acks.iter().all(Option::is_none);
-    let multi =
-        tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
-    let inline = (!sync && !seal) || (alone && multi && !seal);
+    // every batch of a busy PostgreSQL session's records). A batch with an fdatasync is not, even a lone
+    // session's: measured with `examples/audit_commit.rs`, an fdatasync made right on the worker saved
+    // the hand-off's futex calls (about 4 per connection) but itself took 1.5 ms on average against
+    // 0.3 ms under `block_in_place` in the same minutes, and the runtime lost a worker meanwhile.
+    let inline = !sync && !seal;
     let joined = off_runtime(inline, move || {
         let mut w = w;
         let started = Instant::now();
@@ -1005,12 +1000,12 @@ async fn ride_out(
 }
 
 /// Runs the writer's blocking work (write, fdatasync) where it costs the fewest thread hand-offs. On the
-/// multi-threaded runtime the calling task's own worker does it (`block_in_place`: the worker's other
-/// tasks move to another thread meanwhile, so a session's fdatasync stalls no other session), so no
-/// thread has to be woken to start the batch, and the sessions waiting on it are answered by the thread
-/// that made it durable. Elsewhere (the tests' current-thread runtimes) on the blocking pool. With
-/// `inline` (no fdatasync in the batch: a write to the page cache, and the rare rotation; or a lone
-/// leader's batch, see [`commit`]), right here. A panic in `f` is returned as an error either way.
+/// multi-threaded runtime the calling task's own thread does it (`block_in_place`: the worker's core, with
+/// its other tasks, is handed to another thread meanwhile, so a session's fdatasync stalls no other
+/// session), and the sessions waiting on the batch are answered by the thread that made it durable.
+/// Elsewhere (the tests' current-thread runtimes) on the blocking pool. With `inline` (no fdatasync in
+/// the batch: a write to the page cache, and the rare rotation), right here. A panic in `f` is returned
+/// as an error either way.
 async fn off_runtime<T: Send + 'static>(
     inline: bool,
     f: impl FnOnce() -> T + Send + 'static,
