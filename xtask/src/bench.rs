@@ -1102,8 +1102,9 @@ the durable record cheaper, so waiting behind the previous flush was not why it 
 `warden_setup_step_seconds` histograms: the `durable` row against `batch` (the write and fdatasync \
 themselves) is the hand-off cost. Per connection the daemon made one `bpf()` call (the origin lookup), one \
 `openat` + `read` of `/proc/PID/cgroup` and one upstream `connect`; the procfs read is now made once per \
-cgroup (a `statx` checks the cached path still names that cgroup), and the writer does its batch on its own \
-worker (`block_in_place`) instead of handing it to the blocking pool and back.\n";
+cgroup (a `statx` checks the cached path still names that cgroup), and the session whose record finds the \
+writer idle writes and fdatasyncs its batch itself (`block_in_place`) instead of handing it to a writer task \
+and back (see \"Group commit led by the appends\").\n";
 
 fn section(machine: &Machine, opts: &Options, rounds: &[Round], leftovers: &[String]) -> String {
     let mut s = String::from("## Data path\n\n");
