@@ -546,8 +546,12 @@ impl Audit {
         let failed = CancellationToken::new();
         let shared = Arc::new(Shared::new(w, opts.config.queue.max(1), failed.clone()));
         let audit = Audit { shared: shared.clone(), failed, dir: opts.config.dir.clone() };
-        let period =
-            (opts.config.checkpoint_seconds > 0).then(|| Duration::from_secs(opts.config.checkpoint_seconds));
+        // Timed checkpoints count from now, not from when the writer task is first polled (a leader may
+        // write before it is).
+        let period = (opts.config.checkpoint_seconds > 0).then(|| {
+            let p = Duration::from_secs(opts.config.checkpoint_seconds);
+            (tokio::time::Instant::now() + p, p)
+        });
         let handle = tokio::spawn(run(shared, shutdown, period));
         Ok((audit, handle))
     }
@@ -752,7 +756,12 @@ async fn commit(
     // session's: measured with `examples/audit_commit.rs`, an fdatasync made right on the worker saved
     // the hand-off's futex calls (about 4 per connection) but itself took 1.5 ms on average against
     // 0.3 ms under `block_in_place` in the same minutes, and the runtime lost a worker meanwhile.
-    let inline = !sync && !seal;
+    // On a current-thread runtime (tests, tools) a leader's batch is done right here too: handed to the
+    // blocking pool, it would leave the writer in a task the leader's future no longer awaits if that
+    // future were dropped meanwhile (the writer task's own batches are never dropped).
+    let multi =
+        tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
+    let inline = (!sync && !seal) || (mine.is_some() && !multi);
     let joined = off_runtime(inline, move || {
         let mut w = w;
         let started = Instant::now();
@@ -1045,9 +1054,13 @@ async fn acquire(shared: &Shared) -> Option<(writer::Writer, Vec<Msg>, Option<Fa
 /// The writer task: what no durable append does itself. Records nobody waits on (gathered for
 /// `LINGER`, written in place), the delayed fdatasync of what they left written (`SYNC_DELAY`), timed
 /// checkpoints, seals, riding out a fault, and the last batch at shutdown.
-async fn run(shared: Arc<Shared>, shutdown: CancellationToken, period: Option<Duration>) {
-    let mut tick = period.map(|p| {
-        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + p, p);
+async fn run(
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    period: Option<(tokio::time::Instant, Duration)>,
+) {
+    let mut tick = period.map(|(first, p)| {
+        let mut i = tokio::time::interval_at(first, p);
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         i
     });
