@@ -906,8 +906,10 @@ async fn the_status_view_shows_the_last_segment_the_backlog_the_error_and_the_re
 
     switch.up();
     let sealed = host.last_sealed().unwrap();
+    // The shipper marks a segment shipped on disk, then notes it as the last shipped: wait for both.
     wait_until("the backlog to ship once the storage is back", Duration::from_secs(60), || {
-        json()["pending"]["segments"] == 0
+        let s = json();
+        s["pending"]["segments"] == 0 && s["last_shipped"]["last_seq"] == s["shipped_through"]
     })
     .await;
     let back = json();

@@ -438,7 +438,7 @@ impl Bench<'_> {
             let latency = self.latency(tagged, addr)?;
             if let Some(before) = before {
                 let after = Scrape::read(self.metrics)?;
-                breakdown = Some(Breakdown::new(&before, &after, latency.mean));
+                breakdown = Some(Breakdown::new(&before, &after, latency.mean, flush));
             }
             let (one, cpu) = self.throughput(tagged, addr, 1, proxy)?;
             let (four, _) = self.throughput(tagged, addr, 4, None)?;
@@ -534,15 +534,21 @@ impl Bench<'_> {
             let direct = self.parallel(None, self.target, p)?;
             let before = Scrape::read(self.metrics)?;
             let warden = self.parallel(Some(agent), self.target, p)?;
-            let records = Scrape::read(self.metrics)?.commits(&before).0;
+            let commits = Scrape::read(self.metrics)?.commits(&before);
             let haproxy = self.parallel(None, self.haproxy, p)?;
             println!(
-                "direct {:.0} conn/s, Warden {:.0} conn/s (p50 {:.0} µs), haproxy {:.0} conn/s",
-                direct.per_s, warden.per_s, warden.p50, haproxy.per_s
+                "direct {:.0} conn/s, Warden {:.0} conn/s (p50 {:.0} µs; {} records per fdatasync, fdatasync p50 {} µs), \
+                 haproxy {:.0} conn/s",
+                direct.per_s,
+                warden.per_s,
+                warden.p50,
+                commits.records.map_or("—".into(), |r| format!("{r:.1}")),
+                commits.p50.map_or("—".into(), |r| format!("{r:.0}")),
+                haproxy.per_s
             );
-            rows.push((p, direct, warden, haproxy, records));
+            rows.push((p, direct, warden, haproxy, commits));
         }
-        Ok(Concurrency { rows })
+        Ok(Concurrency { rows, connections: self.opts.connections })
     }
 
     fn parallel(
@@ -1202,8 +1208,9 @@ the durable record cheaper, so waiting behind the previous flush was not why it 
 `warden_setup_step_seconds` histograms: the `durable` row against `batch` (the write and fdatasync \
 themselves) is the hand-off cost. Per connection the daemon made one `bpf()` call (the origin lookup), one \
 `openat` + `read` of `/proc/PID/cgroup` and one upstream `connect`; the procfs read is now made once per \
-cgroup (a `statx` checks the cached path still names that cgroup), and the writer does its batch on its own \
-worker (`block_in_place`) instead of handing it to the blocking pool and back.\n";
+cgroup (a `statx` checks the cached path still names that cgroup), and the session whose record finds the \
+writer idle writes and fdatasyncs its batch itself (`block_in_place`) instead of handing it to a writer task \
+and back (see \"Group commit led by the appends\").\n";
 
 fn section(machine: &Machine, opts: &Options, rounds: &[Round], leftovers: &[String]) -> String {
     let mut s = String::from("## Data path\n\n");

@@ -34,6 +34,8 @@ const STEPS: [(&str, &str); 12] = [
 pub struct Scrape {
     /// Histogram name (with its labels) → (sum, count).
     hist: BTreeMap<String, (f64, f64)>,
+    /// Histogram name (with its labels but `le`) → its cumulative buckets (upper bound, count), in order.
+    buckets: BTreeMap<String, Vec<(f64, f64)>>,
 }
 
 impl Scrape {
@@ -46,9 +48,20 @@ impl Scrape {
         let mut text = String::new();
         s.read_to_string(&mut text).context("reading /metrics")?;
         let mut hist = BTreeMap::new();
+        let mut buckets: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let Some((name, value)) = line.rsplit_once(' ') else { continue };
             let Ok(v) = value.parse::<f64>() else { continue };
+            if let Some((stem, labels)) = name.split_once("_bucket{") {
+                // `le` is the last label the exposition writes: `a="x",le="0.1"}` or `le="0.1"}`.
+                let labels = labels.trim_end_matches('}');
+                let (rest, le) = labels.rsplit_once("le=\"").unwrap_or(("", labels));
+                let le = le.trim_end_matches('"');
+                let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) };
+                let key = format!("{stem}{{{}", rest.trim_end_matches(','));
+                buckets.entry(key).or_default().push((le, v));
+                continue;
+            }
             for (suffix, sum) in [("_sum", true), ("_count", false)] {
                 let base = name.split_once('{').unwrap_or((name, ""));
                 if let Some(stem) = base.0.strip_suffix(suffix) {
@@ -62,7 +75,36 @@ impl Scrape {
                 }
             }
         }
-        Ok(Self { hist })
+        Ok(Self { hist, buckets })
+    }
+
+    /// The median of `key`'s observations between `before` and `self`, from the histogram's buckets
+    /// (linear within the bucket that holds it), and how many there were.
+    fn p50_since(&self, before: &Scrape, key: &str) -> Option<f64> {
+        let now = self.buckets.get(key)?;
+        let then = before.buckets.get(key);
+        let counts: Vec<(f64, f64)> = now
+            .iter()
+            .enumerate()
+            .map(|(i, (le, c))| (*le, c - then.and_then(|t| t.get(i)).map_or(0.0, |b| b.1)))
+            .collect();
+        let total = counts.last()?.1;
+        if total <= 0.0 {
+            return None;
+        }
+        let half = total / 2.0;
+        let mut lower = (0.0, 0.0);
+        for (le, c) in counts {
+            if c >= half {
+                if !le.is_finite() {
+                    return Some(lower.0);
+                }
+                let within = if c > lower.1 { (half - lower.1) / (c - lower.1) } else { 1.0 };
+                return Some(lower.0 + (le - lower.0) * within);
+            }
+            lower = (le, c);
+        }
+        None
     }
 
     /// The mean of `key` over the observations between `before` and `self`, and how many there were.
@@ -78,12 +120,36 @@ impl Scrape {
             .map(|(m, n)| (m * 1e6, n))
     }
 
-    /// Records made durable per fdatasync, and the mean fdatasync in µs, between `before` and `self`.
-    pub fn commits(&self, before: &Scrape) -> (Option<f64>, Option<f64>) {
-        (
-            self.mean_since(before, "warden_audit_batch_records{").map(|m| m.0),
-            self.mean_since(before, "warden_audit_fsync_duration_seconds{").map(|m| m.0 * 1e6),
-        )
+    /// The writer's batches and fdatasyncs between `before` and `self`.
+    pub fn commits(&self, before: &Scrape) -> Commits {
+        let fsync = "warden_audit_fsync_duration_seconds{";
+        Commits {
+            records: self.mean_since(before, "warden_audit_batch_records{").map(|m| m.0),
+            mean: self.mean_since(before, fsync).map(|m| m.0 * 1e6),
+            p50: self.p50_since(before, fsync).map(|m| m * 1e6),
+            syncs: self.mean_since(before, fsync).map_or(0.0, |m| m.1),
+        }
+    }
+}
+
+/// What the audit writer's commits did over a run.
+#[derive(Clone, Copy, Default)]
+pub struct Commits {
+    /// Records made durable per fdatasync'd batch (mean).
+    pub records: Option<f64>,
+    /// One fdatasync of the writer: mean and p50, µs.
+    pub mean: Option<f64>,
+    pub p50: Option<f64>,
+    /// How many fdatasyncs.
+    pub syncs: f64,
+}
+
+impl Commits {
+    /// fdatasyncs per connection, over `connections`.
+    pub fn per_connection(&self, connections: usize) -> Option<f64> {
+        #[expect(clippy::cast_precision_loss, reason = "a small count")]
+        let n = connections as f64;
+        (connections > 0).then(|| self.syncs / n)
     }
 }
 
@@ -95,14 +161,16 @@ pub struct Breakdown {
     steps: Vec<Step>,
     /// The client's mean set-up (connect → first byte back), µs.
     client_mean: f64,
-    /// Records per fdatasync and the mean fdatasync (µs) during the run.
-    commits: (Option<f64>, Option<f64>),
+    /// The writer's commits during the run.
+    commits: Commits,
+    /// A bare fdatasync of a small append on the same disk: p50 and p99, µs.
+    bare: (f64, f64),
 }
 
 impl Breakdown {
-    pub fn new(before: &Scrape, after: &Scrape, client_mean: f64) -> Self {
+    pub fn new(before: &Scrape, after: &Scrape, client_mean: f64, bare: (f64, f64)) -> Self {
         let steps = STEPS.iter().map(|(s, what)| (*s, *what, after.step(before, s))).collect();
-        Self { steps, client_mean, commits: after.commits(before) }
+        Self { steps, client_mean, commits: after.commits(before), bare }
     }
 
     fn mean(&self, step: &str) -> Option<f64> {
@@ -136,11 +204,14 @@ impl Breakdown {
                 self.client_mean - total
             );
         }
-        let (records, sync) = self.commits;
-        if let (Some(r), Some(f)) = (records, sync) {
+        let c = self.commits;
+        if let (Some(r), Some(mean), Some(p50)) = (c.records, c.mean, c.p50) {
             let _ = writeln!(
                 s,
-                "\nDuring the run: {r:.2} records per fdatasync, each fdatasync {f:.0} µs on average."
+                "\nDuring the run: {r:.2} records per fdatasync; the writer's fdatasync p50 {p50:.0} µs (mean \
+                 {mean:.0} µs) beside a bare fdatasync of a small append on the same disk, p50 {:.0} µs (p99 \
+                 {:.0} µs).",
+                self.bare.0, self.bare.1
             );
         }
         s
@@ -158,8 +229,10 @@ pub struct Parallel {
 
 /// Set-up with 1, 8 and 64 parallel connectors: direct (Warden attached), through Warden, through haproxy.
 pub struct Concurrency {
-    /// (connectors, direct, Warden, haproxy, Warden's records per fdatasync).
-    pub rows: Vec<(usize, Parallel, Parallel, Parallel, Option<f64>)>,
+    /// (connectors, direct, Warden, haproxy, Warden's commits during its run).
+    pub rows: Vec<(usize, Parallel, Parallel, Parallel, Commits)>,
+    /// Connections each run made.
+    pub connections: usize,
 }
 
 impl Concurrency {
@@ -179,16 +252,19 @@ impl Concurrency {
         let mut s = String::from(
             "Parallel connectors (each one sequential connections; direct with Warden's programs attached): set-up \
              p50 and p99 per connection, connections per second, and what a connection through Warden adds to the \
-             wall time (1/rate − 1/direct rate), with the records Warden made durable per fdatasync:\n\n\
+             wall time (1/rate − 1/direct rate), with Warden's group commit: records made durable per fdatasync, \
+             fdatasyncs per connection (a connection's records: `session.start`, `session.end`), and the \
+             writer's fdatasync p50:\n\n\
              | connectors | direct p50 / p99 | Warden p50 / p99 | haproxy p50 / p99 | direct conn/s | Warden conn/s | \
-             haproxy conn/s | Warden adds per connection | haproxy adds | records per fdatasync |\n\
-             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+             haproxy conn/s | Warden adds per connection | haproxy adds | records per fdatasync | fdatasyncs per \
+             connection | fdatasync p50 |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
-        for (p, d, w, h, records) in &self.rows {
+        for (p, d, w, h, c) in &self.rows {
             let _ = writeln!(
                 s,
                 "| {p} | {:.0} / {:.0} µs | {:.0} / {:.0} µs | {:.0} / {:.0} µs | {:.0} | {:.0} | {:.0} | {:.0} µs | \
-                 {:.0} µs | {} |",
+                 {:.0} µs | {} | {} | {} |",
                 d.p50,
                 d.p99,
                 w.p50,
@@ -200,7 +276,9 @@ impl Concurrency {
                 h.per_s,
                 Self::added_per_connection(*d, *w),
                 Self::added_per_connection(*d, *h),
-                records.map_or("—".into(), |r| format!("{r:.1}")),
+                c.records.map_or("—".into(), |r| format!("{r:.1}")),
+                c.per_connection(self.connections).map_or("—".into(), |r| format!("{r:.2}")),
+                c.p50.map_or("—".into(), |r| format!("{r:.0} µs")),
             );
         }
         s

@@ -1,5 +1,6 @@
-//! The audit record: one writer task owns the hash-chained JSON-lines files; everyone else hands it
-//! records through a bounded queue.
+//! The audit record: one writer owns the hash-chained JSON-lines files; everyone else queues records in
+//! one bounded queue, and whoever holds the writer writes the queue as a batch (a durable append that
+//! found it idle, or the writer task; see [`Audit::append_durable`]).
 //!
 //! # Record format
 //!
@@ -27,7 +28,7 @@
 //! # Durability
 //!
 //! A record appended with [`Audit::append_durable`] is fdatasync'd before the call returns (group commit:
-//! one fdatasync per batch). A record appended with [`Audit::append`] is written to the file within a
+//! one fdatasync per batch, every record queued during a batch's fdatasync in the next one). A record appended with [`Audit::append`] is written to the file within a
 //! millisecond (it survives a crash of the daemon from then on; records nobody waits on are gathered
 //! that long into one write) and made durable with the next durable batch, or within 50 ms.
 //!
@@ -91,7 +92,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -213,46 +214,213 @@ impl Record {
     }
 }
 
+/// A record queued for the next batch, and who waits on it.
 struct Msg {
     record: Record,
-    ack: Option<oneshot::Sender<Result<u64, AuditError>>>,
-    /// While the writer cannot write, hold it rather than refuse it ([`Audit::append_or_hold`]).
-    hold: bool,
+    /// The durable append waiting on it: answered with its result, or handed the next batch to lead.
+    ack: Option<oneshot::Sender<Reply>>,
     /// When a durable append was queued (for the set-up breakdown).
     queued: Option<Instant>,
 }
 
-#[derive(Debug)]
-struct Shared {
-    /// Why appends are refused (writer failed or stopped); `None` while healthy.
-    stopped: Mutex<Option<String>>,
+/// What a durable append waiting on its record hears: its result, or that it leads the next batch.
+enum Reply {
+    Done(Result<u64, AuditError>),
+    Lead(Box<Lead>),
+}
+
+/// The writer and a batch to write with it; the leader's own record is `batch[mine]` (it keeps that
+/// result itself rather than being answered).
+struct Lead {
+    writer: writer::Writer,
+    batch: Vec<Msg>,
+    mine: usize,
+}
+
+/// The queue, and the writer while nobody writes with it. Whoever takes the writer writes the whole queue
+/// as one batch (group commit): a durable append that finds the writer idle (the leader: it writes and
+/// fdatasyncs on its own thread), a durable append the previous holder handed the writer and what queued
+/// meanwhile, or the writer task (records nobody waits on, checkpoints, seals, the delayed sync, a fault
+/// to ride out, shutdown). Taking the writer and the queue under one lock keeps the chain in queue order.
+#[derive(Default)]
+struct Queue {
+    msgs: Vec<Msg>,
+    writer: Option<writer::Writer>,
+    /// The writer task waits for the writer: its next holder gives it to the task rather than to a
+    /// waiting append (so checkpoints, seals and shutdown are never starved by a stream of sessions).
+    task_wants: bool,
+    /// A fault for the writer task to ride out, left by a holder whose batch failed with the writer.
+    fault_pending: Option<Fault>,
+    /// Why appends are refused for good (the writer failed, was lost or shut down); `None` while healthy.
+    stopped: Option<String>,
     /// Why the writer cannot write now (disk full, no descriptors, an I/O error) while it retries; `None`
     /// while it writes. Durable appends are refused meanwhile; the others are held (see [`Fault`]).
-    fault: Mutex<Option<String>>,
+    fault: Option<String>,
+    /// The writer is gone (a batch panicked): nothing will be written again.
+    lost: bool,
+}
+
+struct Shared {
+    q: Mutex<Queue>,
+    /// How many records the queue holds (`audit.queue`).
+    cap: usize,
+    /// Wakes the writer task: records nobody waits on were queued while the writer was idle, or a fault
+    /// was left for it, or records arrived during a fault.
+    wake: tokio::sync::Notify,
+    /// Tells the writer task that the writer it asked for (`task_wants`) is back in the queue.
+    idle: tokio::sync::Notify,
     /// Durable appends the handle refused at once during a fault, for `audit.resumed`.
     refused: std::sync::atomic::AtomicU64,
     /// Where the chain stands after the last batch.
     head: Mutex<Head>,
     /// Wakes the writer to seal its current file ([`Audit::seal`]).
     seal_wake: tokio::sync::Notify,
-    /// Ends the writer's linger at once: a durable append is waiting ([`LINGER`]).
-    urgent: tokio::sync::Notify,
     seal_waiters: Mutex<Vec<oneshot::Sender<Result<bool, AuditError>>>>,
     /// How many files the writer has sealed since it started; the shipper waits on changes.
     sealed: tokio::sync::watch::Sender<u64>,
+    /// Fired when the writer fails for good.
+    failed: CancellationToken,
 }
 
-impl Default for Shared {
-    fn default() -> Self {
+impl Shared {
+    fn new(w: writer::Writer, cap: usize, failed: CancellationToken) -> Self {
         Self {
-            stopped: Mutex::default(),
-            fault: Mutex::default(),
+            head: Mutex::new(w.head()),
+            q: Mutex::new(Queue { writer: Some(w), ..Queue::default() }),
+            cap,
+            wake: tokio::sync::Notify::new(),
+            idle: tokio::sync::Notify::new(),
             refused: std::sync::atomic::AtomicU64::new(0),
-            head: Mutex::default(),
             seal_wake: tokio::sync::Notify::new(),
-            urgent: tokio::sync::Notify::new(),
             seal_waiters: Mutex::default(),
             sealed: tokio::sync::watch::Sender::new(0),
+            failed,
+        }
+    }
+
+    /// The queue, locked (never across an await; a poisoned lock is still the queue).
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.q.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether a record may be queued now: refused for good once stopped, at once during a fault unless it
+    /// is to be held, and when the queue is full.
+    fn admit(&self, q: &Queue, hold: bool) -> Result<(), AuditError> {
+        if let Some(reason) = &q.stopped {
+            return Err(AuditError::Stopped { reason: reason.clone() });
+        }
+        if !hold && let Some(reason) = &q.fault {
+            self.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(AuditError::Unavailable { reason: reason.clone() });
+        }
+        if q.msgs.len() >= self.cap {
+            return Err(AuditError::QueueFull);
+        }
+        Ok(())
+    }
+
+    /// Gives the writer back after a batch: to the writer task if it asked for it; else, with everything
+    /// queued meanwhile, to the first durable append waiting (it leads the next batch, so one fdatasync
+    /// covers every record that arrived during the last one); else back to the queue, waking the writer
+    /// task when records nobody waits on are left. Never blocks: a waiter's drop calls it too.
+    fn pass_on(&self, mut w: writer::Writer) {
+        loop {
+            let (tx, lead) = {
+                let mut q = self.lock();
+                if q.task_wants {
+                    q.task_wants = false;
+                    q.writer = Some(w);
+                    drop(q);
+                    self.idle.notify_one();
+                    return;
+                }
+                let next = q.msgs.iter_mut().enumerate().find_map(|(i, m)| m.ack.take().map(|tx| (i, tx)));
+                let Some((mine, tx)) = next else {
+                    let left = !q.msgs.is_empty();
+                    q.writer = Some(w);
+                    drop(q);
+                    if left {
+                        self.wake.notify_one();
+                    }
+                    return;
+                };
+                (tx, Lead { writer: w, batch: std::mem::take(&mut q.msgs), mine })
+            };
+            match tx.send(Reply::Lead(Box::new(lead))) {
+                // That append is no longer waiting: its record stays queued, nobody waits on it now.
+                Err(Reply::Lead(back)) => w = self.restore(*back),
+                _ => return,
+            }
+        }
+    }
+
+    /// Puts a batch nobody is writing back at the front of the queue (its order kept); returns the writer.
+    fn restore(&self, lead: Lead) -> writer::Writer {
+        let Lead { writer, mut batch, .. } = lead;
+        let mut q = self.lock();
+        batch.append(&mut q.msgs);
+        q.msgs = batch;
+        writer
+    }
+
+    /// A batch failed with the writer still there: refuse durable work from now on, and leave the writer
+    /// and the fault (with the records nobody waited on that were not written) to the writer task.
+    fn fault_with(&self, w: writer::Writer, reason: &str, held: Vec<Record>) {
+        tracing::error!(%reason, "audit writer cannot write; refusing new sessions until it can, retrying");
+        let fault = Fault::new(w.now(), reason.to_owned(), held);
+        {
+            let mut q = self.lock();
+            q.fault = Some(reason.to_owned());
+            q.fault_pending = Some(fault);
+            q.task_wants = false;
+            q.writer = Some(w);
+        }
+        fail_seals(self, || AuditError::Unavailable { reason: reason.to_owned() });
+        self.idle.notify_one();
+        self.wake.notify_one();
+    }
+
+    /// The writer is gone or failed for good: refuse everything from now on, answer every waiter with
+    /// `Stopped` (their senders dropped), and end the live sessions.
+    fn lose(&self, reason: &str) {
+        tracing::error!(%reason, "audit writer failed; refusing new sessions and ending live ones");
+        let msgs = {
+            let mut q = self.lock();
+            q.lost = true;
+            if q.stopped.is_none() {
+                q.stopped = Some(reason.to_owned());
+            }
+            std::mem::take(&mut q.msgs)
+        };
+        drop(msgs);
+        fail_seals(self, || AuditError::Stopped { reason: reason.to_owned() });
+        self.failed.cancel();
+        self.idle.notify_one();
+        self.wake.notify_one();
+    }
+
+    fn set_head(&self, w: &writer::Writer) {
+        if let Ok(mut head) = self.head.lock() {
+            *head = w.head();
+        }
+    }
+}
+
+/// A durable append waiting on its record. Dropped before the answer comes (its future cancelled), it
+/// passes on a batch it was handed to lead, so the writer never goes down with it.
+struct Waiting<'a> {
+    rx: Option<oneshot::Receiver<Reply>>,
+    shared: &'a Shared,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if let Ok(Reply::Lead(lead)) = rx.try_recv() {
+                let w = self.shared.restore(*lead);
+                self.shared.pass_on(w);
+            }
         }
     }
 }
@@ -260,7 +428,6 @@ impl Default for Shared {
 /// A handle to the writer; cheap to clone.
 #[derive(Clone)]
 pub struct Audit {
-    tx: mpsc::Sender<Msg>,
     shared: Arc<Shared>,
     failed: CancellationToken,
     dir: PathBuf,
@@ -308,14 +475,13 @@ impl AuditOptions {
     }
 }
 
-const MAX_BATCH: usize = 4096;
-/// How long the writer lets records nobody waits on gather before it writes them: one write (and one
-/// wake-up of the writer) per millisecond rather than per record, at a PostgreSQL session's statement
-/// rate. A durable append, a seal or shutdown ends the wait at once.
+/// How long the writer task lets records nobody waits on gather before it writes them: one write (and
+/// one wake-up of the writer task) per millisecond rather than per record, at a PostgreSQL session's
+/// statement rate. A durable append meanwhile takes them into its own batch; a seal or shutdown ends the
+/// wait at once.
 const LINGER: Duration = Duration::from_millis(1);
 /// The longest a written record waits to be made durable when nobody waits on it.
 const SYNC_DELAY: Duration = Duration::from_millis(50);
-
 impl Audit {
     /// Opens (and recovers) the audit directory, loads or creates the signing key, writes `audit.started`
     /// (and `recovered` when the last run did not stop cleanly) durably, and spawns the writer task.
@@ -377,14 +543,16 @@ impl Audit {
             return Err(AuditError::Stopped { reason });
         }
         w.retain_now().map_err(|reason| AuditError::Stopped { reason })?;
-        let (tx, rx) = mpsc::channel(opts.config.queue.max(1));
-        let shared = Arc::new(Shared { head: Mutex::new(w.head()), ..Shared::default() });
         let failed = CancellationToken::new();
-        let audit =
-            Audit { tx, shared: shared.clone(), failed: failed.clone(), dir: opts.config.dir.clone() };
-        let period =
-            (opts.config.checkpoint_seconds > 0).then(|| Duration::from_secs(opts.config.checkpoint_seconds));
-        let handle = tokio::spawn(run(w, rx, shutdown, shared, failed, period));
+        let shared = Arc::new(Shared::new(w, opts.config.queue.max(1), failed.clone()));
+        let audit = Audit { shared: shared.clone(), failed, dir: opts.config.dir.clone() };
+        // Timed checkpoints count from now, not from when the writer task is first polled (a leader may
+        // write before it is).
+        let period = (opts.config.checkpoint_seconds > 0).then(|| {
+            let p = Duration::from_secs(opts.config.checkpoint_seconds);
+            (tokio::time::Instant::now() + p, p)
+        });
+        let handle = tokio::spawn(run(shared, shutdown, period));
         Ok((audit, handle))
     }
 
@@ -396,13 +564,13 @@ impl Audit {
 
     /// Why appends are refused, if they are.
     pub fn stopped_reason(&self) -> Option<String> {
-        self.shared.stopped.lock().ok().and_then(|g| g.clone())
+        self.shared.lock().stopped.clone()
     }
 
     /// Why the writer cannot make records durable right now, while it retries (durable appends are
     /// refused meanwhile), if it cannot.
     pub fn unavailable_reason(&self) -> Option<String> {
-        self.shared.fault.lock().ok().and_then(|g| g.clone())
+        self.shared.lock().fault.clone()
     }
 
     pub fn dir(&self) -> &Path {
@@ -416,54 +584,99 @@ impl Audit {
 
     /// Records queued for the writer now, and how many the queue holds.
     pub fn queue(&self) -> (usize, usize) {
-        let max = self.tx.max_capacity();
-        (max - self.tx.capacity(), max)
+        (self.shared.lock().msgs.len(), self.shared.cap)
     }
 
-    fn send(&self, msg: Msg) -> Result<(), AuditError> {
-        if let Some(reason) = self.stopped_reason() {
-            return Err(AuditError::Stopped { reason });
+    /// Queues a record nobody waits on; wakes the writer task when the writer is idle and this is the
+    /// first record queued (a batch in progress passes the queue on when it ends), or during a fault.
+    fn send(&self, record: Record, hold: bool) -> Result<(), AuditError> {
+        let wake = {
+            let mut q = self.shared.lock();
+            self.shared.admit(&q, hold)?;
+            q.msgs.push(Msg { record, ack: None, queued: None });
+            (q.writer.is_some() && q.msgs.len() == 1) || q.fault.is_some()
+        };
+        if wake {
+            self.shared.wake.notify_one();
         }
-        if !msg.hold
-            && let Some(reason) = self.unavailable_reason()
-        {
-            self.shared.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Err(AuditError::Unavailable { reason });
-        }
-        self.tx.try_send(msg).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => AuditError::QueueFull,
-            mpsc::error::TrySendError::Closed(_) => AuditError::Stopped {
-                reason: self.stopped_reason().unwrap_or_else(|| "the audit writer has shut down".into()),
-            },
-        })
+        Ok(())
     }
 
     /// Appends a record and waits until it is durable (fsync'd). Returns its `seq`. Fails at once with
     /// `QueueFull` when the queue is full, with `Unavailable` while the writer cannot write (it retries),
     /// and with `Stopped` once the writer has failed for good or shut down.
+    ///
+    /// Group commit, led by the appenders: one that finds the writer idle takes it with everything queued
+    /// and writes and fdatasyncs the batch itself, on its own thread (`block_in_place`; see
+    /// [`off_runtime`]), so a lone session pays one fdatasync and no hand-off to another task. Appends that
+    /// come meanwhile queue and wait; when the batch is durable, the first of them is handed the writer
+    /// and everything queued, and leads the next batch under one fdatasync; the others hear their result
+    /// from whoever wrote their batch.
     pub async fn append_durable(&self, record: Record) -> Result<u64, AuditError> {
-        let (ack, done) = oneshot::channel();
-        self.send(Msg { record, ack: Some(ack), hold: false, queued: Some(Instant::now()) })?;
-        self.shared.urgent.notify_one();
-        done.await.unwrap_or_else(|_| {
-            Err(AuditError::Stopped {
-                reason: self.stopped_reason().unwrap_or_else(|| "the audit writer has shut down".into()),
-            })
-        })
+        let queued = Some(Instant::now());
+        let next = {
+            let mut q = self.shared.lock();
+            self.shared.admit(&q, false)?;
+            if let Some(writer) = q.writer.take() {
+                q.msgs.push(Msg { record, ack: None, queued });
+                let batch = std::mem::take(&mut q.msgs);
+                Ok(Lead { mine: batch.len() - 1, writer, batch })
+            } else {
+                let (tx, rx) = oneshot::channel();
+                q.msgs.push(Msg { record, ack: Some(tx), queued });
+                Err(rx)
+            }
+        };
+        let lead = match next {
+            Ok(lead) => lead,
+            Err(rx) => {
+                let mut waiting = Waiting { rx: Some(rx), shared: &self.shared };
+                let reply = match waiting.rx.as_mut() {
+                    Some(rx) => rx.await,
+                    None => return Err(self.gone()),
+                };
+                waiting.rx = None;
+                match reply {
+                    Ok(Reply::Done(result)) => return result,
+                    Ok(Reply::Lead(lead)) => *lead,
+                    Err(_) => return Err(self.gone()),
+                }
+            }
+        };
+        self.lead(lead).await
+    }
+
+    /// Writes a batch this append leads (fdatasync'd), passes the writer on, and returns its own result.
+    async fn lead(&self, lead: Lead) -> Result<u64, AuditError> {
+        let Lead { writer, batch, mine } = lead;
+        let done = commit(writer, batch, false, true, &self.shared, false, Some(mine)).await;
+        match (done.writer, done.fatal) {
+            (Some(w), None) => self.shared.pass_on(w),
+            (Some(w), Some(reason)) => self.shared.fault_with(w, &reason, done.held),
+            (None, reason) => self.shared.lose(reason.as_deref().unwrap_or("the audit writer was lost")),
+        }
+        done.mine.unwrap_or_else(|| Err(self.gone()))
+    }
+
+    /// The error for an append the writer will never answer.
+    fn gone(&self) -> AuditError {
+        AuditError::Stopped {
+            reason: self.stopped_reason().unwrap_or_else(|| "the audit writer has shut down".into()),
+        }
     }
 
     /// Queues a record without waiting for the disk; fails at once when the queue is full, and with
     /// `Unavailable` while the writer cannot write (a protocol handler that records before it forwards
     /// then ends its session).
     pub fn append(&self, record: Record) -> Result<(), AuditError> {
-        self.send(Msg { record, ack: None, hold: false, queued: None })
+        self.send(record, false)
     }
 
     /// Like [`Audit::append`] for a record of something already done (a session's end, a refusal already
     /// enforced): while the writer cannot write, it is held in memory (at most `audit.queue` records; past
     /// that counted in `audit.resumed` as `dropped`) and written when the writer resumes.
     pub fn append_or_hold(&self, record: Record) -> Result<(), AuditError> {
-        self.send(Msg { record, ack: None, hold: true, queued: None })
+        self.send(record, true)
     }
 
     /// Seals the current file now (after the records queued before this call) when it holds anything
@@ -507,22 +720,25 @@ fn fail_seals(shared: &Shared, error: impl Fn() -> AuditError) {
     }
 }
 
-fn set_fault(shared: &Shared, reason: Option<&str>) {
-    if let Ok(mut g) = shared.fault.lock() {
-        *g = reason.map(str::to_owned);
-    }
-}
-
 fn set_stopped(shared: &Shared, reason: &str) {
-    if let Ok(mut g) = shared.stopped.lock()
-        && g.is_none()
-    {
-        *g = Some(reason.to_owned());
+    let mut q = shared.lock();
+    if q.stopped.is_none() {
+        q.stopped = Some(reason.to_owned());
     }
 }
 
-/// Runs one batch on the blocking pool (write + fdatasync, then a seal when asked), then answers every
-/// waiter.
+/// What one batch left: the writer (`None` if it was lost), why the batch failed, the records nobody
+/// waited on that were not written (to hold), and the leader's own result.
+struct Committed {
+    writer: Option<writer::Writer>,
+    fatal: Option<String>,
+    held: Vec<Record>,
+    mine: Option<Result<u64, AuditError>>,
+}
+
+/// Runs one batch (write, fdatasync with `sync`, then a seal when asked; see [`off_runtime`] for where),
+/// then answers every waiter and notes where the chain stands. `mine` is the leader's own record, whose
+/// result is returned rather than sent.
 async fn commit(
     w: writer::Writer,
     batch: Vec<Msg>,
@@ -530,13 +746,22 @@ async fn commit(
     sync: bool,
     shared: &Shared,
     seal: bool,
-) -> (Option<writer::Writer>, Option<String>, Vec<Record>) {
+    mine: Option<usize>,
+) -> Committed {
     let queued: Vec<Instant> = batch.iter().filter_map(|m| m.queued).collect();
     let (records, acks): (Vec<Record>, Vec<_>) = batch.into_iter().map(|m| (m.record, m.ack)).unzip();
     // A batch nobody waits on is one write to the page cache: done in place, since handing the worker
     // to another thread (block_in_place) costs more than the write (thread wake-ups and switches for
-    // every batch of a busy PostgreSQL session's records).
-    let inline = !sync && !seal;
+    // every batch of a busy PostgreSQL session's records). A batch with an fdatasync is not, even a lone
+    // session's: measured with `examples/audit_commit.rs`, an fdatasync made right on the worker saved
+    // the hand-off's futex calls (about 4 per connection) but itself took 1.5 ms on average against
+    // 0.3 ms under `block_in_place` in the same minutes, and the runtime lost a worker meanwhile.
+    // On a current-thread runtime (tests, tools) a leader's batch is done right here too: handed to the
+    // blocking pool, it would leave the writer in a task the leader's future no longer awaits if that
+    // future were dropped meanwhile (the writer task's own batches are never dropped).
+    let multi =
+        tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
+    let inline = (!sync && !seal) || (mine.is_some() && !multi);
     let joined = off_runtime(inline, move || {
         let mut w = w;
         let started = Instant::now();
@@ -554,6 +779,7 @@ async fn commit(
     })
     .await;
     let joined = joined.map(|((w, count, sealed), outcome)| {
+        shared.set_head(&w);
         shared.sealed.send_if_modified(|c| std::mem::replace(c, count) != count);
         if seal {
             let waiters = shared.seal_waiters.lock().map(|mut g| std::mem::take(&mut *g)).unwrap_or_default();
@@ -574,23 +800,25 @@ async fn commit(
             },
         ),
     };
-    let held = answer(acks, outcome.results, outcome.records, outcome.fatal.as_deref());
-    (w, outcome.fatal, held)
+    let (held, mine) = answer(acks, outcome.results, outcome.records, outcome.fatal.as_deref(), mine);
+    Committed { writer: w, fatal: outcome.fatal, held, mine }
 }
 
-/// Answers each record's waiter, if it has one, with its result. After a failed write (`fatal`), a record
-/// that was not written is `Unavailable` to its waiter; one nobody waits on is given back, to be held and
-/// written when the writer resumes.
+/// Answers each record's waiter, if it has one, with its result; the result of `mine` (the leader's own
+/// record) is returned. After a failed write (`fatal`), a record that was not written is `Unavailable` to
+/// its waiter; one nobody waits on is given back, to be held and written when the writer resumes.
 fn answer(
-    acks: Vec<Option<oneshot::Sender<Result<u64, AuditError>>>>,
+    acks: Vec<Option<oneshot::Sender<Reply>>>,
     results: Vec<Result<u64, AuditError>>,
     records: Vec<Record>,
     fatal: Option<&str>,
-) -> Vec<Record> {
+    mine: Option<usize>,
+) -> (Vec<Record>, Option<Result<u64, AuditError>>) {
     let mut held = Vec::new();
+    let mut own = None;
     let mut results = results.into_iter();
     let mut records = records.into_iter();
-    for ack in acks {
+    for (i, ack) in acks.into_iter().enumerate() {
         let record = records.next();
         let result =
             results.next().unwrap_or_else(|| Err(AuditError::Stopped { reason: "not written".into() }));
@@ -606,14 +834,15 @@ fn answer(
             tracing::warn!(error = %e, "audit record refused");
         }
         match ack {
+            _ if mine == Some(i) => own = Some(result),
             Some(ack) => {
-                let _ = ack.send(result);
+                let _ = ack.send(Reply::Done(result));
             }
             None if matches!(result, Err(AuditError::Unavailable { .. })) => held.extend(record),
             None => {}
         }
     }
-    held
+    (held, own)
 }
 
 /// The first wait before the writer tries again after a failed write; it doubles up to `RETRY_MAX`.
@@ -645,10 +874,18 @@ impl Fault {
         match m.ack {
             Some(ack) => {
                 self.refused += 1;
-                let _ = ack.send(Err(AuditError::Unavailable { reason: self.last.clone() }));
+                let _ = ack.send(Reply::Done(Err(AuditError::Unavailable { reason: self.last.clone() })));
             }
             None if self.held.len() < hold => self.held.push(m.record),
             None => self.dropped += 1,
+        }
+    }
+
+    /// Takes everything queued (records held during the fault, and durable appends queued just before it).
+    fn drain(&mut self, shared: &Shared) {
+        let msgs = std::mem::take(&mut shared.lock().msgs);
+        for m in msgs {
+            self.take(m, shared.cap);
         }
     }
 
@@ -691,7 +928,7 @@ async fn resume(w: writer::Writer, mut fault: Fault) -> (Option<writer::Writer>,
         let Some(reason) = outcome.fatal else { return (w, fault, true) };
         // Hold again what was not written (the `audit.resumed` record is made anew next time).
         let acks = outcome.records.iter().map(|_| None).collect();
-        let mut again = answer(acks, outcome.results, outcome.records, Some(&reason));
+        let (mut again, _) = answer(acks, outcome.results, outcome.records, Some(&reason), None);
         if !again.is_empty() && again[0].event == "audit.resumed" {
             again.remove(0);
         }
@@ -709,32 +946,26 @@ async fn resume(w: writer::Writer, mut fault: Fault) -> (Option<writer::Writer>,
     }
 }
 
-/// While the writer cannot write: refuses durable appends, holds the others (up to `hold`), answers seals
-/// with the fault, and tries to resume after a backoff (100 ms doubling to 2 s). Returns the writer once it
-/// has resumed, or `None` when shutdown came and a last attempt failed too (the held records are lost and
-/// logged).
+/// While the writer cannot write (the writer task holds it): refuses durable appends, holds the others
+/// (up to `audit.queue`), answers seals with the fault, and tries to resume after a backoff (100 ms
+/// doubling to 2 s). Returns the writer once it has resumed, or the reason it will not (shutdown came and
+/// a last attempt failed too, the held records lost and logged; or the writer was lost).
 async fn ride_out(
     w: writer::Writer,
     mut fault: Fault,
-    rx: &mut mpsc::Receiver<Msg>,
     shutdown: &CancellationToken,
     shared: &Shared,
-) -> Option<writer::Writer> {
-    let hold = rx.max_capacity();
+) -> Result<writer::Writer, String> {
     let mut w = Some(w);
     let mut delay = RETRY_FIRST;
     let retry = tokio::time::sleep(delay);
     tokio::pin!(retry);
-    let mut open = true;
     loop {
         let last_try = tokio::select! {
             biased;
             () = shutdown.cancelled() => true,
-            msg = rx.recv(), if open => {
-                match msg {
-                    Some(m) => fault.take(m, hold),
-                    None => open = false,
-                }
+            () = shared.wake.notified() => {
+                fault.drain(shared);
                 continue;
             }
             () = shared.seal_wake.notified() => {
@@ -743,14 +974,15 @@ async fn ride_out(
             }
             () = &mut retry => false,
         };
-        let writer = w.take()?;
+        fault.drain(shared);
+        let Some(writer) = w.take() else { return Err(fault.last) };
         // Durable appends the handle refused at once count as refused too.
         fault.refused += shared.refused.swap(0, std::sync::atomic::Ordering::Relaxed);
         let (back, f, resumed) = resume(writer, fault).await;
         fault = f;
         w = back;
         if resumed {
-            set_fault(shared, None);
+            shared.lock().fault = None;
             fault.refused += shared.refused.swap(0, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(
                 since = %crate::timestamp::format(fault.since),
@@ -759,16 +991,16 @@ async fn ride_out(
                 dropped = fault.dropped,
                 "audit writer resumed"
             );
-            return w;
+            return w.ok_or(fault.last);
         }
         if w.is_none() {
             tracing::error!(reason = %fault.last, "audit writer lost");
-            return None;
+            return Err(fault.last);
         }
-        set_fault(shared, Some(&fault.last));
+        shared.lock().fault = Some(fault.last.clone());
         if last_try {
             tracing::error!(reason = %fault.last, lost = fault.held.len(), "audit writer could not resume before shutdown; held records lost");
-            return None;
+            return Err(fault.last);
         }
         tracing::debug!(reason = %fault.last, attempts = fault.attempts, "audit writer still cannot write");
         delay = (delay * 2).min(RETRY_MAX);
@@ -777,11 +1009,12 @@ async fn ride_out(
 }
 
 /// Runs the writer's blocking work (write, fdatasync) where it costs the fewest thread hand-offs. On the
-/// multi-threaded runtime the writer task's own worker does it (`block_in_place`: the worker's other tasks
-/// move to another thread meanwhile), so no thread has to be woken to start the batch, and the sessions
-/// waiting on it are answered by the thread that made it durable. Elsewhere (the tests' current-thread
-/// runtimes) on the blocking pool, as before. With `inline` (no fdatasync in the batch: a write to the
-/// page cache, and the rare rotation), right here. A panic in `f` is returned as an error either way.
+/// multi-threaded runtime the calling task's own thread does it (`block_in_place`: the worker's core, with
+/// its other tasks, is handed to another thread meanwhile, so a session's fdatasync stalls no other
+/// session), and the sessions waiting on the batch are answered by the thread that made it durable.
+/// Elsewhere (the tests' current-thread runtimes) on the blocking pool. With `inline` (no fdatasync in
+/// the batch: a write to the page cache, and the rare rotation), right here. A panic in `f` is returned
+/// as an error either way.
 async fn off_runtime<T: Send + 'static>(
     inline: bool,
     f: impl FnOnce() -> T + Send + 'static,
@@ -797,17 +1030,37 @@ async fn off_runtime<T: Send + 'static>(
     }
 }
 
+/// Takes the writer for the writer task, with everything queued and a fault left to ride out, waiting
+/// while an append writes with it (which then gives it to the task). `None` once the writer is lost.
+async fn acquire(shared: &Shared) -> Option<(writer::Writer, Vec<Msg>, Option<Fault>)> {
+    loop {
+        {
+            let mut q = shared.lock();
+            if q.lost {
+                return None;
+            }
+            if let Some(w) = q.writer.take() {
+                q.task_wants = false;
+                let batch = std::mem::take(&mut q.msgs);
+                let fault = q.fault_pending.take();
+                return Some((w, batch, fault));
+            }
+            q.task_wants = true;
+        }
+        shared.idle.notified().await;
+    }
+}
+
+/// The writer task: what no durable append does itself. Records nobody waits on (gathered for
+/// `LINGER`, written in place), the delayed fdatasync of what they left written (`SYNC_DELAY`), timed
+/// checkpoints, seals, riding out a fault, and the last batch at shutdown.
 async fn run(
-    w: writer::Writer,
-    mut rx: mpsc::Receiver<Msg>,
-    shutdown: CancellationToken,
     shared: Arc<Shared>,
-    failed: CancellationToken,
-    period: Option<Duration>,
+    shutdown: CancellationToken,
+    period: Option<(tokio::time::Instant, Duration)>,
 ) {
-    let mut w = Some(w);
-    let mut tick = period.map(|p| {
-        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + p, p);
+    let mut tick = period.map(|(first, p)| {
+        let mut i = tokio::time::interval_at(first, p);
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         i
     });
@@ -816,17 +1069,14 @@ async fn run(
     // also one for the previous session's end.
     let mut sync_by: Option<tokio::time::Instant> = None;
     loop {
-        let mut batch = Vec::new();
         let mut force = false;
         let mut sync_only = false;
         let mut seal = false;
+        let mut woken = false;
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            msg = rx.recv() => match msg {
-                Some(m) => batch.push(m),
-                None => break,
-            },
+            () = shared.wake.notified() => woken = true,
             () = shared.seal_wake.notified() => seal = true,
             () = async { match sync_by { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                 sync_only = true;
@@ -835,86 +1085,337 @@ async fn run(
                 force = true;
             }
         }
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        if !batch.is_empty() && !force && !seal && batch.iter().all(|m| m.ack.is_none()) {
-            // Only records nobody waits on: let more gather (not polling the queue, so senders do not
-            // wake the writer meanwhile), unless something urgent comes.
+        if woken && shared.lock().fault_pending.is_none() {
+            // Records nobody waits on: let more gather (a durable append meanwhile takes them into its own
+            // batch), unless a seal or shutdown comes.
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {}
-                () = shared.urgent.notified() => {}
                 () = shared.seal_wake.notified() => seal = true,
                 () = tokio::time::sleep(LINGER) => {}
             }
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
+        }
+        let Some((w, batch, fault)) = acquire(&shared).await else { return };
+        if let Some(mut fault) = fault {
+            // A batch failed with the writer: ride it out, then go on.
+            sync_by = None;
+            for m in batch {
+                fault.take(m, shared.cap);
+            }
+            match ride_out(w, fault, &shutdown, &shared).await {
+                Ok(w) => {
+                    shared.set_head(&w);
+                    shared.pass_on(w);
+                    continue;
                 }
+                Err(reason) => return shared.lose(&reason),
             }
         }
-        let durable = force || sync_only || seal || batch.iter().any(|m| m.ack.is_some());
-        let Some(writer) = w.take() else { break };
-        let (back, fatal, held) = commit(writer, batch, force, durable, &shared, seal).await;
-        w = back;
-        if let Some(reason) = &fatal
-            && let Some(writer) = w.take()
-        {
-            // A failure the writer can ride out: refuse what must be durable, hold the rest, retry.
-            tracing::error!(%reason, "audit writer cannot write; refusing new sessions until it can, retrying");
-            set_fault(&shared, Some(reason));
-            fail_seals(&shared, || AuditError::Unavailable { reason: reason.clone() });
-            let fault = Fault::new(writer.now(), reason.clone(), held);
-            w = ride_out(writer, fault, &mut rx, &shutdown, &shared).await;
-            if let (Some(wr), Ok(mut head)) = (&w, shared.head.lock()) {
-                *head = wr.head();
+        let work = force || seal || (sync_only && w.is_dirty());
+        if batch.is_empty() && !work {
+            if sync_only {
+                sync_by = None;
             }
-            sync_by = None;
-            if w.is_none() {
-                break;
-            }
+            shared.pass_on(w);
             continue;
         }
-        if let (Some(wr), Ok(mut head)) = (&w, shared.head.lock()) {
-            *head = wr.head();
-        }
-        sync_by = match &w {
-            Some(wr) if wr.is_dirty() => sync_by.or_else(|| Some(tokio::time::Instant::now() + SYNC_DELAY)),
-            _ => None,
-        };
-        if let Some(reason) = fatal {
-            tracing::error!(%reason, "audit writer failed; refusing new sessions and ending live ones");
-            set_stopped(&shared, &reason);
-            fail_seals(&shared, || AuditError::Stopped { reason: reason.clone() });
-            failed.cancel();
-            rx.close();
-            while let Some(m) = rx.recv().await {
-                if let Some(ack) = m.ack {
-                    let _ = ack.send(Err(AuditError::Stopped { reason: reason.clone() }));
-                }
+        let durable = force || sync_only || seal || batch.iter().any(|m| m.ack.is_some());
+        let done = commit(w, batch, force, durable, &shared, seal, None).await;
+        match (done.writer, done.fatal) {
+            (Some(w), None) => {
+                sync_by = if w.is_dirty() {
+                    sync_by.or_else(|| Some(tokio::time::Instant::now() + SYNC_DELAY))
+                } else {
+                    None
+                };
+                shared.pass_on(w);
             }
-            return;
+            (Some(w), Some(reason)) => {
+                sync_by = None;
+                shared.fault_with(w, &reason, done.held);
+            }
+            (None, reason) => return shared.lose(reason.as_deref().unwrap_or("the audit writer was lost")),
         }
     }
     // Shutdown: refuse new work, write what is queued, then `audit.stopped` and a final checkpoint.
     set_stopped(&shared, "the audit writer has shut down");
     fail_seals(&shared, || AuditError::Stopped { reason: "the audit writer has shut down".into() });
-    rx.close();
-    let mut rest = Vec::new();
-    while let Ok(m) = rx.try_recv() {
-        rest.push(m);
-    }
-    rest.push(Msg { record: Record::new("audit.stopped"), ack: None, hold: false, queued: None });
-    if let Some(writer) = w.take() {
-        let (_, fatal, _) = commit(writer, rest, true, true, &shared, false).await;
-        if let Some(reason) = fatal {
-            tracing::error!(%reason, "audit writer failed while shutting down");
-            failed.cancel();
+    let Some((mut w, mut rest, fault)) = acquire(&shared).await else { return };
+    if let Some(mut fault) = fault {
+        for m in rest.drain(..) {
+            fault.take(m, shared.cap);
         }
+        match ride_out(w, fault, &shutdown, &shared).await {
+            Ok(back) => w = back,
+            Err(reason) => return shared.lose(&reason),
+        }
+        rest = std::mem::take(&mut shared.lock().msgs);
+    }
+    rest.push(Msg { record: Record::new("audit.stopped"), ack: None, queued: None });
+    let done = commit(w, rest, true, true, &shared, false, None).await;
+    match (done.writer, done.fatal) {
+        (Some(w), None) => {
+            // Appends queued after the last take were refused (`stopped` is set); nothing is left.
+            shared.lock().lost = true;
+            drop(w);
+        }
+        (_, reason) => {
+            tracing::error!(
+                reason = reason.as_deref().unwrap_or("lost"),
+                "audit writer failed while shutting down"
+            );
+            shared.lose(reason.as_deref().unwrap_or("the audit writer failed while shutting down"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    fn records(dir: &Path) -> Vec<Map<String, Value>> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .flat_map(|f| std::fs::read_to_string(f).unwrap().lines().map(str::to_owned).collect::<Vec<_>>())
+            .map(|l| serde_json::from_str(&l).unwrap())
+            .collect()
+    }
+
+    fn intact(root: &Path) {
+        let key = sign::load_or_create(root).unwrap().verifying_key();
+        let report = verify::verify_dir(&root.join("audit"), Some(&key)).unwrap();
+        assert!(report.intact(), "{:?}", report.problem);
+    }
+
+    /// Counts the writer's fdatasyncs in `dir`, each after `pause`.
+    fn count_syncs(dir: &Path, pause: Duration) -> Arc<AtomicU64> {
+        let n = Arc::new(AtomicU64::new(0));
+        let counted = n.clone();
+        writer::test_hook::set(
+            dir,
+            Arc::new(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(pause);
+                Ok(())
+            }),
+        );
+        n
+    }
+
+    /// 64 senders, 5 durable records each, on a multi-threaded runtime (leaders sync with
+    /// `block_in_place`): every one is acknowledged, each sender's records are in the chain in the order it
+    /// sent them, with the seqs it was told, and far fewer fdatasyncs than records were made.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_durable_appends_are_acknowledged_in_chain_order_under_few_fsyncs() {
+        let root = tempfile::tempdir().unwrap();
+        let opts = AuditOptions::in_dir(root.path());
+        let shutdown = CancellationToken::new();
+        let (audit, handle) = Audit::start_with(&opts, shutdown.clone()).unwrap();
+        let syncs = count_syncs(&opts.config.dir, Duration::from_millis(2));
+        let tasks: Vec<_> = (0..64u64)
+            .map(|s| {
+                let audit = audit.clone();
+                tokio::spawn(async move {
+                    let mut seqs = Vec::new();
+                    for i in 0..5u64 {
+                        let r = Record::new("test.durable").field("sender", s).field("i", i);
+                        seqs.push(audit.append_durable(r).await.unwrap());
+                        // A record nobody waits on between them, in the same order.
+                        audit.append(Record::new("test.after").field("sender", s).field("i", i)).unwrap();
+                    }
+                    seqs
+                })
+            })
+            .collect();
+        let mut told = Vec::new();
+        for t in tasks {
+            told.push(t.await.unwrap());
+        }
+        let synced = syncs.load(Ordering::SeqCst);
+        shutdown.cancel();
+        handle.await.unwrap();
+        let all = records(&opts.config.dir);
+        for (s, seqs) in told.iter().enumerate() {
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "sender {s}: {seqs:?}");
+            for (i, seq) in seqs.iter().enumerate() {
+                let r = &all[usize::try_from(*seq).unwrap()];
+                assert_eq!(
+                    (r["event"].as_str(), r["sender"].as_u64(), r["i"].as_u64()),
+                    (Some("test.durable"), Some(s as u64), Some(i as u64))
+                );
+            }
+            // The record it queued after each durable one comes after it in the chain.
+            let after: Vec<u64> = all
+                .iter()
+                .filter(|r| r["event"] == "test.after" && r["sender"] == s)
+                .map(|r| r["seq"].as_u64().unwrap())
+                .collect();
+            assert_eq!(after.len(), 5);
+            assert!(seqs.iter().zip(&after).all(|(d, a)| d < a), "sender {s}: {seqs:?} {after:?}");
+        }
+        assert!(synced < 320 / 2, "{synced} fdatasyncs for 320 durable records");
+        intact(root.path());
+    }
+
+    /// A lone durable append on a multi-threaded runtime is made durable by its own task, in one fdatasync.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_durable_append_pays_one_fsync() {
+        let root = tempfile::tempdir().unwrap();
+        let opts = AuditOptions::in_dir(root.path());
+        let shutdown = CancellationToken::new();
+        let (audit, handle) = Audit::start_with(&opts, shutdown.clone()).unwrap();
+        let syncs = count_syncs(&opts.config.dir, Duration::ZERO);
+        for i in 0..10u64 {
+            audit.append_durable(Record::new("test.one").field("i", i)).await.unwrap();
+        }
+        assert_eq!(syncs.load(Ordering::SeqCst), 10);
+        shutdown.cancel();
+        handle.await.unwrap();
+        intact(root.path());
+    }
+
+    /// The fdatasync of a batch that holds many waiting appends fails: every one of them hears
+    /// `Unavailable` (none is acknowledged, none is in the chain), new durable appends are refused until the
+    /// writer has resumed on its own, and then everything is acknowledged again and the chain verifies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_failed_fsync_fails_every_waiter_of_its_batch_and_the_writer_recovers() {
+        let root = tempfile::tempdir().unwrap();
+        let opts = AuditOptions::in_dir(root.path());
+        let shutdown = CancellationToken::new();
+        let (audit, handle) = Audit::start_with(&opts, shutdown.clone()).unwrap();
+        // The first fdatasync is slow (the others queue behind it), the second fails, then it heals.
+        let calls = Arc::new(AtomicU64::new(0));
+        let c = calls.clone();
+        writer::test_hook::set(
+            &opts.config.dir,
+            Arc::new(move || match c.fetch_add(1, Ordering::SeqCst) {
+                0 => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    Ok(())
+                }
+                1 => Err(std::io::Error::from_raw_os_error(nix::libc::ENOSPC)),
+                _ => Ok(()),
+            }),
+        );
+        let first = {
+            let audit = audit.clone();
+            tokio::spawn(async move { audit.append_durable(Record::new("test.first")).await })
+        };
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let waiters: Vec<_> = (0..16u64)
+            .map(|i| {
+                let audit = audit.clone();
+                tokio::spawn(
+                    async move { audit.append_durable(Record::new("test.failed").field("i", i)).await },
+                )
+            })
+            .collect();
+        let first_seq = first.await.unwrap().unwrap();
+        for w in waiters {
+            let r = w.await.unwrap();
+            assert!(matches!(r, Err(AuditError::Unavailable { .. })), "{r:?}");
+        }
+        // Refused at once while it rides the fault out, then acknowledged again.
+        let mut refused = 0;
+        let resumed_seq = loop {
+            match audit.append_durable(Record::new("test.later")).await {
+                Ok(seq) => break seq,
+                Err(AuditError::Unavailable { .. }) => refused += 1,
+                Err(e) => panic!("{e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(refused > 0);
+        assert!(resumed_seq > first_seq);
+        shutdown.cancel();
+        handle.await.unwrap();
+        let all = records(&opts.config.dir);
+        assert!(all.iter().all(|r| r["event"] != "test.failed"), "an unacknowledged record is in the chain");
+        let resumed: Vec<_> = all.iter().filter(|r| r["event"] == "audit.resumed").collect();
+        assert_eq!(resumed.len(), 1);
+        assert!(resumed[0]["reason"].as_str().unwrap().contains("No space"), "{}", resumed[0]["reason"]);
+        intact(root.path());
+    }
+
+    /// A waiting append whose future is dropped (its session gone) while a batch is being synced: the
+    /// writer is handed on to the next waiter, and the dropped one's record is still written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_dropped_waiter_does_not_take_the_writer_with_it() {
+        let root = tempfile::tempdir().unwrap();
+        let opts = AuditOptions::in_dir(root.path());
+        let shutdown = CancellationToken::new();
+        let (audit, handle) = Audit::start_with(&opts, shutdown.clone()).unwrap();
+        let syncs = count_syncs(&opts.config.dir, Duration::from_millis(50));
+        let first = {
+            let audit = audit.clone();
+            tokio::spawn(async move { audit.append_durable(Record::new("test.first")).await })
+        };
+        while syncs.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let dropped =
+            tokio::time::timeout(Duration::from_millis(5), audit.append_durable(Record::new("test.dropped")))
+                .await;
+        assert!(dropped.is_err(), "the batch before it is still being synced");
+        let next = {
+            let audit = audit.clone();
+            tokio::spawn(async move { audit.append_durable(Record::new("test.next")).await })
+        };
+        first.await.unwrap().unwrap();
+        let next_seq = next.await.unwrap().unwrap();
+        // And again, with nobody else waiting when the writer is handed to the dropped one.
+        let third = {
+            let audit = audit.clone();
+            tokio::spawn(async move { audit.append_durable(Record::new("test.third")).await })
+        };
+        while syncs.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let gone =
+            tokio::time::timeout(Duration::from_millis(5), audit.append_durable(Record::new("test.gone")))
+                .await;
+        assert!(gone.is_err());
+        third.await.unwrap().unwrap();
+        let last = audit.append_durable(Record::new("test.last")).await.unwrap();
+        assert!(last > next_seq);
+        shutdown.cancel();
+        handle.await.unwrap();
+        let events: Vec<String> =
+            records(&opts.config.dir).iter().map(|r| r["event"].as_str().unwrap().to_owned()).collect();
+        for e in ["test.first", "test.dropped", "test.next", "test.third", "test.gone", "test.last"] {
+            assert!(events.iter().any(|x| x == e), "{e} missing: {events:?}");
+        }
+        intact(root.path());
+    }
+
+    /// On the tests' current-thread runtime (no `block_in_place`) the same commit path works.
+    #[tokio::test]
+    async fn durable_appends_on_a_current_thread_runtime() {
+        let root = tempfile::tempdir().unwrap();
+        let opts = AuditOptions::in_dir(root.path());
+        let shutdown = CancellationToken::new();
+        let (audit, handle) = Audit::start_with(&opts, shutdown.clone()).unwrap();
+        let tasks: Vec<_> = (0..20u64)
+            .map(|i| {
+                let audit = audit.clone();
+                tokio::spawn(async move { audit.append_durable(Record::new("test.ct").field("i", i)).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        shutdown.cancel();
+        handle.await.unwrap();
+        intact(root.path());
     }
 }

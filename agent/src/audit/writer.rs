@@ -326,6 +326,8 @@ impl Writer {
     /// fdatasync, timed for the metrics.
     fn timed_sync(&self) -> std::io::Result<()> {
         let started = std::time::Instant::now();
+        #[cfg(test)]
+        test_hook::before_sync(&self.s.dir)?;
         let r = self.file.sync_data();
         self.s.metrics.audit_synced(started.elapsed());
         r
@@ -699,4 +701,30 @@ fn create_file(path: &Path) -> Result<File, AuditError> {
 
 fn sync_dir(dir: &Path) -> Result<(), AuditError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|source| AuditError::io("sync", dir, source))
+}
+
+/// Tests' way into the writer's fdatasync: a hook per audit directory, run before each one (it may
+/// wait, to let appends queue behind a batch, or fail, as a full disk would).
+#[cfg(test)]
+pub(crate) mod test_hook {
+    use std::path::{Path, PathBuf};
+    use std::sync::{Arc, Mutex};
+
+    pub type Hook = Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>;
+
+    static HOOKS: Mutex<Vec<(PathBuf, Hook)>> = Mutex::new(Vec::new());
+
+    pub fn set(dir: &Path, hook: Hook) {
+        let mut hooks = HOOKS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        hooks.retain(|(d, _)| d != dir);
+        hooks.push((dir.to_path_buf(), hook));
+    }
+
+    pub(super) fn before_sync(dir: &Path) -> std::io::Result<()> {
+        let hook = {
+            let hooks = HOOKS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            hooks.iter().find(|(d, _)| d == dir).map(|(_, h)| h.clone())
+        };
+        hook.map_or(Ok(()), |h| h())
+    }
 }

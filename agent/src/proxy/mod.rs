@@ -309,17 +309,21 @@ impl Proxy {
         }
         clock.step(&self.metrics, SetupStep::Record);
         let timed = |step, since: Instant| self.metrics.setup_step(step, since.elapsed());
-        let (recorded, connected) = tokio::join!(
-            async {
-                let since = Instant::now();
-                let r = self.audit.append_durable(start).await;
-                timed(SetupStep::Durable, since);
-                r
-            },
+        // The connect is polled first, so its SYN (or the pool checkout) is under way before this task makes
+        // the record durable: a session that leads its batch does the fdatasync on its own thread
+        // (`Audit::append_durable`), and the kernel completes the handshake meanwhile.
+        let (connected, recorded) = tokio::join!(
+            biased;
             async {
                 let since = Instant::now();
                 let r = greeting.connect(origin.dst, &admission.terms).await;
                 timed(SetupStep::Connect, since);
+                r
+            },
+            async {
+                let since = Instant::now();
+                let r = self.audit.append_durable(start).await;
+                timed(SetupStep::Durable, since);
                 r
             }
         );
