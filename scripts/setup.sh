@@ -28,6 +28,8 @@ PKGS+=(clang libclang-dev)
 PKGS+=(gcc libpq-dev)
 # The PostgreSQL benchmark's peers: pgbench (postgresql-contrib) and pgbouncer in session mode.
 PKGS+=(postgresql-contrib pgbouncer)
+# Counts that do not depend on load, for profiling the daemon under a benchmark (scripts/pg-callgrind.sh).
+PKGS+=(valgrind strace)
 # Node.js (for the OpenID provider the tests run) ships with these machines; Debian's is the fallback.
 command -v node >/dev/null 2>&1 || PKGS+=(nodejs npm)
 missing=()

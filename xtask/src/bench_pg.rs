@@ -11,12 +11,16 @@
 //! `pg_setup` debug lines (one per session: agent TLS, startup, gate, pool checkout, durable
 //! `session.start` wait, upstream login, greeting) and pgbench's average connection time.
 //!
-//! Last, the daemon's resident memory per idle session: [`IDLE_SESSIONS`] clients in the tagged cgroup
-//! finish their startup and stay idle while the daemon's RSS is read before and after.
+//! First, before any pgbench run (so the allocator has no freed session memory to reuse), the daemon's
+//! resident memory per idle session: after one warm-up session, [`IDLE_SESSIONS`] clients in the tagged
+//! cgroup finish their startup and stay idle while the daemon's RSS is read before and after.
 //!
-//! `cargo xtask bench postgres [--seconds N] [--warden PATH] [--no-write] [--only TEXT]` (`--only`: the
-//! cases whose name contains TEXT, e.g. `"-S, 8"`, for profiling one case; the section is then printed,
-//! not written).
+//! `cargo xtask bench postgres [--seconds N | --transactions N] [--warden PATH] [--no-write] [--only TEXT]
+//! [--around CMD]` (`--only`: the cases whose name contains TEXT, e.g. `"-S, 8"`, or `idle` for the idle
+//! sessions alone, for profiling one case; the section is then printed, not written. `--transactions`:
+//! pgbench `-t N` per client instead of `-T`, for counts that do not depend on time. `--around`: runs
+//! `CMD before PID` and `CMD after PID` around every run through Warden, with the daemon's PID, e.g. to
+//! zero and dump a `valgrind --tool=callgrind` daemon started by a `--warden` wrapper).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -92,18 +96,24 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut warden = None;
     let mut write = true;
     let mut only = None;
+    let mut transactions = None;
+    let mut around = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--seconds" => seconds = it.next().context("--seconds N")?.parse()?,
             "--warden" => warden = Some(PathBuf::from(it.next().context("--warden PATH")?)),
             "--no-write" => write = false,
+            "--transactions" => {
+                transactions = Some(it.next().context("--transactions N")?.parse::<u32>()?);
+            }
+            "--around" => around = Some(it.next().context("--around CMD")?.clone()),
             "--only" => {
                 only = Some(it.next().context("--only TEXT")?.clone());
                 write = false;
             }
             other => bail!(
-                "unknown argument {other}; usage: cargo xtask bench postgres [--seconds N] [--warden PATH] [--no-write] [--only TEXT]"
+                "unknown argument {other}; usage: cargo xtask bench postgres [--seconds N | --transactions N] [--warden PATH] [--no-write] [--only TEXT] [--around CMD]"
             ),
         }
     }
@@ -282,6 +292,23 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     };
     let middle = [None, Some(daemon_pid), Some(bouncer_pid)];
     let load_before = loadavg();
+    // Cold: before any pgbench session has come and gone (see the module docs).
+    let idle = if only.as_deref().is_none_or(|o| "idle sessions".contains(o)) {
+        let (_, _, tagged) = &peers[1];
+        idle_memory(daemon_pid, tagged.context("the Warden peer is tagged")?, pg_addr)?
+    } else {
+        String::new()
+    };
+    let length = match transactions {
+        Some(n) => ["-t".to_owned(), n.to_string()],
+        None => ["-T".to_owned(), seconds.to_string()],
+    };
+    let hook = |when: &str, pid: u32| -> anyhow::Result<()> {
+        if let Some(cmd) = &around {
+            sh(Command::new("sh").arg("-c").arg(format!("{cmd} {when} {pid}")))?;
+        }
+        Ok(())
+    };
     let mut table = String::new();
     table.push_str("| case | direct tps | Warden tps | pgbouncer tps | Warden / direct | Warden / pgbouncer | CPU µs per transaction, Warden / pgbouncer | upstream logins, Warden / pgbouncer |\n|---|---|---|---|---|---|---|---|\n");
     let mut connection_ms = Vec::new();
@@ -306,9 +333,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 }
                 None => Command::new(pg_bin("pgbench")),
             };
-            cmd.args(flags).args(["-n", "-T", &seconds.to_string(), conninfo]).env_remove("PGPASSWORD");
+            cmd.args(flags).arg("-n").args(&length).arg(conninfo).env_remove("PGPASSWORD");
+            if *peer == "warden" {
+                hook("before", daemon_pid)?;
+            }
             // pgbench's exit status is non-zero when a client aborted; the tps line says how far it got.
             let (_, out) = run_cmd_output(&mut cmd).with_context(|| format!("pgbench {name} via {peer}"))?;
+            if *peer == "warden" {
+                hook("after", daemon_pid)?;
+            }
             let t = out
                 .lines()
                 .find(|l| l.starts_with("tps = "))
@@ -386,12 +419,6 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             connection_ms.push(("-S -C, 1 client, TLS to Warden, via warden".into(), ms));
         }
     }
-    let idle = if only.is_none() {
-        let (_, _, tagged) = &peers[1];
-        idle_memory(daemon_pid, tagged.context("the Warden peer is tagged")?, pg_addr)?
-    } else {
-        String::new()
-    };
     let load_after = loadavg();
     let breakdown = setup_breakdown(&std::fs::read_to_string(dir.join("warden.log")).unwrap_or_default());
     let mut connections = String::from("| run | average connection time (pgbench) |\n|---|---|\n");
@@ -407,7 +434,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let pg_version = sh(Command::new(pg_bin("postgres")).arg("--version")).unwrap_or_default();
     let bouncer_version = sh(Command::new(pgbouncer).arg("--version")).unwrap_or_default();
     let section = format!(
-        "## PostgreSQL\n\n`cargo xtask bench postgres` ({seconds} s per run; {cpus} CPUs; load average {load_before} before, {load_after} after; {pg}; {bouncer}; upstream TLS and SCRAM for Warden and pgbouncer; Warden recorded {queries} `pg.query` records; target {pg_addr}).\n\n{table}\n### Connection set-up\n\npgbench's average connection time (client side: connect to first ReadyForQuery):\n\n{connections}\nInside the daemon, per session (median and 90th percentile in µs, from the `pg_setup` debug lines; `start` is when the handler got the connection, after the proxy's accept and origin lookup):\n\n{breakdown}\n### Idle sessions\n\n{idle}",
+        "## PostgreSQL\n\n`cargo xtask bench postgres` ({per_run} per run; {cpus} CPUs; load average {load_before} before, {load_after} after; {pg}; {bouncer}; upstream TLS and SCRAM for Warden and pgbouncer; Warden recorded {queries} `pg.query` records; target {pg_addr}).\n\n{table}\n### Connection set-up\n\npgbench's average connection time (client side: connect to first ReadyForQuery):\n\n{connections}\nInside the daemon, per session (median and 90th percentile in µs, from the `pg_setup` debug lines; `start` is when the handler got the connection, after the proxy's accept and origin lookup):\n\n{breakdown}\n### Idle sessions\n\n{idle}",
+        per_run = transactions.map_or(format!("{seconds} s"), |n| format!("{n} transactions per client")),
         cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         pg = pg_version.trim(),
         bouncer = bouncer_version.lines().next().unwrap_or("pgbouncer").trim(),
@@ -445,16 +473,15 @@ print('ready', flush=True)
 sys.stdin.read()
 ";
 
-/// The daemon's resident memory per idle PostgreSQL session: RSS before and while `IDLE_SESSIONS` clients
-/// of the tagged cgroup sit idle after their startup.
-fn idle_memory(daemon: u32, cg: &Path, pg: SocketAddr) -> anyhow::Result<String> {
+/// `n` sessions of the tagged cgroup, each through its startup, held open until the returned client's
+/// stdin closes.
+fn idle_client(n: usize, cg: &Path, pg: SocketAddr) -> anyhow::Result<Child> {
     use std::io::BufRead as _;
-    let before = rss_kib(daemon)?;
     let mut child = Command::new("sh")
         .arg("-c")
         .arg("echo $$ > \"$0\"/cgroup.procs && exec \"$@\"")
         .arg(cg)
-        .args(["python3", "-c", IDLE_CLIENT, &IDLE_SESSIONS.to_string(), &pg.ip().to_string()])
+        .args(["python3", "-c", IDLE_CLIENT, &n.to_string(), &pg.ip().to_string()])
         .arg(pg.port().to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -462,7 +489,23 @@ fn idle_memory(daemon: u32, cg: &Path, pg: SocketAddr) -> anyhow::Result<String>
         .context("python3 (the idle sessions' client)")?;
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().context("the client's stdout")?).read_line(&mut line)?;
-    ensure!(line.trim() == "ready", "the idle sessions' client failed: {line:?}");
+    if line.trim() != "ready" {
+        stop_child(&mut child);
+        bail!("the idle sessions' client failed: {line:?}");
+    }
+    Ok(child)
+}
+
+/// The daemon's resident memory per idle PostgreSQL session, cold: after one warm-up session (the first
+/// session's one-time costs: TLS configuration, the classifier, the pool's task), RSS before and while
+/// `IDLE_SESSIONS` clients of the tagged cgroup sit idle after their startup. Run before any other session.
+fn idle_memory(daemon: u32, cg: &Path, pg: SocketAddr) -> anyhow::Result<String> {
+    let mut warm = idle_client(1, cg, pg)?;
+    drop(warm.stdin.take());
+    let _ = warm.wait();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before = rss_kib(daemon)?;
+    let mut child = idle_client(IDLE_SESSIONS, cg, pg)?;
     std::thread::sleep(std::time::Duration::from_secs(1));
     let during = rss_kib(daemon)?;
     drop(child.stdin.take());
@@ -470,7 +513,7 @@ fn idle_memory(daemon: u32, cg: &Path, pg: SocketAddr) -> anyhow::Result<String>
     let per = ratio(during.saturating_sub(before) * 1024, IDLE_SESSIONS as u64);
     println!("{IDLE_SESSIONS} idle sessions: daemon RSS {before} KiB before, {during} KiB with them");
     Ok(format!(
-        "{IDLE_SESSIONS} idle sessions through Warden (plain agent leg; TLS and SCRAM upstream, a fresh or pooled upstream connection each): the daemon's RSS went from {before} KiB to {during} KiB, {per:.0} bytes per idle session.\n"
+        "{IDLE_SESSIONS} idle sessions through Warden, measured cold (before any pgbench run, after one warm-up session; plain agent leg; TLS and SCRAM upstream, each but the first a fresh upstream login): the daemon's RSS went from {before} KiB to {during} KiB, {per:.0} bytes per idle session.\n"
     ))
 }
 

@@ -143,9 +143,12 @@ pub type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
 #[derive(Debug, Clone)]
 pub struct Record {
     pub event: String,
-    /// The record's own fields, after the [`SharedFields`] it starts with, if any.
+    /// The record's own fields, after the [`SharedFields`] it starts with, if any (and after its
+    /// [`Raw`] fields: a record has either, never both, see [`Record::field`]).
     pub fields: Map<String, Value>,
     shared: Option<Arc<SharedFields>>,
+    /// A record made with [`Record::with_shared`]: its fields serialised as they are added.
+    raw: Option<Raw>,
 }
 
 /// Fields many records start with (a session's `session`, `pid`, `identity`...), checked and serialised
@@ -169,20 +172,84 @@ impl SharedFields {
     }
 }
 
-impl Record {
-    pub fn new(event: &str) -> Self {
-        Self { event: event.to_owned(), fields: Map::new(), shared: None }
+/// The fields of a record on a hot path (a `pg.query` per statement), written as the writer would write
+/// them, as they are added: the shared fields' JSON, then `,"key":value` per field, in one buffer. No map,
+/// no per-field key or value allocation; the same bytes as the map would give ([`format::RawFormatter`]
+/// writes floats as [`format::encode_fields`] does; debug builds compare every field with the map's
+/// encoding). A key that would need more than this (reserved, shared, repeated, escaped, one too many)
+/// turns the record back into a map first ([`Record::unraw`]), which then behaves as before.
+#[derive(Debug, Clone)]
+struct Raw {
+    json: Vec<u8>,
+    /// Where each own key starts in `json` (its opening quote), to refuse a repeated key.
+    keys: [u32; RAW_KEYS],
+    count: usize,
+}
+
+/// Own fields a raw record keeps before it turns into a map.
+const RAW_KEYS: usize = 16;
+
+impl Raw {
+    fn has(&self, key: &str) -> bool {
+        self.keys[..self.count].iter().any(|&at| {
+            let at = at as usize + 1;
+            self.json.get(at..at + key.len()) == Some(key.as_bytes())
+                && self.json.get(at + key.len()) == Some(&b'"')
+        })
     }
 
-    /// A record that starts with `shared`'s fields.
+    /// Appends `,"key":value`, or gives back the value's error with the buffer as it was.
+    fn push(&mut self, key: &str, value: &impl Serialize) -> Result<(), serde_json::Error> {
+        let start = self.json.len();
+        self.json.push(b',');
+        let at = u32::try_from(self.json.len()).unwrap_or(u32::MAX);
+        self.json.push(b'"');
+        self.json.extend_from_slice(key.as_bytes());
+        self.json.extend_from_slice(b"\":");
+        let mut ser = serde_json::Serializer::with_formatter(&mut self.json, format::RawFormatter);
+        if let Err(e) = value.serialize(&mut ser) {
+            self.json.truncate(start);
+            return Err(e);
+        }
+        self.keys[self.count] = at;
+        self.count += 1;
+        Ok(())
+    }
+}
+
+impl Record {
+    pub fn new(event: &str) -> Self {
+        Self { event: event.to_owned(), fields: Map::new(), shared: None, raw: None }
+    }
+
+    /// A record that starts with `shared`'s fields, its own written as they are added (see [`Raw`]).
     pub fn with_shared(event: &str, shared: Arc<SharedFields>) -> Self {
-        Self { event: event.to_owned(), fields: Map::with_capacity(8), shared: Some(shared) }
+        let mut json = Vec::with_capacity(shared.json.len() + 192);
+        json.extend_from_slice(&shared.json);
+        let raw = Raw { json, keys: [0; RAW_KEYS], count: 0 };
+        Self { event: event.to_owned(), fields: Map::new(), shared: Some(shared), raw: Some(raw) }
     }
 
     /// Adds a field. A value that cannot be serialised is recorded as a string saying so. A key of the
     /// shared fields replaces that field in place, as for a record's own fields.
     #[must_use]
     pub fn field(mut self, key: &str, value: impl Serialize) -> Self {
+        if let Some(raw) = &mut self.raw {
+            let plain = |c: &u8| *c >= 0x20 && *c != b'"' && *c != b'\\' && *c < 0x7f;
+            let shared = self.shared.as_ref().is_some_and(|s| s.fields.contains_key(key));
+            if raw.count < RAW_KEYS
+                && key.bytes().all(|c| plain(&c))
+                && !format::RESERVED.contains(&key)
+                && !shared
+                && !raw.has(key)
+                && raw.push(key, &value).is_ok()
+            {
+                #[cfg(debug_assertions)]
+                raw_matches_map(raw, key, &value);
+                return self;
+            }
+            self.unraw();
+        }
         let value =
             serde_json::to_value(value).unwrap_or_else(|e| Value::String(format!("<unserialisable: {e}>")));
         if self.shared.as_ref().is_some_and(|s| s.fields.contains_key(key)) {
@@ -192,8 +259,28 @@ impl Record {
         self
     }
 
+    /// Turns a raw record into a map of its own fields (its shared ones left shared), as if every field
+    /// had been added to the map.
+    fn unraw(&mut self) {
+        let Some(raw) = self.raw.take() else { return };
+        let shared = self.shared.as_ref().map_or(0, |s| s.json.len());
+        let own = &raw.json[shared..];
+        let mut object = Vec::with_capacity(own.len() + 2);
+        object.push(b'{');
+        object.extend_from_slice(own.get(1..).unwrap_or_default());
+        object.push(b'}');
+        match serde_json::from_slice::<Map<String, Value>>(&object) {
+            Ok(map) => self.fields = map,
+            Err(e) => {
+                // Not reachable: the buffer holds what serde_json wrote. Kept visible if it ever is.
+                self.fields.insert("unraw_error".into(), Value::String(e.to_string()));
+            }
+        }
+    }
+
     /// Moves the shared fields into the record's own (before them).
     fn unshare(&mut self) {
+        self.unraw();
         if let Some(shared) = self.shared.take() {
             let mut all = shared.fields.clone();
             all.extend(std::mem::take(&mut self.fields));
@@ -202,8 +289,19 @@ impl Record {
     }
 
     /// The event, the serialised shared fields and the record's own fields, as the writer encodes them
-    /// (the shared ones moved into the record's own if a key was added to both).
+    /// (the shared ones moved into the record's own if a key was added to both; for a raw record the
+    /// serialised fields are all of them and the map is empty).
     pub(crate) fn parts(&mut self) -> (&str, &[u8], &Map<String, Value>) {
+        if self.raw.is_some() && !self.fields.is_empty() {
+            // Someone wrote `fields` directly: keep every field, in order.
+            let extra = std::mem::take(&mut self.fields);
+            self.unraw();
+            self.fields.extend(extra);
+        }
+        if self.raw.is_some() {
+            let json = self.raw.as_ref().map_or(&[][..], |r| &r.json[..]);
+            return (&self.event, json, &self.fields);
+        }
         if self.shared.as_ref().is_some_and(|s| self.fields.keys().any(|k| s.fields.contains_key(k))) {
             self.unshare();
         }
@@ -212,6 +310,23 @@ impl Record {
             None => (&self.event, b"", &self.fields),
         }
     }
+}
+
+/// Debug builds: the raw field just written is exactly what the map would have written.
+#[cfg(debug_assertions)]
+fn raw_matches_map(raw: &Raw, key: &str, value: &impl Serialize) {
+    let value =
+        serde_json::to_value(value).unwrap_or_else(|e| Value::String(format!("<unserialisable: {e}>")));
+    let mut map = Map::new();
+    map.insert(key.to_owned(), value);
+    let mut expected = Vec::new();
+    format::encode_fields(&mut expected, &map).expect("a map value serialises");
+    let start = raw.keys[raw.count - 1] as usize - 1;
+    assert_eq!(
+        String::from_utf8_lossy(&raw.json[start..]),
+        String::from_utf8_lossy(&expected),
+        "a raw record field differs from its map encoding"
+    );
 }
 
 /// A record queued for the next batch, and who waits on it.

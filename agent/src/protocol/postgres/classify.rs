@@ -266,6 +266,11 @@ impl SessionState {
     /// Apply a checked string's effects, or refuse it if it executes a name Warden did not see prepared
     /// in a session where that matters (`read`, or masks).
     fn admit(&mut self, checked: &Checked, guarded: bool) -> Result<(), Refused> {
+        if checked.session.is_empty() {
+            // Most strings: nothing to apply (and no copy of the set to make).
+            return Ok(());
+        }
+        // Applied to a copy, kept only if every effect is admitted.
         let mut prepared = self.prepared.clone();
         for effect in &checked.session {
             match effect {
@@ -371,9 +376,12 @@ pub struct Classifier {
 
 struct Cache {
     capacity: usize,
-    current: HashMap<[u8; 32], Outcome>,
-    previous: HashMap<[u8; 32], Outcome>,
+    current: HashMap<[u8; 32], Cached>,
+    previous: HashMap<[u8; 32], Cached>,
 }
+
+/// A cached verdict: a statement let through is shared, not copied, by every hit.
+type Cached = Result<Arc<Checked>, Refused>;
 
 impl Classifier {
     pub fn new(capacity: usize) -> Self {
@@ -395,7 +403,7 @@ impl Classifier {
     /// columns are not known: handlers use [`Classifier::check_session`].
     pub fn check(&self, sql: &str, access: Access, mask: &[String]) -> Result<Checked, Refused> {
         let mut state = SessionState::default();
-        self.check_session(sql, access, mask, &mut state)
+        self.check_session(sql, access, mask, &mut state).map(Arc::unwrap_or_clone)
     }
 
     /// [`Classifier::check`] within a session: `EXECUTE` of names this session prepared through Warden is
@@ -406,7 +414,7 @@ impl Classifier {
         access: Access,
         mask: &[String],
         state: &mut SessionState,
-    ) -> Result<Checked, Refused> {
+    ) -> Result<Arc<Checked>, Refused> {
         let key = cache_key(sql, access, mask, &state.digest);
         let cached = self.lock().get(&key);
         let outcome = if let Some(o) = cached {
@@ -421,6 +429,7 @@ impl Classifier {
             } else {
                 self.parsed.fetch_add(1, Ordering::Relaxed);
                 let (o, blind) = classify_blind(sql, access, mask, &state.tainted, &state.shadowed);
+                let o = o.map(Arc::new);
                 let mut cache = self.lock();
                 cache.put(key, o.clone());
                 if let (Some(shape), Some(blind)) = (shape, blind)
@@ -453,7 +462,7 @@ impl Classifier {
 }
 
 impl Cache {
-    fn get(&mut self, key: &[u8; 32]) -> Option<Outcome> {
+    fn get(&mut self, key: &[u8; 32]) -> Option<Cached> {
         if let Some(o) = self.current.get(key) {
             return Some(o.clone());
         }
@@ -462,7 +471,7 @@ impl Cache {
         Some(o)
     }
 
-    fn put(&mut self, key: [u8; 32], o: Outcome) {
+    fn put(&mut self, key: [u8; 32], o: Cached) {
         if self.current.len() >= self.capacity {
             self.previous = std::mem::take(&mut self.current);
         }

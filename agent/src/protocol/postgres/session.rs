@@ -609,12 +609,12 @@ impl Relay<'_> {
             // After an extended-protocol error everything up to Sync is dropped, as a server does.
             b'Q' | b'F' if self.skipping => {}
             b'Q' => {
-                let text = Reader::new(&f.body).cstr().map_err(malformed)?.to_owned();
-                match self.shared.classifier.check_session(&text, access, masks, &mut self.state) {
-                    Err(r) => self.refuse("simple", &text, r.sqlstate, &r.message, true)?,
+                let text = Reader::new(&f.body).cstr().map_err(malformed)?;
+                match self.shared.classifier.check_session(text, access, masks, &mut self.state) {
+                    Err(r) => self.refuse("simple", text, r.sqlstate, &r.message, true)?,
                     Ok(c) => {
                         let p =
-                            self.record_query("simple", &text, Some(c.statements), &c.masks_applied, None)?;
+                            self.record_query("simple", text, Some(c.statements), &c.masks_applied, None)?;
                         self.up.conn.send(f);
                         self.expect.push_back(Expect::Simple(p));
                     }
@@ -630,7 +630,7 @@ impl Relay<'_> {
                 match self.shared.classifier.check_session(&text, access, masks, &mut self.state) {
                     Err(r) => self.refuse("extended", &text, r.sqlstate, &r.message, false)?,
                     Ok(c) => {
-                        self.statements.insert(name, Statement { text, masks: c.masks_applied });
+                        self.statements.insert(name, Statement { text, masks: c.masks_applied.clone() });
                         self.up.conn.send(f);
                         self.expect.push_back(Expect::Parse);
                     }
