@@ -184,7 +184,8 @@ fn live_sessions(warden: &Path, config: &Path) -> Option<u64> {
 }
 
 /// The daemon's resident memory per idle SSH session: `n` clients through Warden running `sleep`, the
-/// daemon's RSS before and once all are live.
+/// daemon's RSS before, once all are live, and after they have ended and the daemon has had time to give
+/// the freed memory back (`daemon/memory.rs` looks every 10 s).
 fn idle_memory(
     peer: &Peer<'_>,
     target: &str,
@@ -195,7 +196,7 @@ fn idle_memory(
 ) -> anyhow::Result<String> {
     let before = rss_kib(daemon)?;
     let mut clients = Vec::new();
-    let result = (|| {
+    let live = (|| {
         for _ in 0..n {
             clients.push(peer.spawn(&format!("$SSH {target} 'sleep 600'"))?);
         }
@@ -204,26 +205,28 @@ fn idle_memory(
             ensure!(Instant::now() < deadline, "{n} idle ssh sessions did not all go live within 120 s");
             std::thread::sleep(Duration::from_millis(200));
         }
-        // Let the set-up's transient buffers go, then measure twice: at once (the allocator still holds
-        // what the handshakes freed) and after the daemon's next trim (`daemon/memory.rs`, every 10 s).
+        // Let the set-up's transient buffers go before measuring.
         std::thread::sleep(Duration::from_secs(2));
-        let at_once = rss_kib(daemon)?;
-        std::thread::sleep(Duration::from_secs(11));
-        let after = rss_kib(daemon)?;
-        let per = |kib: u64| kib.saturating_sub(before) * 1024 / u64::from(n);
-        let (per_at_once, per_after) = (per(at_once), per(after));
-        println!(
-            "idle ssh sessions: {n}; daemon RSS {before} KiB -> {at_once} KiB at once ({per_at_once} bytes per session) -> {after} KiB after the allocator trim ({per_after} bytes per session)"
-        );
-        Ok(format!(
-            "Idle sessions: {n} `ssh host 'sleep 600'` through Warden took the daemon's resident memory from {before} KiB to {at_once} KiB right after they were set up ({per_at_once} bytes per session: the allocator still held what the handshakes freed) and to {after} KiB once the daemon had returned freed memory to the kernel (it looks every 10 s), **{per_after} bytes per idle SSH session** (RSS delta / sessions; each holds an agent-side russh server, an upstream russh client and a channel bridge)."
-        ))
+        rss_kib(daemon)
     })();
     for c in &mut clients {
         let _ = c.kill();
         let _ = c.wait();
     }
-    result
+    let live = live?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while live_sessions(warden, config).unwrap_or(0) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(11));
+    let ended = rss_kib(daemon)?;
+    let per = live.saturating_sub(before) * 1024 / u64::from(n);
+    println!(
+        "idle ssh sessions: {n}; daemon RSS {before} KiB -> {live} KiB; {per} bytes per session; {ended} KiB 11 s after they ended"
+    );
+    Ok(format!(
+        "Idle sessions: {n} `ssh host 'sleep 600'` through Warden took the daemon's resident memory from {before} KiB to {live} KiB, **{per} bytes per idle SSH session** (RSS delta / sessions; each holds an agent-side russh server, an upstream russh client and a channel bridge); 11 s after they had ended it was {ended} KiB (the daemon gives freed memory back every 10 s)."
+    ))
 }
 
 /// The `ssh_setup` lines of the daemon's log as a table: the median and 90th percentile of each phase.
