@@ -136,30 +136,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     let haproxy = which("haproxy")
         .context("haproxy is not installed: run scripts/setup.sh or `apt-get install -y haproxy`")?;
-    let warden = match &opts.warden {
-        Some(p) => p.clone(),
-        None => build_warden(true)?,
-    };
-    let client_exe = std::env::current_exe().context("the xtask binary's path")?;
-
-    let dir = std::env::temp_dir().join(format!("warden-bench-{}", std::process::id()));
-    let tag = format!("warden-bench-{}", std::process::id());
-    let mut guard = Guard {
-        dir: dir.clone(),
-        children: vec![],
-        extra_dirs: vec![],
-        bpffs: PathBuf::from("/sys/fs/bpf").join(&tag),
-        cgroup_parent: cgroup2_root()?.join(&tag),
-    };
-    std::fs::create_dir_all(&dir)?;
-
-    let target = Target::start()?;
-    println!("target server on {}", target.addr);
-
-    let keys = dir.join("idp-keys");
-    let (idp, issuer) = start_idp(&keys)?;
-    guard.children.push(idp);
-    println!("test OpenID provider at {issuer}");
+    let Prepared { mut guard, warden, client_exe, dir, tag, keys, issuer, target } = prepare(&opts)?;
 
     let haproxy_port = free_port()?;
     std::fs::write(dir.join("haproxy.cfg"), haproxy_config(haproxy_port, target.addr))?;
@@ -250,25 +227,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 /// program is live), then untagged loopback connections under the kernel's BPF statistics: each program's
 /// mean run time and runs per connection, and the sum.
 fn bpf_only(opts: &Options) -> anyhow::Result<()> {
-    let warden = match &opts.warden {
-        Some(p) => p.clone(),
-        None => build_warden(true)?,
-    };
-    let client_exe = std::env::current_exe().context("the xtask binary's path")?;
-    let dir = std::env::temp_dir().join(format!("warden-bench-{}", std::process::id()));
-    let tag = format!("warden-bench-{}", std::process::id());
-    let mut guard = Guard {
-        dir: dir.clone(),
-        children: vec![],
-        extra_dirs: vec![],
-        bpffs: PathBuf::from("/sys/fs/bpf").join(&tag),
-        cgroup_parent: cgroup2_root()?.join(&tag),
-    };
-    std::fs::create_dir_all(&dir)?;
-    let target = Target::start()?;
-    let keys = dir.join("idp-keys");
-    let (idp, issuer) = start_idp(&keys)?;
-    guard.children.push(idp);
+    let Prepared { guard, warden, client_exe, dir, tag, keys, issuer, target } = prepare(opts)?;
     let ports = (free_port()?, free_port()?);
     let config = dir.join("warden.toml");
     std::fs::write(dir.join("policy.yaml"), policy(target.addr))?;
@@ -327,6 +286,47 @@ fn bpf_only(opts: &Options) -> anyhow::Result<()> {
 }
 
 /// What the bench started, stopped and removed when it drops, even on error.
+/// What every bench run starts from: the binaries, its directory and tag, the cleanup guard (holding the
+/// OpenID provider), the target server and the provider's keys and issuer.
+struct Prepared {
+    // Dropped in this order: the target server stops before the guard cleans up.
+    target: Target,
+    guard: Guard,
+    warden: PathBuf,
+    client_exe: PathBuf,
+    dir: PathBuf,
+    tag: String,
+    keys: PathBuf,
+    issuer: String,
+}
+
+/// Builds (or takes) the Warden binary, makes the run's directory, starts the target server and the test
+/// OpenID provider.
+fn prepare(opts: &Options) -> anyhow::Result<Prepared> {
+    let warden = match &opts.warden {
+        Some(p) => p.clone(),
+        None => build_warden(true)?,
+    };
+    let client_exe = std::env::current_exe().context("the xtask binary's path")?;
+    let dir = std::env::temp_dir().join(format!("warden-bench-{}", std::process::id()));
+    let tag = format!("warden-bench-{}", std::process::id());
+    let mut guard = Guard {
+        dir: dir.clone(),
+        children: vec![],
+        extra_dirs: vec![],
+        bpffs: PathBuf::from("/sys/fs/bpf").join(&tag),
+        cgroup_parent: cgroup2_root()?.join(&tag),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let target = Target::start()?;
+    println!("target server on {}", target.addr);
+    let keys = dir.join("idp-keys");
+    let (idp, issuer) = start_idp(&keys)?;
+    guard.children.push(idp);
+    println!("test OpenID provider at {issuer}");
+    Ok(Prepared { target, guard, warden, client_exe, dir, tag, keys, issuer })
+}
+
 struct Guard {
     dir: PathBuf,
     children: Vec<Child>,
