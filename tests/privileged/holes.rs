@@ -366,6 +366,7 @@ fn tagging_ends_connections_made_before() {
     let mut lines = BufReader::new(p.stdout.take().unwrap()).lines();
     let ready: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
     assert_eq!(ready["greeting"], "hello other\n", "{ready}");
+    assert_eq!(ready["rthdr_before"]["ok"], true, "untagged, the routing header is taken: {ready}");
     let mut buf = [0u8; 64];
     let n = udp.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"before");
@@ -378,6 +379,12 @@ fn tagging_ends_connections_made_before() {
     let _ = p.wait();
     assert_eq!(v["tcp"]["ok"], false, "the TCP connection made before the tag: {v}");
     assert_eq!(v["udp"]["ok"], false, "the connected UDP socket made before the tag: {v}");
+    // A socket made in the cgroup before its tag runs the programs attached at tag time (they follow the
+    // socket's cgroup): the routing option is refused now.
+    let installed = w.wait_record("bpf.installed", |r| r["event"] == "bpf.installed");
+    if !installed["unavailable"].as_array().is_some_and(|u| u.iter().any(|n| n == "warden_setsockopt")) {
+        assert_eq!(v["rthdr"]["errno"], EPERM, "IPV6_RTHDR on a UDP socket made before the tag: {v}");
+    }
     udp.set_nonblocking(true).unwrap();
     assert!(udp.recv(&mut buf).is_err(), "nothing reached the UDP peer after the tag");
     // New connections from the cgroup are governed as usual.

@@ -35,8 +35,10 @@ probe.py bulk HOST PORT UP DOWN FIRST   send UP bytes (byte i is i % 251) and ha
 probe.py stream HOST PORT SECS       send 64 KiB writes for up to SECS; report how and when (ended_at) it ended
 probe.py recv-until HOST PORT        send a line, then read until end of stream or an error; report which
 probe.py reset HOST PORT N           send N bytes, then close with a reset (SO_LINGER 0)
-probe.py pretag HOST PORT UHOST UPORT   a TCP connection (greeting read) and a connected UDP socket; after a
-                                     line on stdin, use both again and report how that went
+probe.py pretag HOST PORT UHOST UPORT   a TCP connection (greeting read), a connected UDP socket and an
+                                     unconnected UDPv6 one (an IPV6_RTHDR set on another, as a control); after
+                                     a line on stdin, use the first two again, set IPV6_RTHDR on the third,
+                                     and report how that went
 """
 import ctypes, errno as errnos, json, os, socket, struct, sys, threading, time
 
@@ -636,9 +638,23 @@ elif op == "pretag":
     u = socket.socket(socket.AF_INET6 if ":" in args[2] else socket.AF_INET, socket.SOCK_DGRAM)
     u.connect((args[2], int(args[3])))
     u.send(b"before")
-    out(ready=True, greeting=greeting)
+    # A segment routing header through ::1 (see rthdr): valid, so only a hook refuses it.
+    srh = bytes([0, 4, 4, 1, 1, 0, 0, 0]) + socket.inet_pton(socket.AF_INET6, "::1") * 2
+    r = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    c = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        c.setsockopt(socket.IPPROTO_IPV6, 57, srh)
+        control = {"ok": True}
+    except OSError as e:
+        control = err(e)
+    out(ready=True, greeting=greeting, rthdr_before=control)
     sys.stdin.readline()
     res = {}
+    try:
+        r.setsockopt(socket.IPPROTO_IPV6, 57, srh)
+        res["rthdr"] = {"ok": True}
+    except OSError as e:
+        res["rthdr"] = err(e)
     try:
         t.sendall(b"after\n")
         data = t.recv(200)
