@@ -293,16 +293,19 @@ mod tests {
         assert_eq!(peek_ts(&line), Some("2026-11-23T08:00:00.000000001Z"));
     }
 
+    /// The line a record encodes to (as the writer would, at seq 3).
+    fn encoded(mut r: crate::audit::Record) -> Vec<u8> {
+        let (event, json, own) = r.parts();
+        encode_with(3, "t", "h", event, json, own, GENESIS_PREV).unwrap().0
+    }
+
     /// A record made from shared fields is the same line as one holding them all, and a key added again
     /// replaces the shared field in place (never a repeated key).
     #[test]
     fn shared_fields_make_the_same_line() {
         use crate::audit::{Record, SharedFields};
         let shared = SharedFields::new(fields()).unwrap();
-        let line = |mut r: Record| {
-            let (event, json, own) = r.parts();
-            encode_with(3, "t", "h", event, json, own, GENESIS_PREV).unwrap().0
-        };
+        let line = encoded;
         let mut all = Record::new("pg.query");
         all.fields = fields();
         let all = all.field("n", 1);
@@ -322,10 +325,7 @@ mod tests {
     fn raw_fields_make_the_same_line() {
         use crate::audit::{Record, SharedFields};
         let shared = SharedFields::new(fields()).unwrap();
-        let line = |mut r: Record| {
-            let (event, json, own) = r.parts();
-            encode_with(3, "t", "h", event, json, own, GENESIS_PREV).unwrap().0
-        };
+        let line = encoded;
         let map = || {
             let mut all = Record::new("pg.result");
             all.fields = fields();

@@ -1288,21 +1288,9 @@ async fn run(
 mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    use super::*;
+    use warden_test_support::audit_records as records;
 
-    fn records(dir: &Path) -> Vec<Map<String, Value>> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-            .collect();
-        files.sort();
-        files
-            .iter()
-            .flat_map(|f| std::fs::read_to_string(f).unwrap().lines().map(str::to_owned).collect::<Vec<_>>())
-            .map(|l| serde_json::from_str(&l).unwrap())
-            .collect()
-    }
+    use super::*;
 
     fn intact(root: &Path) {
         let key = sign::load_or_create(root).unwrap().verifying_key();
