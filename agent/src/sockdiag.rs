@@ -86,7 +86,6 @@ pub fn end_connected(cgroup: &Path, keep: impl Fn(SocketAddr) -> bool) -> Result
     Ok(ended)
 }
 
-/// The socket inodes the processes of `cgroup` and its descendants hold open.
 /// The cookie of the TCP socket on this host whose local endpoint is `local` and whose peer is `peer`
 /// (an exact lookup, as `ss` makes for one socket); `None` when there is none or the lookup fails.
 pub fn tcp_cookie(local: SocketAddr, peer: SocketAddr) -> Option<u64> {
@@ -123,6 +122,7 @@ pub fn tcp_cookie(local: SocketAddr, peer: SocketAddr) -> Option<u64> {
     cookie
 }
 
+/// The socket inodes the processes of `cgroup` and its descendants hold open.
 fn socket_inodes(cgroup: &Path) -> Result<HashSet<u32>, SockDiagError> {
     let mut pids = Vec::new();
     collect_pids(cgroup, &mut pids)?;
